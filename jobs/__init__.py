@@ -1,0 +1,1 @@
+"""explab jobs: one package per paper (``jobs/<name>/job.py`` defines ``JOB``)."""

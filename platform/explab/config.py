@@ -1,0 +1,117 @@
+"""Typed job configs loaded from YAML, with ``--set a.b=value`` overrides.
+
+Every job declares a pydantic ``Config`` (subclass of `JobConfig`) whose defaults are the paper's
+settings. `load_config` reads a YAML file, applies overrides, and validates; every failure is a
+`ConfigError` with one line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from explab.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base class of nested config sections: unknown keys are errors, as at the top level."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class JobConfig(BaseModel):
+    """Base class of job configs: unknown keys are errors, and every config has a seed."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    seed: int = 0
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: check the path (-c/--config)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of fields, not a {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a", "b", "c"], value parsed as YAML: numbers, bools, lists, null)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. --set model.name=tiny:llama)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = _deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section; set it directly")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def validate(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source)) from None
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return validate(cls, data, str(path) if path else "config")
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(root)"
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        hint = "remove it or check its spelling"
+        msg = "unknown field"
+    elif kind == "missing":
+        hint = "add it"
+        msg = "required field is missing"
+    else:
+        got = first.get("input")
+        hint = f"got {got!r}" if got is not None and not isinstance(got, dict) else "fix its value"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: field '{field}': {msg}: {hint}{more}"
+
+
+def _deepcopy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in data.items()}

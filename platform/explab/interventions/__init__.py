@@ -1,0 +1,44 @@
+"""Interventions on PyTorch models: named hook points, plain-data specs, one hook mechanism, one decode loop.
+
+Pure PyTorch (no Ray). See :mod:`.points` for point names, :mod:`.specs` for position semantics.
+"""
+
+from explab.interventions.decode import DecodeOutput, decode, row_generator, sample_token
+from explab.interventions.hooks import Session, intervene, paragraph_index, run_with_hooks
+from explab.interventions.points import HookPoint, list_points, n_layers, resolve_arch, resolve_point
+from explab.interventions.specs import (
+    Bidirectional,
+    Capture,
+    Intervention,
+    Knockout,
+    Positions,
+    ProjectOut,
+    Steer,
+    parse_intervention,
+    parse_interventions,
+)
+
+__all__ = [
+    "Bidirectional",
+    "Capture",
+    "DecodeOutput",
+    "HookPoint",
+    "Intervention",
+    "Knockout",
+    "Positions",
+    "ProjectOut",
+    "Session",
+    "Steer",
+    "decode",
+    "intervene",
+    "list_points",
+    "n_layers",
+    "paragraph_index",
+    "parse_intervention",
+    "parse_interventions",
+    "resolve_arch",
+    "resolve_point",
+    "row_generator",
+    "run_with_hooks",
+    "sample_token",
+]

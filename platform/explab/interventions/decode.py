@@ -1,0 +1,168 @@
+"""The one token-by-token generation loop (batched, left padded, KV cache, interventions at every step).
+
+Rows are the prompts expanded ``n`` times. Each row samples with its own ``torch.Generator``, seeded
+from ``(params.seed, sample index)``, so a request's samples do not depend on what it was batched
+with. ``temperature == 0`` is greedy. Logprobs are ``log_softmax`` of the raw logits (before
+temperature/top-p), as vLLM reports them. A row stops at EOS (kept in ``token_ids``, dropped from the
+text), when its decoded text contains a stop string (the text is cut before it; ``token_ids`` keep
+the token that completed it) or at ``max_tokens`` (finish_reason ``"length"``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from explab.errors import ExplabError
+from explab.interventions.hooks import Spec, intervene
+from explab.interventions.specs import Capture, parse_interventions
+from explab.servers.types import Completion, SamplingParams
+
+
+@dataclass
+class DecodeOutput:
+    """The ``n`` completions of one prompt and, per completion, its captures.
+
+    ``captures[j][key]``: for a ``per_step`` capture a ``(T, *shape)`` tensor, row ``t`` the activation
+    that sampled generated token ``t`` (``T`` = number of generated tokens); otherwise the captured
+    positions in sequence order (``capture_positions[j][key]`` gives them). The last sampled token is
+    never fed back, so no position at or after it is captured.
+    """
+
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    captures: list[dict[str, Tensor]] = field(default_factory=list)
+    capture_positions: list[dict[str, Tensor]] = field(default_factory=list)
+
+
+def row_generator(seed: int | None, sample: int, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The generator of sample ``sample`` of a request with ``seed`` (None: drawn from torch's global RNG)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    state = np.random.SeedSequence([seed & (2**63 - 1), sample]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def sample_token(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    """Pick a token from one row of raw logits (V,) under ``p`` (greedy when temperature is 0)."""
+    if p.temperature == 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        drop = (sp.cumsum(-1) - sp) >= p.top_p  # keep the smallest prefix reaching top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, si, sp)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for v in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return ids
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    hits = [i for s in stops if s and (i := text.find(s)) >= 0]
+    return min(hits) if hits else -1
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams],
+    specs: Sequence[Spec | Mapping[str, Any]] = (),
+    *,
+    extra_inputs: Mapping[str, Any] | None = None,
+) -> list[DecodeOutput]:
+    """Generate for ``prompts`` (token ids) with per-prompt ``params`` and ``specs`` active at every step.
+
+    ``extra_inputs`` (e.g. ``pixel_values``) go to the prefill forward as given; they must match the
+    rows after ``n``-expansion.
+    """
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ExplabError(f"decode: {len(prompts)} prompts but {len(params)} SamplingParams: give one per prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ExplabError("decode: an empty prompt: give at least one token (e.g. BOS)")
+    specs = parse_interventions(list(specs))
+    device = next(model.parameters()).device
+    rows = [(i, j) for i, p in enumerate(params) for j in range(p.n)]
+    plist = [params[i] for i, _ in rows]
+    gens = [row_generator(p.seed, j, device) if p.temperature > 0 else None for p, (_, j) in zip(plist, rows, strict=True)]
+    pad_id = next((v for v in (getattr(tokenizer, "pad_token_id", None), *sorted(_eos_ids(model, tokenizer))) if v is not None), 0)
+    eos = _eos_ids(model, tokenizer)
+    R, L = len(rows), max(len(p) for p in prompts)
+    ids = torch.full((R, L), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((R, L), dtype=torch.long, device=device)
+    for r, (i, _) in enumerate(rows):
+        n = len(prompts[i])
+        ids[r, L - n :] = torch.tensor(list(prompts[i]), dtype=torch.long)
+        mask[r, L - n :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep1 = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out_ids: list[list[int]] = [[] for _ in range(R)]
+    out_lp: list[list[float]] = [[] for _ in range(R)]
+    texts = [""] * R
+    finish: list[str | None] = [None] * R
+    with intervene(model, specs, tokenizer=tokenizer) as session:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep1, **(extra_inputs or {}))
+        while True:
+            logits = out.logits[:, -1, :].float()
+            nxt = [pad_id] * R
+            for r in range(R):
+                if finish[r] is not None:
+                    continue
+                p = plist[r]
+                tok = sample_token(logits[r], p, gens[r])
+                nxt[r] = tok
+                out_ids[r].append(tok)
+                if p.logprobs:
+                    out_lp[r].append(float(torch.log_softmax(logits[r], -1)[tok]))
+                texts[r] = tokenizer.decode(out_ids[r], skip_special_tokens=True)
+                if tok in eos:
+                    finish[r] = "stop"
+                elif (k := _find_stop(texts[r], p.stop)) >= 0:
+                    texts[r], finish[r] = texts[r][:k], "stop"
+                elif len(out_ids[r]) >= p.max_tokens:
+                    finish[r] = "length"
+            if all(f is not None for f in finish):
+                break
+            mask = torch.cat([mask, mask.new_ones((R, 1))], dim=1)
+            pos = pos[:, -1:] + 1
+            step = torch.tensor(nxt, dtype=torch.long, device=device)[:, None]
+            out = model(input_ids=step, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True, **keep1)
+        caps, cpos = session.captures, session.capture_positions
+    per_step = {s.key for s in specs if isinstance(s, Capture) and s.per_step}
+    results = [DecodeOutput(list(prompts[i]), []) for i in range(len(prompts))]
+    for r, (i, _) in enumerate(rows):
+        g, limit = len(out_ids[r]), len(prompts[i]) + len(out_ids[r]) - 1
+        comp = Completion(
+            text=texts[r], token_ids=out_ids[r], logprobs=out_lp[r] if plist[r].logprobs else None, finish_reason=finish[r]  # type: ignore[arg-type]
+        )
+        results[i].completions.append(comp)
+        row_caps, row_pos = {}, {}
+        for key, vals in caps.items():
+            if len(vals) != R:
+                raise ExplabError(f"decode: capture {key!r} got {len(vals)} rows for {R} sequences: use one image per row")
+            keep = slice(0, g) if key in per_step else cpos[key][r] < limit
+            row_caps[key], row_pos[key] = vals[r][keep], cpos[key][r][keep]
+        results[i].captures.append(row_caps)
+        results[i].capture_positions.append(row_pos)
+    return results
+
+
+__all__ = ["DecodeOutput", "decode", "row_generator", "sample_token"]

@@ -1,0 +1,71 @@
+"""The job registry: every ``jobs/<name>/job.py`` that defines ``JOB = Job(...)`` is a job."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from explab.errors import ConfigError, ExplabError
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job: a typed config (defaults = the paper's settings) and ``run(config, ctx) -> metrics``."""
+
+    name: str
+    description: str
+    config: type[BaseModel]
+    run: Callable[[Any, Any], dict[str, Any] | None]
+    package: str = field(default="", compare=False)
+
+    @property
+    def folder(self) -> Path:
+        module = importlib.import_module(self.package or f"jobs.{self.name}")
+        return Path(module.__file__).parent
+
+    def config_path(self, ref: str | None) -> Path | None:
+        """``-c`` value: a YAML path, or the name of a file in the job's ``configs/`` (e.g. ``tiny``)."""
+        if ref is None:
+            return None
+        path = Path(ref)
+        if path.exists() or path.suffix in (".yaml", ".yml") or "/" in ref:
+            return path
+        named = self.folder / "configs" / f"{ref}.yaml"
+        if named.is_file():
+            return named
+        known = ", ".join(sorted(p.stem for p in (self.folder / "configs").glob("*.yaml"))) or "none"
+        raise ConfigError(f"config {ref!r} is neither a file nor one of job {self.name!r}'s configs ({known})")
+
+
+def discover() -> dict[str, Job]:
+    """Import every ``jobs.<name>.job`` module and collect its ``JOB``."""
+    import jobs as jobs_pkg
+
+    found: dict[str, Job] = {}
+    for info in pkgutil.iter_modules(jobs_pkg.__path__):
+        if not info.ispkg or info.name.startswith("_"):
+            continue
+        module_name = f"jobs.{info.name}.job"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name == module_name:
+                continue
+            raise
+        job = getattr(module, "JOB", None)
+        if isinstance(job, Job):
+            found[job.name] = Job(job.name, job.description, job.config, job.run, f"jobs.{info.name}")
+    return dict(sorted(found.items()))
+
+
+def get_job(name: str) -> Job:
+    jobs = discover()
+    if name not in jobs:
+        raise ExplabError(f"unknown job {name!r}: known jobs are {', '.join(jobs) or 'none'} (see `explab jobs`)")
+    return jobs[name]

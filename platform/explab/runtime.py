@@ -1,0 +1,94 @@
+"""Where explab's Ray lives: an embedded local instance by default, or a cluster by address.
+
+- no address (and no ``RAY_ADDRESS``): start an embedded local Ray with the dashboard on
+  127.0.0.1, temp and log files under ``EXPLAB_RAY_DIR`` (default ``/tmp/explab/ray``; Ray's
+  socket paths must stay short), shut down when the process exits;
+- ``address`` / ``RAY_ADDRESS`` (``auto``, ``ray://host:10001``, ``host:6379``): connect to it.
+
+Every explab actor lives in the ``explab`` namespace.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+NAMESPACE = "explab"
+DEFAULT_DASHBOARD_PORT = 8265
+
+
+@dataclass
+class RuntimeInfo:
+    address: str
+    dashboard_url: str | None
+    embedded: bool
+    temp_dir: str | None
+
+
+_started_here = False
+_info: RuntimeInfo | None = None
+
+
+def ray_dir() -> Path:
+    return Path(os.environ.get("EXPLAB_RAY_DIR", "/tmp/explab/ray"))
+
+
+def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True,
+         dashboard_port: int | None = None) -> RuntimeInfo:
+    """Connect to (or start) Ray once per process and return where it is."""
+    global _started_here, _info
+    import ray
+
+    if ray.is_initialized():
+        return _info or _describe(ray, embedded=False, temp_dir=None)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
+        _info = _describe(ray, embedded=False, temp_dir=None)
+        return _info
+    temp_dir = ray_dir()
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    ray.init(
+        namespace=NAMESPACE,
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port or int(os.environ.get("EXPLAB_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT)),
+        _temp_dir=str(temp_dir),
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    _started_here = True
+    atexit.register(shutdown)
+    _info = _describe(ray, embedded=True, temp_dir=str(temp_dir))
+    return _info
+
+
+def _describe(ray, *, embedded: bool, temp_dir: str | None) -> RuntimeInfo:
+    context = ray.get_runtime_context()
+    url = None
+    try:
+        url = ray._private.worker.get_dashboard_url() or None  # noqa: SLF001 - no public getter in Ray 2.x
+    except Exception:
+        url = None
+    if url and not url.startswith("http"):
+        url = f"http://{url}"
+    return RuntimeInfo(address=context.gcs_address, dashboard_url=url, embedded=embedded, temp_dir=temp_dir)
+
+
+def shutdown() -> None:
+    """Stop Ray if explab started it here (an embedded instance); leave clusters alone."""
+    global _started_here, _info
+    import ray
+
+    if _started_here and ray.is_initialized():
+        ray.shutdown()
+    _started_here = False
+    _info = None
+
+
+def info() -> RuntimeInfo | None:
+    return _info

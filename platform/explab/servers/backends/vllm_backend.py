@@ -1,0 +1,207 @@
+"""Generation through vLLM's offline `LLM` engine (GPU, or vLLM's CPU build).
+
+vLLM is imported only when a `VLLMBackend` is built, so this module imports without it. Prompts are
+encoded with `explab.servers.prompts.encode_request`, the same function the transformers backend
+uses, and handed to vLLM as token ids: both backends see identical prompt ids.
+
+On vLLM's CPU build the engine runs in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``;
+the multiprocess engine is ~50x slower on a 2-core machine and needs a ``__main__`` guard), in eager
+mode, with an explicit KV cache size (by default vLLM's CPU worker reserves ``gpu_memory_utilization``
+of the machine's RAM). Any of these can be overridden through the environment or ``engine_kwargs``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from explab.errors import ModelError
+from explab.models.spec import ModelSpec
+from explab.servers.prompts import encode_request
+from explab.servers.types import Completion, GenerationRequest, GenerationResult, SamplingParams
+
+VLLM_MISSING = (
+    "the vllm backend needs vLLM: pip install 'explab[gpu]' on a GPU machine, or use backend: transformers"
+)
+CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~4M tokens of a tiny model, ~16k of a 1B Llama in fp32
+CPU_DTYPES = ("float32", "bfloat16")  # what vLLM's CPU attention runs here (float16 is converted)
+
+
+def vllm_available() -> bool:
+    """Whether vLLM can be imported (without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def gpu_available() -> bool:
+    """Whether torch sees a CUDA GPU."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class VLLMBackend:
+    """Batched generation with `vllm.LLM`; one `generate` call serves a whole batch of requests."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        spec: ModelSpec | str,
+        *,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+    ):
+        self.spec = ModelSpec.of(spec)
+        if not vllm_available():
+            raise ModelError(VLLM_MISSING)
+        if self.spec.kind not in ("auto", "causal_lm"):
+            raise ModelError(
+                f"the vllm backend serves causal LMs, but model {self.spec.name!r} has kind={self.spec.kind!r}: "
+                "use a causal LM or set kind to 'causal_lm'"
+            )
+        on_cpu = not gpu_available()
+        if on_cpu:
+            # Must be set before the engine is built (vllm.envs reads it lazily).
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            import vllm
+        except ImportError as err:
+            raise ModelError(f"{VLLM_MISSING} (import failed: {err})") from err
+
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        self.on_cpu = on_cpu
+        self.model_path = self._model_path()
+        kwargs: dict[str, Any] = {
+            "model": self.model_path,
+            "tokenizer": self.model_path,
+            "revision": self.spec.revision,
+            "tokenizer_revision": self.spec.revision,
+            "trust_remote_code": self.spec.trust_remote_code,
+            "dtype": self._dtype(on_cpu),
+            "seed": 0,
+            "gpu_memory_utilization": gpu_memory_utilization,
+        }
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        if on_cpu:
+            kwargs["enforce_eager"] = True  # inductor compilation takes minutes on a small CPU
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        kwargs.update(engine_kwargs or {})
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except (OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(
+                f"vLLM could not load model {self.spec.name!r} ({reason}): check the model id or path, "
+                "its dtype, and max_model_len / engine_kwargs"
+            ) from err
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    # ------------------------------------------------------------------ setup
+
+    def _model_path(self) -> str:
+        """What vLLM loads: a saved ``tiny:`` preset, a local directory, or a hub id."""
+        if self.spec.is_tiny:
+            return str(_saved_tiny(self.spec))
+        path = Path(self.spec.name).expanduser()
+        if path.is_dir():
+            return str(path.resolve())
+        if self.spec.name.startswith(("/", ".", "~")) or path.exists():
+            raise ModelError(
+                f"model path {self.spec.name!r} does not exist or is not a directory: "
+                "give an existing model directory, a Hugging Face id, or a tiny:<family> preset"
+            )
+        return self.spec.name
+
+    def _dtype(self, on_cpu: bool) -> str:
+        if not on_cpu:
+            return self.spec.dtype  # "auto": vLLM picks from the checkpoint's config
+        if self.spec.dtype == "auto":
+            return "float32"  # as the transformers backend resolves "auto" on a CPU
+        if self.spec.dtype not in CPU_DTYPES:
+            raise ModelError(
+                f"dtype {self.spec.dtype!r} is not supported by vLLM's CPU backend: "
+                "use dtype float32 or bfloat16 (or auto)"
+            )
+        return self.spec.dtype
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Generate for every request in one `llm.generate` call; results in request order."""
+        if not requests:
+            return []
+        prompts = [encode_request(self.tokenizer, r) for r in requests]
+        for ids in prompts:
+            if len(ids) >= self.max_model_len:
+                raise ModelError(
+                    f"a prompt of {len(ids)} tokens does not fit max_model_len={self.max_model_len}: "
+                    "shorten the prompt or raise max_model_len"
+                )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompts],
+            [self._sampling_params(r.params) for r in requests],
+            use_tqdm=False,
+        )
+        results = []
+        for ids, request, output in zip(prompts, requests, outputs, strict=True):
+            completions = [
+                _completion(c, request.params.logprobs) for c in sorted(output.outputs, key=lambda c: c.index)
+            ]
+            results.append(GenerationResult(prompt_token_ids=ids, completions=completions))
+        return results
+
+    @staticmethod
+    def _sampling_params(params: SamplingParams) -> Any:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        return VLLMSamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_tokens,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=False,
+            logprobs=0 if params.logprobs else None,  # 0: only the sampled token's logprob
+        )
+
+
+def _completion(output: Any, want_logprobs: bool) -> Completion:
+    token_ids = list(output.token_ids)
+    logprobs = None
+    if want_logprobs:
+        logprobs = [float(step[tok].logprob) for tok, step in zip(token_ids, output.logprobs, strict=True)]
+    finish = "length" if output.finish_reason == "length" else "stop"
+    return Completion(text=output.text, token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
+
+
+def _saved_tiny(spec: ModelSpec) -> Path:
+    """Write the ``tiny:`` preset once per (family, overrides) and return its directory."""
+    from explab.models.tiny import save_tiny
+
+    weights_spec = ModelSpec(name=spec.name, tiny=spec.tiny)  # dtype/device do not change the files
+    root = Path(os.environ.get("EXPLAB_CACHE", Path(tempfile.gettempdir()) / "explab-cache")) / "tiny"
+    path = root / weights_spec.key
+    if (path / "config.json").is_file():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{weights_spec.key}-", dir=root))
+    save_tiny(weights_spec, staging)
+    try:
+        staging.rename(path)
+    except OSError:  # another process saved it first
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
