@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from explab.config import JobConfig, Section, apply_overrides, load_config, parse_override
 from explab.errors import ConfigError
 
@@ -21,7 +22,9 @@ def test_overrides_parse_yaml_values_and_nest():
     assert parse_override("x=[1, 2]") == (["x"], [1, 2])
     assert parse_override("flag=true") == (["flag"], True)
     assert apply_overrides({"model": {"name": "a"}}, ["model.layers=[2,3]", "lr=0.5"]) == {
-        "model": {"name": "a", "layers": [2, 3]}, "lr": 0.5}
+        "model": {"name": "a", "layers": [2, 3]},
+        "lr": 0.5,
+    }
 
 
 def test_load_config_from_yaml_with_overrides(tmp_path: Path):

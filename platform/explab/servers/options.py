@@ -12,7 +12,7 @@ class ServerOptions(BaseModel):
 
     backend: Literal["auto", "vllm", "transformers"] = "auto"  # Generator only; auto = vllm if installed and a GPU is present
     num_gpus: float = Field(0.0, ge=0.0)  # GPU fraction for the actor (e.g. 0.5 puts two servers on one GPU)
-    num_cpus: float = Field(1.0, ge=0.0)
+    num_cpus: float = Field(0.0, ge=0.0)  # CPU slots reserved (0: servers never block tasks and trials)
     torch_threads: int | None = None  # intra-op threads of the model (default: all cores of the node)
     max_batch: int = Field(16, ge=1)  # most requests merged into one batched call
     max_wait_ms: float = Field(5.0, ge=0.0)  # how long the first request waits for company

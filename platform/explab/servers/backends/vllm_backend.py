@@ -79,6 +79,8 @@ class VLLMBackend:
         on_cpu = current_platform.is_cpu()
         self.on_cpu = on_cpu
         self.model_path = self._model_path()
+        if on_cpu:
+            _check_cpu_head_dim(self.model_path, self.spec.name)
         kwargs: dict[str, Any] = {
             "model": self.model_path,
             "tokenizer": self.model_path,
@@ -156,8 +158,11 @@ class VLLMBackend:
         results = []
         for ids, request, output in zip(prompts, requests, outputs, strict=True):
             completions = [
-                _completion(c, request.params.logprobs) for c in sorted(output.outputs, key=lambda c: c.index)
+                _completion(c, request.params, self.tokenizer)
+                for c in sorted(output.outputs, key=lambda c: c.index)
             ]
+            if len(completions) < request.params.n:  # greedy: vLLM samples once, the n copies are equal
+                completions = [completions[0].model_copy(deep=True) for _ in range(request.params.n)]
             results.append(GenerationResult(prompt_token_ids=ids, completions=completions))
         return results
 
@@ -165,8 +170,9 @@ class VLLMBackend:
     def _sampling_params(params: SamplingParams) -> Any:
         from vllm import SamplingParams as VLLMSamplingParams
 
+        greedy = params.temperature == 0
         return VLLMSamplingParams(
-            n=params.n,
+            n=1 if greedy else params.n,  # vLLM refuses n > 1 with greedy sampling
             temperature=params.temperature,
             top_p=params.top_p,
             max_tokens=params.max_tokens,
@@ -177,13 +183,50 @@ class VLLMBackend:
         )
 
 
-def _completion(output: Any, want_logprobs: bool) -> Completion:
+def _completion(output: Any, params: SamplingParams, tokenizer: Any) -> Completion:
+    """One vLLM `CompletionOutput` as a `Completion`.
+
+    ``token_ids`` are vLLM's: they end with the eos / stop token, or with the token that completed a
+    stop string. ``text`` is ``tokenizer.decode(token_ids, skip_special_tokens=True)`` cut before the
+    first stop string, rather than vLLM's incremental text, which holds back bytes of an incomplete
+    UTF-8 character and so can differ from a plain decode (tiny random models emit such bytes).
+    """
     token_ids = list(output.token_ids)
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    if isinstance(output.stop_reason, str):  # a stop string matched
+        cuts = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+        text = text[: min(cuts)] if cuts else output.text
     logprobs = None
-    if want_logprobs:
+    if params.logprobs:
         logprobs = [float(step[tok].logprob) for tok, step in zip(token_ids, output.logprobs, strict=True)]
     finish = "length" if output.finish_reason == "length" else "stop"
-    return Completion(text=output.text, token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
+    return Completion(text=text, token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
+
+
+def _check_cpu_head_dim(model_path: str, name: str) -> None:
+    """vLLM's CPU attention kernels support only some head sizes (not 16): say so before loading."""
+    import json
+
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # moved in another vLLM release: let vLLM report it
+        return
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (
+        config["hidden_size"] // heads if heads and "hidden_size" in config else None
+    )
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim is not None and head_dim not in supported:
+        raise ModelError(
+            f"model {name!r} has attention head size {head_dim}, which vLLM's CPU backend does not support "
+            f"({', '.join(map(str, supported))}): use a model with one of those head sizes "
+            "(for a tiny: preset, e.g. tiny: {hidden_size: 128}), or backend: transformers"
+        )
 
 
 def _saved_tiny(spec: ModelSpec) -> Path:

@@ -1,0 +1,230 @@
+"""`HookedServer`: one PyTorch model behind a shared Ray actor, with interventions on every call.
+
+- ``forward(requests)``: one batched forward pass per group of requests with the same
+  interventions; returns captured activations as numpy arrays (and optionally logits);
+- ``generate(requests)``: token-by-token generation (`explab.interventions.decode`) with
+  interventions active at every step and per-step captures;
+- ``score(prompt, continuations)``: per-token logprobs of each continuation after the prompt.
+
+Requests from concurrent callers are merged by the dynamic batcher; a batched result equals the
+unbatched one (left padding with explicit position ids).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import numpy as np
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from explab.errors import ExplabError
+from explab.models import load_model
+from explab.servers.base import ServerBase
+from explab.servers.prompts import encode_request
+from explab.servers.types import ChatMessage, GenerationRequest, GenerationResult
+
+
+class ForwardRequest(BaseModel):
+    """One sequence for a hooked forward pass: ``text``, chat ``messages`` or ``token_ids``.
+
+    ``images`` (H×W×3 uint8 arrays) go through the VLM's processor with the text, which must
+    hold the model's image token. ``prompt_length``: positions from here on count as *generated*
+    for the interventions' position sets (teacher-forced responses); default: all are prompt.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    text: str | None = None
+    messages: list[ChatMessage] | None = None
+    assistant_prefix: str = ""
+    token_ids: list[int] | None = None
+    images: list[Any] | None = None
+    interventions: list[dict[str, Any]] = Field(default_factory=list)
+    prompt_length: int | None = None
+    return_logits: Literal["none", "last", "all"] = "none"
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ForwardRequest:
+        if sum(x is not None for x in (self.text, self.messages, self.token_ids)) != 1:
+            raise ValueError("give exactly one of `text`, `messages` or `token_ids`")
+        return self
+
+
+class ForwardResult(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    token_ids: list[int]
+    captures: dict[str, Any]  # key -> np.ndarray (positions × ...)
+    capture_positions: dict[str, Any]  # key -> np.ndarray of sequence positions
+    logits: Any | None = None  # np.ndarray: (V,) for "last", (T, V) for "all"
+
+
+class HookedGeneration(GenerationResult):
+    """A `GenerationResult` plus, per completion, the captured activations (numpy arrays)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    captures: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def as_forward_requests(requests: Any) -> list[ForwardRequest]:
+    if isinstance(requests, (str, dict, ForwardRequest)):
+        requests = [requests]
+    out = []
+    for item in requests:
+        if isinstance(item, str):
+            item = ForwardRequest(text=item)
+        elif isinstance(item, dict):
+            item = ForwardRequest.model_validate(item)
+        out.append(item)
+    return out
+
+
+def _key(interventions: list[dict[str, Any]]) -> str:
+    return json.dumps(interventions, sort_keys=True, default=str)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).numpy()
+
+
+@ray.remote
+class HookedServer(ServerBase):
+    kind = "hooked"
+
+    def _load(self) -> None:
+        self.loaded = load_model(self.spec)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.device = next(self.model.parameters()).device
+        self.batcher = self._batcher(self._run, group_key=lambda item: (item[0], item[2]))
+
+    def _info(self) -> dict[str, Any]:
+        return {"model_kind": self.loaded.kind, "device": str(self.device), "dtype": str(self.loaded.dtype).replace("torch.", ""),
+                "revision": self.loaded.revision}
+
+    # --- public methods (each request becomes one batcher item: (op, request, group)) --------
+    async def forward(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
+        items = [("forward", r, (_key(r.interventions), r.images is not None, r.return_logits)) for r in requests]
+        return await self.batcher.submit_many(items)
+
+    async def generate(self, requests: list[GenerationRequest]) -> list[HookedGeneration]:
+        return await self.batcher.submit_many([("generate", r, _key(r.interventions)) for r in requests])
+
+    async def score(self, prompt: str | list[dict[str, str]], continuations: list[str]) -> list[list[float]]:
+        if isinstance(prompt, str):
+            request = GenerationRequest(prompt=prompt)
+        else:
+            request = GenerationRequest(messages=[ChatMessage.model_validate(m) for m in prompt])
+        prompt_ids = encode_request(self.tokenizer, request)
+        items = [("score", (prompt_ids, self.tokenizer(c, add_special_tokens=False)["input_ids"]), None)
+                 for c in continuations]
+        return await self.batcher.submit_many(items)
+
+    # --- batched work, on the model thread ----------------------------------------------------
+    def _run(self, items: list[tuple[str, Any, Any]]) -> list[Any]:
+        op = items[0][0]
+        payload = [item[1] for item in items]
+        if op == "forward":
+            return self._forward_batch(payload)
+        if op == "generate":
+            return self._generate_batch(payload)
+        return self._score_batch(payload)
+
+    def _encode(self, r: ForwardRequest) -> list[int]:
+        if r.token_ids is not None:
+            return list(r.token_ids)
+        if r.messages is not None:
+            return encode_request(self.tokenizer, GenerationRequest(messages=r.messages, assistant_prefix=r.assistant_prefix))
+        return list(self.tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"])
+
+    def _padded(self, seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "position_ids": positions.to(self.device)}
+
+    @torch.no_grad()
+    def _forward_batch(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
+        from explab.interventions import intervene
+
+        if requests[0].images is not None:
+            inputs, seqs = self._vision_inputs(requests)
+        else:
+            seqs = [self._encode(r) for r in requests]
+            inputs = self._padded(seqs)
+        lengths = [r.prompt_length if r.prompt_length is not None else len(s) for r, s in zip(requests, seqs, strict=True)]
+        with intervene(self.model, requests[0].interventions, tokenizer=self.tokenizer, prompt_lengths=lengths) as session:
+            out = self.model(**inputs)
+        captures, positions = session.captures, session.capture_positions
+        width = inputs["input_ids"].shape[1]
+        results = []
+        for row, (r, seq) in enumerate(zip(requests, seqs, strict=True)):
+            logits = None
+            if r.return_logits == "last":
+                logits = _np(out.logits[row, -1])
+            elif r.return_logits == "all":
+                logits = _np(out.logits[row, width - len(seq):])
+            results.append(ForwardResult(
+                token_ids=seq,
+                captures={k: _np(v[row]) for k, v in captures.items()},
+                capture_positions={k: _np(v[row]) for k, v in positions.items()},
+                logits=logits,
+            ))
+        return results
+
+    def _vision_inputs(self, requests: list[ForwardRequest]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        processor = self.loaded.processor
+        if self.loaded.kind != "vlm" or processor is None:
+            raise ExplabError(f"model {self.spec.name!r} is a {self.loaded.kind}: only a VLM takes `images`")
+        texts = []
+        for r in requests:
+            if r.text is None:
+                raise ExplabError("a request with `images` needs `text` holding the model's image token")
+            texts.append(r.text)
+        images = [img for r in requests for img in (r.images or [])]
+        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        mask = inputs["attention_mask"]
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        seqs = [row[m.bool()].tolist() for row, m in zip(inputs["input_ids"], mask, strict=True)]
+        inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
+        return inputs, seqs
+
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[HookedGeneration]:
+        from explab.interventions.decode import decode
+
+        prompts = [encode_request(self.tokenizer, r) for r in requests]
+        outputs = decode(self.model, self.tokenizer, prompts, [r.params for r in requests], requests[0].interventions)
+        self._metrics.tokens(sum(len(c.token_ids) for o in outputs for c in o.completions))
+        return [HookedGeneration(prompt_token_ids=p, completions=o.completions,
+                                 captures=[{k: _np(v) for k, v in caps.items()} for caps in o.captures])
+                for p, o in zip(prompts, outputs, strict=True)]
+
+    @torch.no_grad()
+    def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        seqs = [p + c for p, c in pairs]
+        inputs = self._padded(seqs)
+        logprobs = torch.log_softmax(self.model(**inputs).logits.float(), dim=-1)
+        width = inputs["input_ids"].shape[1]
+        results = []
+        for row, (_, cont) in enumerate(pairs):
+            if not cont:
+                results.append([])
+                continue
+            start = width - len(cont)  # the continuation's first token sits here
+            targets = torch.tensor(cont, device=logprobs.device)
+            lp = logprobs[row, start - 1: width - 1].gather(-1, targets[:, None])[:, 0]
+            results.append(lp.tolist())
+        return results

@@ -1,0 +1,167 @@
+"""Shared servers through a real local Ray: one load per spec, batching, backends, continuation."""
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from explab.errors import ModelError
+from explab.models import load_model
+from explab.servers import GenerationRequest, SamplingParams, get_server, list_servers, stop_server
+from explab.servers.prompts import encode_request
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Say something long about rivers and the sea.", "Hi"]
+
+
+def chat(text, **kw):
+    return GenerationRequest(messages=[{"role": "user", "content": text}], **kw)
+
+
+@pytest.fixture(scope="module")
+def hooked(ray_local):
+    return get_server("hooked", "tiny:llama", {"max_wait_ms": 20})
+
+
+@pytest.fixture(scope="module")
+def generator(ray_local):
+    return get_server("generator", "tiny:llama", {"backend": "transformers", "max_wait_ms": 20})
+
+
+def test_concurrent_callers_share_one_actor_and_one_load(ray_local):
+    @ray.remote
+    def caller():
+        handle = get_server("hooked", {"name": "tiny:qwen"})
+        return handle.describe()["pid"], handle.stats()["loads"], handle.name
+
+    results = ray.get([caller.remote() for _ in range(3)])
+    assert len({pid for pid, _, _ in results}) == 1
+    assert all(loads == 1 for _, loads, _ in results)
+    names = [s["name"] for s in list_servers()]
+    assert names.count(results[0][2]) == 1
+    stop_server(results[0][2])
+    assert results[0][2] not in [s["name"] for s in list_servers()]
+
+
+def test_batched_forward_equals_unbatched(hooked):
+    capture = [{"type": "capture", "point": "blocks.1.resid_post"}]
+    texts = ["a", "a longer prompt here", "mid length", "x y z w v u t s r q p"]
+    requests = [{"text": t, "interventions": capture, "return_logits": "all"} for t in texts]
+    before = hooked.stats()["batching"]["batcher"]["batches"]
+    batched = hooked.forward(requests)
+    after = hooked.stats()["batching"]["batcher"]["batches"]
+    assert after - before == 1  # one call of four requests ran as one batch
+    for request, got in zip(requests, batched, strict=True):
+        alone = hooked.forward([request])[0]
+        assert got.token_ids == alone.token_ids
+        np.testing.assert_allclose(
+            got.captures["blocks.1.resid_post"], alone.captures["blocks.1.resid_post"], atol=1e-5
+        )
+        np.testing.assert_allclose(got.logits, alone.logits, atol=1e-4)
+        assert got.captures["blocks.1.resid_post"].shape == (len(got.token_ids), 64)
+
+
+def test_concurrent_callers_are_batched_together(hooked):
+    refs = [hooked.forward_async([{"text": f"prompt {i}"}]) for i in range(8)]
+    ray.get(refs)
+    stats = hooked.stats()["batching"]["batcher"]
+    assert stats["max_batch_size"] > 1
+
+
+def test_transformers_backend_greedy_equals_model_generate(generator):
+    loaded = load_model("tiny:llama")
+    requests = [chat(q, params=GREEDY) for q in QUESTIONS]
+    results = generator.generate(requests)
+    for request, result in zip(requests, results, strict=True):
+        ids = encode_request(loaded.tokenizer, request)
+        assert result.prompt_token_ids == ids
+        ref = loaded.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=12,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )
+        expected = ref[0, len(ids) :].tolist()
+        eos = set(loaded.model.generation_config.eos_token_id)
+        completion = result.completions[0]
+        assert completion.token_ids == expected  # like vLLM, the EOS token id is kept
+        assert completion.finish_reason == ("stop" if expected[-1] in eos else "length")
+
+
+def test_assistant_prefix_continuation_is_exact(generator):
+    """The assistant turn is left open: prompt = chat template + generation prompt + prefix, nothing
+    closes it, and the continuation is what the model generates from exactly those tokens."""
+    loaded = load_model("tiny:llama")
+    prefix = "<think>\nLet me think step by step.\n\nFirst, "
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    opened = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    opened_ids = loaded.tokenizer(opened, add_special_tokens=False)["input_ids"]
+    prefix_ids = loaded.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    result = generator.generate(
+        [
+            chat(
+                "Tell me a story",
+                assistant_prefix=prefix,
+                params=SamplingParams(temperature=0.0, max_tokens=16),
+            )
+        ]
+    )[0]
+    assert result.prompt_token_ids == opened_ids + prefix_ids
+    ids = torch.tensor([opened_ids + prefix_ids])
+    ref = loaded.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=16,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+    )
+    assert result.completions[0].token_ids == ref[0, ids.shape[1] :].tolist()
+    assert not result.completions[0].text.startswith(prefix)  # the prefix is not repeated
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(generator):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, n=3, seed=7)
+    alone = generator.generate([chat("Hello", params=params)])[0]
+    mixed = generator.generate([chat("Other", params=params), chat("Hello", params=params)])[1]
+    assert [c.token_ids for c in alone.completions] == [c.token_ids for c in mixed.completions]
+    assert len({tuple(c.token_ids) for c in alone.completions}) > 1
+
+
+def test_score_equals_teacher_forced_logprobs(hooked):
+    loaded = load_model("tiny:llama")
+    prompt, conts = "The sky is", [" blue", " very green today"]
+    got = hooked.score(prompt, conts)
+    for cont, lps in zip(conts, got, strict=True):
+        p = loaded.tokenizer(prompt)["input_ids"]
+        c = loaded.tokenizer(cont, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([p + c])).logits[0].float()
+        ref = torch.log_softmax(logits, -1)[len(p) - 1 : -1].gather(-1, torch.tensor(c)[:, None])[:, 0]
+        np.testing.assert_allclose(lps, ref.numpy(), atol=1e-4)
+
+
+def test_hooked_generation_steers_and_captures_per_step(hooked):
+    d = 64
+    vector = np.random.default_rng(0).normal(size=d).tolist()
+    capture = {"type": "capture", "point": "blocks.1.resid_post", "per_step": True}
+    steer = {
+        "type": "steer",
+        "point": "blocks.0.resid_post",
+        "vector": vector,
+        "alpha": 8.0,
+        "positions": "generated",
+    }
+    params = SamplingParams(temperature=0.0, max_tokens=10)
+    plain = hooked.generate([chat("Hi", params=params, interventions=[capture])])[0]
+    steered = hooked.generate([chat("Hi", params=params, interventions=[capture, steer])])[0]
+    caps = plain.captures[0]["blocks.1.resid_post"]
+    assert caps.shape == (len(plain.completions[0].token_ids), d)
+    assert plain.completions[0].token_ids != steered.completions[0].token_ids
+    # the first token is sampled from the prompt's last position, which "generated" does not touch
+    assert plain.completions[0].token_ids[0] == steered.completions[0].token_ids[0]
+
+
+def test_unknown_model_is_a_clear_error(ray_local):
+    with pytest.raises(ModelError, match="tiny"):
+        get_server("hooked", "tiny:nonexistent")
