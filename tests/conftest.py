@@ -13,7 +13,7 @@ def ray_local(tmp_path_factory):
 
     from explab import runtime
 
-    os.environ.setdefault("EXPLAB_RAY_DIR", "/tmp/explab/ray-tests")
+    os.environ.setdefault("EXPLAB_RAY_DIR", "/tmp/ray-explab-tests")
     info = runtime.init(num_cpus=4, dashboard=False)
     yield info
     if ray.is_initialized():

@@ -1,7 +1,7 @@
 """Where explab's Ray lives: an embedded local instance by default, or a cluster by address.
 
 - no address (and no ``RAY_ADDRESS``): start an embedded local Ray with the dashboard on
-  127.0.0.1, temp and log files under ``EXPLAB_RAY_DIR`` (default ``/tmp/explab/ray``; Ray's
+  127.0.0.1, temp and log files under ``EXPLAB_RAY_DIR`` (default ``/tmp/ray-explab``; Ray's
   socket paths must stay short), shut down when the process exits;
 - ``address`` / ``RAY_ADDRESS`` (``auto``, ``ray://host:10001``, ``host:6379``): connect to it.
 
@@ -33,7 +33,7 @@ _info: RuntimeInfo | None = None
 
 
 def ray_dir() -> Path:
-    return Path(os.environ.get("EXPLAB_RAY_DIR", "/tmp/explab/ray"))
+    return Path(os.environ.get("EXPLAB_RAY_DIR", "/tmp/ray-explab"))
 
 
 def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True,
@@ -47,6 +47,7 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
+        _quiet_ray_data()
         _info = _describe(ray, embedded=False, temp_dir=None)
         return _info
     temp_dir = ray_dir()
@@ -63,8 +64,21 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
     )
     _started_here = True
     atexit.register(shutdown)
+    _quiet_ray_data()
     _info = _describe(ray, embedded=True, temp_dir=str(temp_dir))
     return _info
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's per-dataset INFO lines drown a job's own output; keep warnings and errors."""
+    try:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    except ImportError:
+        return
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _describe(ray, *, embedded: bool, temp_dir: str | None) -> RuntimeInfo:

@@ -41,7 +41,9 @@ class DecodeOutput:
     capture_positions: list[dict[str, Tensor]] = field(default_factory=list)
 
 
-def row_generator(seed: int | None, sample: int, device: torch.device | str = "cpu") -> torch.Generator | None:
+def row_generator(
+    seed: int | None, sample: int, device: torch.device | str = "cpu"
+) -> torch.Generator | None:
     """The generator of sample ``sample`` of a request with ``seed`` (None: drawn from torch's global RNG)."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -64,7 +66,10 @@ def sample_token(logits: Tensor, p: SamplingParams, gen: torch.Generator | None)
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
-    for v in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    for v in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
         if isinstance(v, int):
             ids.add(v)
         elif isinstance(v, (list, tuple)):
@@ -95,15 +100,27 @@ def decode(
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     if len(params) != len(prompts):
-        raise ExplabError(f"decode: {len(prompts)} prompts but {len(params)} SamplingParams: give one per prompt")
+        raise ExplabError(
+            f"decode: {len(prompts)} prompts but {len(params)} SamplingParams: give one per prompt"
+        )
     if any(len(p) == 0 for p in prompts):
         raise ExplabError("decode: an empty prompt: give at least one token (e.g. BOS)")
     specs = parse_interventions(list(specs))
     device = next(model.parameters()).device
     rows = [(i, j) for i, p in enumerate(params) for j in range(p.n)]
     plist = [params[i] for i, _ in rows]
-    gens = [row_generator(p.seed, j, device) if p.temperature > 0 else None for p, (_, j) in zip(plist, rows, strict=True)]
-    pad_id = next((v for v in (getattr(tokenizer, "pad_token_id", None), *sorted(_eos_ids(model, tokenizer))) if v is not None), 0)
+    gens = [
+        row_generator(p.seed, j, device) if p.temperature > 0 else None
+        for p, (_, j) in zip(plist, rows, strict=True)
+    ]
+    pad_id = next(
+        (
+            v
+            for v in (getattr(tokenizer, "pad_token_id", None), *sorted(_eos_ids(model, tokenizer)))
+            if v is not None
+        ),
+        0,
+    )
     eos = _eos_ids(model, tokenizer)
     R, L = len(rows), max(len(p) for p in prompts)
     ids = torch.full((R, L), pad_id, dtype=torch.long, device=device)
@@ -119,7 +136,14 @@ def decode(
     texts = [""] * R
     finish: list[str | None] = [None] * R
     with intervene(model, specs, tokenizer=tokenizer) as session:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep1, **(extra_inputs or {}))
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **keep1,
+            **(extra_inputs or {}),
+        )
         while True:
             logits = out.logits[:, -1, :].float()
             nxt = [pad_id] * R
@@ -144,20 +168,32 @@ def decode(
             mask = torch.cat([mask, mask.new_ones((R, 1))], dim=1)
             pos = pos[:, -1:] + 1
             step = torch.tensor(nxt, dtype=torch.long, device=device)[:, None]
-            out = model(input_ids=step, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True, **keep1)
+            out = model(
+                input_ids=step,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                **keep1,
+            )
         caps, cpos = session.captures, session.capture_positions
     per_step = {s.key for s in specs if isinstance(s, Capture) and s.per_step}
     results = [DecodeOutput(list(prompts[i]), []) for i in range(len(prompts))]
     for r, (i, _) in enumerate(rows):
         g, limit = len(out_ids[r]), len(prompts[i]) + len(out_ids[r]) - 1
         comp = Completion(
-            text=texts[r], token_ids=out_ids[r], logprobs=out_lp[r] if plist[r].logprobs else None, finish_reason=finish[r]  # type: ignore[arg-type]
+            text=texts[r],
+            token_ids=out_ids[r],
+            logprobs=out_lp[r] if plist[r].logprobs else None,
+            finish_reason=finish[r],  # type: ignore[arg-type]
         )
         results[i].completions.append(comp)
         row_caps, row_pos = {}, {}
         for key, vals in caps.items():
             if len(vals) != R:
-                raise ExplabError(f"decode: capture {key!r} got {len(vals)} rows for {R} sequences: use one image per row")
+                raise ExplabError(
+                    f"decode: capture {key!r} got {len(vals)} rows for {R} sequences: use one image per row"
+                )
             keep = slice(0, g) if key in per_step else cpos[key][r] < limit
             row_caps[key], row_pos[key] = vals[r][keep], cpos[key][r][keep]
         results[i].captures.append(row_caps)

@@ -160,7 +160,9 @@ class Session:
         self._attn_restore: Callable[[], None] | None = None
         self._track_para = any(_uses_paragraph(s) for s in self.specs)
         if self._track_para and tokenizer is None:
-            raise ExplabError("a 'paragraph' position set needs the text: pass tokenizer= to intervene()/decode()")
+            raise ExplabError(
+                "a 'paragraph' position set needs the text: pass tokenizer= to intervene()/decode()"
+            )
         self._install()
 
     # -- results ---------------------------------------------------------------------------------
@@ -200,7 +202,9 @@ class Session:
         for i, s in enumerate(self.specs):
             if isinstance(s, (Knockout, Bidirectional)):
                 if arch.layers is None:
-                    raise ExplabError(f"{s.type}: {type(model).__name__} has no language-model attention layers")
+                    raise ExplabError(
+                        f"{s.type}: {type(model).__name__} has no language-model attention layers"
+                    )
                 n = len(arch.layers)
                 for li in s.layers if s.layers is not None else range(n):
                     masks.setdefault(_layer_index(li, n, f"{s.type}.layers"), []).append(s)
@@ -242,7 +246,9 @@ class Session:
             if lm_root is not None and lm_root is not model:
                 roots.append(lm_root)
         for root in roots:
-            self._handles.append(root.register_forward_pre_hook(self._on_forward, with_kwargs=True, prepend=True))
+            self._handles.append(
+                root.register_forward_pre_hook(self._on_forward, with_kwargs=True, prepend=True)
+            )
             self._handles.append(root.register_forward_hook(self._on_forward_end, always_call=True))
         for (_, kind), (module, ops) in groups.items():
             if kind == "pre":
@@ -289,7 +295,9 @@ class Session:
         if new:  # a new batch of sequences
             if self.prompt_lengths is not None:
                 if len(self.prompt_lengths) != b:
-                    raise ExplabError(f"prompt_lengths has {len(self.prompt_lengths)} entries for a batch of {b}")
+                    raise ExplabError(
+                        f"prompt_lengths has {len(self.prompt_lengths)} entries for a batch of {b}"
+                    )
                 plen = torch.tensor(self.prompt_lengths, dtype=torch.long, device=dev)
             else:
                 plen = real.sum(1)
@@ -350,10 +358,14 @@ class Session:
                 i = op.point.index
                 x = output if isinstance(output, Tensor) else output[i]
                 if x is None:
-                    raise ExplabError(f"{op.point.name!r}: the module returned no tensor here (attention not eager?)")
+                    raise ExplabError(
+                        f"{op.point.name!r}: the module returned no tensor here (attention not eager?)"
+                    )
                 y = self._apply(op, x)
                 if y is not x:
-                    output = y if isinstance(output, Tensor) else type(output)((*output[:i], y, *output[i + 1 :]))
+                    output = (
+                        y if isinstance(output, Tensor) else type(output)((*output[:i], y, *output[i + 1 :]))
+                    )
             return output
 
         return hook
@@ -419,7 +431,9 @@ class Session:
             neg = torch.finfo(hidden.dtype).min
             if not isinstance(mask, Tensor):
                 allowed = (kpos[:, None, :] <= qpos[:, :, None]) & kvalid[:, None, :]
-                mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(~allowed, neg)
+                mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                    ~allowed, neg
+                )
                 mask = mask[:, None]
             mask = mask.expand(b, -1, q, kv)
             for s in specs:
@@ -463,7 +477,13 @@ def _cat(chunks: list[Tensor]) -> Tensor:
 
 
 def _uses_paragraph(s: Spec) -> bool:
-    ps = [s.queries, s.keys] if isinstance(s, Knockout) else [] if isinstance(s, Bidirectional) else [s.positions]
+    ps = (
+        [s.queries, s.keys]
+        if isinstance(s, Knockout)
+        else []
+        if isinstance(s, Bidirectional)
+        else [s.positions]
+    )
     return any(p.kind == "paragraph" for p in ps)
 
 

@@ -53,7 +53,12 @@ _VISION_PATHS = (
     "visual.transformer.resblocks",
 )
 _TEXT_PATHS = ("transformer.resblocks", "text_model.encoder.layers", "text.transformer.resblocks")
-_PROJECTOR_PATHS = ("model.multi_modal_projector", "multi_modal_projector", "model.mm_projector", "mm_projector")
+_PROJECTOR_PATHS = (
+    "model.multi_modal_projector",
+    "multi_modal_projector",
+    "model.mm_projector",
+    "mm_projector",
+)
 _NORM_ATTRS = ("norm", "ln_f", "final_layer_norm", "final_norm")
 _ATTN_ATTRS = ("self_attn", "attn", "attention", "self_attention")
 _MLP_ATTRS = ("mlp", "feed_forward", "ffn")
@@ -131,7 +136,9 @@ def resolve_arch(model: nn.Module) -> Arch:
     final_norm = None
     if lm is not None:
         parent = _get(model, lm[0].rsplit(".", 1)[0]) if "." in lm[0] else model
-        final_norm = next((m for a in _NORM_ATTRS if isinstance(m := getattr(parent, a, None), nn.Module)), None)
+        final_norm = next(
+            (m for a in _NORM_ATTRS if isinstance(m := getattr(parent, a, None), nn.Module)), None
+        )
     vision = _first_list(model, _VISION_PATHS)
     if vision is None:  # generic fallback: a block list under a vision-ish name
         for name, mod in model.named_modules():
@@ -161,7 +168,9 @@ def n_layers(model: nn.Module) -> int:
     arch = resolve_arch(model)
     blocks = arch.layers if arch.layers is not None else arch.text
     if blocks is None:
-        raise ExplabError(f"{type(model).__name__} has no transformer blocks explab can find: pass a causal LM, VLM or CLIP model")
+        raise ExplabError(
+            f"{type(model).__name__} has no transformer blocks explab can find: pass a causal LM, VLM or CLIP model"
+        )
     return len(blocks)
 
 
@@ -185,7 +194,9 @@ def list_points(model: nn.Module) -> list[str]:
 
 def _layer_index(i: int, n: int, name: str) -> int:
     if not -n <= i < n:
-        raise ExplabError(f"hook point {name!r}: layer {i} out of range, the model has {n} blocks (0..{n - 1})")
+        raise ExplabError(
+            f"hook point {name!r}: layer {i} out of range, the model has {n} blocks (0..{n - 1})"
+        )
     return i % n
 
 
@@ -202,7 +213,9 @@ def resolve_point(model: nn.Module, name: str, arch: Arch | None = None) -> Hook
 
     def unknown(why: str) -> ExplabError:
         examples = ", ".join(list_points(model)[:6])
-        return ExplabError(f"unknown hook point {name!r} ({why}): use one of list_points(model), e.g. {examples}")
+        return ExplabError(
+            f"unknown hook point {name!r} ({why}): use one of list_points(model), e.g. {examples}"
+        )
 
     if name in ("embed", "final") or _BLOCK_RE.match(name):
         if arch.layers is None:
@@ -231,7 +244,11 @@ def resolve_point(model: nn.Module, name: str, arch: Arch | None = None) -> Hook
             raise unknown("the model has no multimodal projector")
         return HookPoint(name, arch.projector, "post", 0, "tower")
     if m := _TOWER_RE.match(name):
-        tower, seq_first = (arch.vision, arch.vision_seq_first) if m.group(1) == "vision" else (arch.text, arch.text_seq_first)
+        tower, seq_first = (
+            (arch.vision, arch.vision_seq_first)
+            if m.group(1) == "vision"
+            else (arch.text, arch.text_seq_first)
+        )
         if tower is None:
             raise unknown(f"the model has no {m.group(1)} tower")
         i = _layer_index(int(m.group(2)), len(tower), name)

@@ -86,7 +86,9 @@ class Capture(_Spec):
     @model_validator(mode="after")
     def _step(self) -> Capture:
         if self.per_step and self.positions.kind not in ("all", "last"):
-            raise ValueError("a per_step capture records the newest position of each step: leave `positions` as 'all'")
+            raise ValueError(
+                "a per_step capture records the newest position of each step: leave `positions` as 'all'"
+            )
         return self
 
     @property
@@ -153,7 +155,9 @@ _ADAPTER: TypeAdapter[Any] = TypeAdapter(Intervention)
 KINDS = ("capture", "steer", "project_out", "knockout", "bidirectional")
 
 
-def parse_intervention(data: dict[str, Any] | _Spec) -> Capture | Steer | ProjectOut | Knockout | Bidirectional:
+def parse_intervention(
+    data: dict[str, Any] | _Spec,
+) -> Capture | Steer | ProjectOut | Knockout | Bidirectional:
     """Validate one spec dict (``type`` picks the kind); bad specs raise a one-line :class:`ExplabError`."""
     if isinstance(data, _Spec):
         return data  # type: ignore[return-value]

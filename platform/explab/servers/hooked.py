@@ -104,8 +104,10 @@ class HookedServer(ServerBase):
         self.batcher = self._batcher(self._run, group_key=lambda item: (item[0], item[2]))
 
     def _info(self) -> dict[str, Any]:
+        from explab.interventions import n_layers
+
         return {"model_kind": self.loaded.kind, "device": str(self.device), "dtype": str(self.loaded.dtype).replace("torch.", ""),
-                "revision": self.loaded.revision}
+                "revision": self.loaded.revision, "n_layers": n_layers(self.model)}
 
     # --- public methods (each request becomes one batcher item: (op, request, group)) --------
     async def forward(self, requests: list[ForwardRequest]) -> list[ForwardResult]:

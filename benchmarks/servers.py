@@ -1,0 +1,154 @@
+"""Shared servers vs the bare library, as throughput ratios measured in one run.
+
+1. Hooked capture: 8 concurrent callers each send single-sequence forward requests (capturing
+   ``blocks.{L}.resid_post``) to the shared HookedModel server, which batches them dynamically;
+   baseline: the same sequences as batched forward passes (batch 8, ``output_hidden_states``) in
+   this process.
+2. Generation: 8 concurrent callers send single greedy chat requests to the shared Generator
+   (transformers backend); baseline: ``model.generate`` on left-padded batches of 8.
+
+The model is a random Llama big enough that the model dominates (default 6 layers, 512 wide).
+Target: ratio >= 0.8.
+
+    python benchmarks/servers.py [--layers 6 --hidden 512 --requests 64 --tokens 64 --new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+
+import torch
+
+
+def _spec(args: argparse.Namespace) -> dict:
+    return {"name": "tiny:llama", "tiny": {
+        "num_hidden_layers": args.layers, "hidden_size": args.hidden, "intermediate_size": args.hidden * 11 // 4,
+        "num_attention_heads": args.hidden // 64, "num_key_value_heads": args.hidden // 64,
+    }}
+
+
+def _texts(n: int, length: int, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "sound", "north", "green"]
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, len(words), (length,), generator=g).tolist()
+        out.append(" ".join(words[i] for i in idx)[: length * 3])  # byte tokenizer: ~length*3 tokens max
+    return out
+
+
+def _concurrent(n_callers: int, work: list, call) -> float:
+    """Run ``call(item)`` over ``work`` from ``n_callers`` threads; returns seconds."""
+    chunks = [work[i::n_callers] for i in range(n_callers)]
+    start = time.perf_counter()
+    threads = [threading.Thread(target=lambda c=c: [call(x) for x in c]) for c in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
+def bench_capture(args: argparse.Namespace, loaded, hooked) -> dict:
+    tok, model = loaded.tokenizer, loaded.model
+    point = f"blocks.{args.layers // 2}.resid_post"
+    texts = _texts(args.requests, args.tokens)
+    batches = [texts[i:i + 8] for i in range(0, len(texts), 8)]
+
+    @torch.no_grad()
+    def bare() -> float:
+        start = time.perf_counter()
+        for batch in batches:
+            enc = tok(batch, return_tensors="pt", padding=True)
+            enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            hs = model(**enc, output_hidden_states=True).hidden_states[args.layers // 2 + 1]
+            [hs[i, enc["attention_mask"][i].bool()].numpy() for i in range(len(batch))]
+        return time.perf_counter() - start
+
+    capture = [{"type": "capture", "point": point}]
+    served = lambda: _concurrent(8, texts, lambda t: hooked.forward([{"text": t, "interventions": capture}]))  # noqa: E731
+    bare(), served()  # warm up both
+    t_bare = min(bare() for _ in range(args.repeats))
+    t_served = min(served() for _ in range(args.repeats))
+    return {"bare_seq_per_s": len(texts) / t_bare, "server_seq_per_s": len(texts) / t_served, "ratio": t_bare / t_served}
+
+
+def bench_generate(args: argparse.Namespace, loaded, generator) -> dict:
+    from explab.servers import GenerationRequest, SamplingParams
+    from explab.servers.prompts import encode_request
+
+    tok, model = loaded.tokenizer, loaded.model
+    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
+    requests = [GenerationRequest(messages=[{"role": "user", "content": t}], params=params)
+                for t in _texts(args.requests, args.tokens // 3, seed=1)]
+    prompts = [encode_request(tok, r) for r in requests]
+
+    @torch.no_grad()
+    def bare() -> tuple[float, int]:
+        start, produced = time.perf_counter(), 0
+        for i in range(0, len(prompts), 8):
+            chunk = prompts[i:i + 8]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
+                                 min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
+            produced += (out.shape[1] - width) * len(chunk)
+        return time.perf_counter() - start, produced
+
+    counts: list[int] = []
+
+    def call(request):
+        result = generator.generate([request])[0]
+        counts.append(len(result.completions[0].token_ids))
+
+    def served() -> tuple[float, int]:
+        counts.clear()
+        return _concurrent(8, requests, call), sum(counts)
+
+    bare(), served()
+    t_bare, n_bare = min(bare() for _ in range(args.repeats))
+    t_served, n_served = min(served() for _ in range(args.repeats))
+    return {"bare_tok_per_s": n_bare / t_bare, "server_tok_per_s": n_served / t_served,
+            "ratio": (n_served / t_served) / (n_bare / t_bare)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-batch", type=int, default=8)
+    args = parser.parse_args()
+
+    from explab import runtime
+    from explab.models import load_model
+    from explab.servers import get_server
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    runtime.init(dashboard=False)
+    spec = _spec(args)
+    loaded = load_model(spec)
+    opts = {"max_batch": args.max_batch, "max_wait_ms": 10}
+    hooked = get_server("hooked", spec, opts)
+    generator = get_server("generator", spec, {**opts, "backend": "transformers"})
+    report = {
+        "model": f"random Llama {args.layers} layers x {args.hidden}",
+        "threads": torch.get_num_threads(),
+        "hooked_capture": bench_capture(args, loaded, hooked),
+        "generation": bench_generate(args, loaded, generator),
+        "hooked_batching": hooked.stats()["batching"]["batcher"],
+        "generator_batching": generator.stats()["batching"]["batcher"],
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""explab.interventions.decode: the token-by-token generation loop."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from explab.interventions import Capture, Positions, Steer, decode, intervene, paragraph_index, run_with_hooks
+from explab.servers.types import SamplingParams
+
+D = 32
+
+
+def char_tokenizer() -> T.PreTrainedTokenizerBase:
+    """One token per character, plus a single "\\n\\n" token; ids 0-3 are pad, eos, bos, unk."""
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for c in [*"abcdefghijklmnopqrstuvwxyz .,\n", "\n\n"]:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n\n|[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
+TOK = char_tokenizer()
+VOCAB = len(TOK)
+
+
+def tiny(kind: str = "llama", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.3)
+    if kind == "gpt2":
+        return T.GPT2LMHeadModel(
+            T.GPT2Config(n_embd=D, n_layer=2, n_head=4, n_positions=256, **common)
+        ).eval()
+    cfg = T.LlamaConfig(
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **common,
+    )
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+PROMPTS = [TOK.encode(t) for t in ["the cat sat", "a", "on the mat, quietly"]]
+PROMPTS = [[2, *p] for p in PROMPTS]
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(map(len, prompts))
+    ids, mask = torch.zeros(len(prompts), n, dtype=torch.long), torch.zeros(len(prompts), n, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, n - len(p) :], mask[b, n - len(p) :] = torch.tensor(p), 1
+    return ids, mask
+
+
+def test_greedy_equals_generate() -> None:
+    for kind in ("llama", "gpt2"):
+        model = tiny(kind)
+        res = decode(model, TOK, PROMPTS, SamplingParams(temperature=0, max_tokens=24))
+        ids, mask = left_pad(PROMPTS)
+        ref = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=24,
+            pad_token_id=0,
+            eos_token_id=1,
+        )[:, ids.shape[1] :]
+        for r, out in enumerate(res):
+            got = out.completions[0].token_ids
+            assert got == ref[r, : len(got)].tolist()
+            assert len(got) == 24 or got[-1] == 1  # stopped only at EOS or max_tokens
+            assert out.completions[0].finish_reason == (
+                "length" if len(got) == 24 and got[-1] != 1 else "stop"
+            )
+
+
+def test_batched_equals_single_and_seeded_sampling_reproducible() -> None:
+    model = tiny()
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, logprobs=True),
+        SamplingParams(temperature=1.0, top_p=0.9, max_tokens=30, n=2, seed=7, logprobs=True),
+        SamplingParams(temperature=0.7, max_tokens=25, n=3, seed=11, logprobs=True),
+    ]
+    batched = decode(model, TOK, PROMPTS, params)
+    for i, (p, sp) in enumerate(zip(PROMPTS, params, strict=True)):
+        alone = decode(model, TOK, [p], [sp])[0]
+        assert [c.token_ids for c in alone.completions] == [c.token_ids for c in batched[i].completions]
+        for a, b in zip(alone.completions, batched[i].completions, strict=True):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    again = decode(model, TOK, PROMPTS, params)
+    assert [c.token_ids for o in again for c in o.completions] == [
+        c.token_ids for o in batched for c in o.completions
+    ]
+    samples = [c.token_ids for c in batched[2].completions]
+    assert len({tuple(s) for s in samples}) == 3  # the n samples of one request differ
+    other = decode(model, TOK, [PROMPTS[2]], SamplingParams(temperature=0.7, max_tokens=25, n=3, seed=12))[0]
+    assert [c.token_ids for c in other.completions] != samples
+
+
+def test_logprobs_equal_teacher_forced() -> None:
+    model = tiny()
+    res = decode(model, TOK, PROMPTS, SamplingParams(temperature=1.0, max_tokens=20, seed=3, logprobs=True))
+    for p, out in zip(PROMPTS, res, strict=True):
+        c = out.completions[0]
+        seq = torch.tensor([p + c.token_ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(seq).logits[0].float(), -1)
+        want = [float(lp[len(p) - 1 + t, tok]) for t, tok in enumerate(c.token_ids)]
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(want), atol=1e-4, rtol=0)
+
+
+def test_stop_strings_and_max_tokens() -> None:
+    model = tiny()
+    base = decode(model, TOK, PROMPTS, SamplingParams(temperature=1.0, max_tokens=40, seed=5))
+    checked = 0
+    for p, out in zip(PROMPTS, base, strict=True):
+        full = out.completions[0]
+        if len(full.text) < 6:
+            continue
+        stop = full.text[3:5]
+        cut = full.text.find(stop)
+        got = decode(
+            model, TOK, [p], SamplingParams(temperature=1.0, max_tokens=40, seed=5, stop=["zzzz", stop])
+        )
+        c = got[0].completions[0]
+        assert c.finish_reason == "stop" and c.text == full.text[:cut]
+        assert c.token_ids == full.token_ids[: len(c.token_ids)]
+        assert stop in TOK.decode(c.token_ids) and stop not in TOK.decode(c.token_ids[:-1])
+        checked += 1
+    assert checked >= 2
+    short = decode(model, TOK, PROMPTS, SamplingParams(temperature=1.0, max_tokens=3, seed=5))
+    for out in short:
+        c = out.completions[0]
+        assert (c.finish_reason, len(c.token_ids)) in {("length", 3)} or c.token_ids[-1] == 1
+
+
+def test_per_step_capture_matches_teacher_forcing() -> None:
+    model = tiny()
+    specs = [
+        Capture(point="blocks.0.resid_post", per_step=True),
+        Capture(point="embed", positions="generated"),
+    ]
+    res = decode(model, TOK, PROMPTS, SamplingParams(temperature=1.0, max_tokens=15, seed=1), specs)
+    for p, out in zip(PROMPTS, res, strict=True):
+        toks, cap = out.completions[0].token_ids, out.captures[0]
+        steps = cap["blocks.0.resid_post"]
+        assert steps.shape == (len(toks), D)
+        with torch.no_grad():
+            hs = model(torch.tensor([p + toks]), output_hidden_states=True).hidden_states
+        torch.testing.assert_close(steps, hs[1][0, len(p) - 1 : len(p) - 1 + len(toks)], atol=1e-5, rtol=1e-5)
+        # generated positions: every generated token that was fed back (all but the last)
+        assert out.capture_positions[0]["embed"].tolist() == list(range(len(p), len(p) + len(toks) - 1))
+        torch.testing.assert_close(cap["embed"], hs[0][0, len(p) : len(p) + len(toks) - 1])
+
+
+def _break_index(toks: list[int]) -> int | None:
+    """Index of the generated token that completes the first paragraph break (it opens paragraph 1)."""
+    paras = [paragraph_index(TOK.decode(toks[: j + 1], skip_special_tokens=True)) for j in range(len(toks))]
+    return paras.index(1) if 1 in paras else None
+
+
+def _first_with_break(model: torch.nn.Module) -> tuple[list[int], SamplingParams, list[int], int]:
+    """A (prompt, params) whose unsteered sample has a paragraph break with several tokens after it."""
+    for seed in range(200):
+        sp = SamplingParams(temperature=1.0, max_tokens=40, seed=seed)
+        for p in PROMPTS:
+            toks = decode(model, TOK, [p], sp)[0].completions[0].token_ids
+            j = _break_index(toks)
+            if j is not None and 0 < j < len(toks) - 6 and 1 not in toks:
+                return p, sp, toks, j
+    raise AssertionError("no sample with a paragraph break")
+
+
+def test_paragraph_schedule_steers_only_paragraph_k() -> None:
+    model = tiny()
+    prompt, sp, base, j = _first_with_break(model)  # base[j] completes the first break: opens paragraph 1
+    v = torch.randn(D, generator=torch.Generator().manual_seed(0)) * 4
+    pt, para1 = "blocks.0.resid_post", Positions(kind="paragraph", paragraph=1)
+    specs = [
+        Capture(point=pt, name="before", per_step=True),
+        Steer(point=pt, vector=v.tolist(), alpha=2.0, positions=para1),
+        Capture(point=pt, name="after", per_step=True),
+    ]
+    out = decode(model, TOK, [prompt], sp, specs)[0]
+    toks, cap = out.completions[0].token_ids, out.captures[0]
+    assert toks[: j + 1] == base[: j + 1]  # everything up to the break is sampled unsteered
+    assert toks[j + 1 :] != base[j + 1 : len(toks)]
+    # step s feeds generated token s-1: the steer fires exactly on steps whose fed token is in paragraph 1
+    for s in range(len(toks)):
+        fed_para = paragraph_index(TOK.decode(toks[:s], skip_special_tokens=True)) if s > 0 else -1
+        diff = cap["after"][s] - cap["before"][s]
+        if fed_para == 1:
+            torch.testing.assert_close(diff, 2.0 * v)
+        else:
+            assert torch.equal(diff, torch.zeros(D))
+    assert _break_index(toks) == j
+
+
+def test_generate_under_intervene_matches_decode() -> None:
+    model = tiny()
+    v = torch.randn(D, generator=torch.Generator().manual_seed(2)) * 3
+    steer = Steer(point="blocks.0.resid_post", vector=v.tolist(), positions=Positions(kind="generated"))
+    res = decode(model, TOK, PROMPTS, SamplingParams(temperature=0, max_tokens=12), [steer])
+    plain = decode(model, TOK, PROMPTS, SamplingParams(temperature=0, max_tokens=12))
+    ids, mask = left_pad(PROMPTS)
+    with intervene(model, [steer]) as s:
+        ref = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=12,
+            pad_token_id=0,
+            eos_token_id=1,
+        )[:, ids.shape[1] :]
+    assert s.n_applied[0] > 0
+    for r, out in enumerate(res):
+        got = out.completions[0].token_ids
+        assert got == ref[r, : len(got)].tolist()
+        assert got[0] == plain[r].completions[0].token_ids[0]  # the first token is sampled from the prompt
+    assert [o.completions[0].token_ids for o in res] != [o.completions[0].token_ids for o in plain]
+
+
+def test_teacher_forced_paragraph_positions() -> None:
+    text = "ab\n\ncd e\n\nf"
+    resp = TOK.encode(text)
+    prompt = [2, *TOK.encode("the")]
+    model = tiny()
+    caps = [
+        Capture(point="embed", name=f"p{k}", positions=Positions(kind="paragraph", paragraph=k))
+        for k in range(3)
+    ]
+    _, s = run_with_hooks(
+        model, torch.tensor([prompt + resp]), caps, tokenizer=TOK, prompt_lengths=[len(prompt)]
+    )
+    P = len(prompt)
+    # "a","b" -> 0; "\n\n","c","d"," ","e" -> 1; "\n\n","f" -> 2
+    assert s.capture_positions["p0"][0].tolist() == [P, P + 1]
+    assert s.capture_positions["p1"][0].tolist() == list(range(P + 2, P + 7))
+    assert s.capture_positions["p2"][0].tolist() == [P + 7, P + 8]
