@@ -16,8 +16,9 @@ from explab.errors import ExplabError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="explab: explainable-ML experiments on Ray (jobs, shared model servers, sweeps).")
-out = Console()
-err = Console(stderr=True)
+# piped output (logs, CI, tests) gets wide tables instead of Rich's 80-column default
+out = Console() if sys.stdout.isatty() else Console(width=200)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
 
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")]
 RunsDirOpt = Annotated[str | None, typer.Option("--runs-dir", help="where run directories go (default: ./runs or EXPLAB_RUNS_DIR)")]
@@ -27,7 +28,7 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=title, show_lines=False)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     for column in columns:
-        table.add_column(str(column))
+        table.add_column(str(column), no_wrap=column in ("run_id", "path", "name"))
     for row in rows:
         table.add_row(*[_fmt(row.get(c)) for c in columns])
     return table

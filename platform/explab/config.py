@@ -97,7 +97,8 @@ def dump_config(config: BaseModel) -> str:
 
 
 def _explain(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
+    # a misspelt key also shows up as a missing one: name the misspelling first
+    first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     field = ".".join(str(p) for p in first["loc"]) or "(root)"
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":

@@ -1,0 +1,76 @@
+"""The command line: clear one-line errors, no run directory on bad input, real runs, runs listing."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from explab.cli import main
+
+
+def explab(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["explab", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "nosuchjob"], "unknown job 'nosuchjob'"),
+        (["run", "quickstart", "-c", "missing.yaml"], "does not exist"),
+        (["run", "quickstart", "-c", "nosuchname"], "neither a file nor one of job 'quickstart'"),
+        (["run", "quickstart", "--set", "alphas"], "not of the form key=value"),
+        (["run", "quickstart", "--set", "bogus=1"], "field 'bogus': unknown field"),
+        (["run", "quickstart", "--set", "max_tokens=lots"], "field 'max_tokens'"),
+        (["run", "quickstart", "--set", "model.nmae=tiny:llama"], "field 'model.nmae'"),
+        (["run", "quickstart", "--set", "server.backend=tpu"], "field 'server.backend'"),
+        (["show", "no-such-run"], "no run 'no-such-run'"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(monkeypatch, capsys, tmp_path, args, needle):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = explab(monkeypatch, capsys, *args, "--runs-dir", str(tmp_path / "runs"))
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_yaml_names_the_line(monkeypatch, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: tiny:llama\n alphas: [1\n")
+    code, _, err = explab(monkeypatch, capsys, "run", "quickstart", "-c", str(bad), "--runs-dir", str(tmp_path / "r"))
+    assert code != 0 and "not valid YAML at line" in err and not (tmp_path / "r").exists()
+
+
+def test_jobs_lists_registered_jobs(monkeypatch, capsys):
+    code, out, _ = explab(monkeypatch, capsys, "jobs")
+    assert code == 0 and "quickstart" in out
+
+
+def test_run_prints_run_dir_last_and_show_reads_it(monkeypatch, capsys, tmp_path, ray_local):
+    runs = tmp_path / "runs"
+    code, out, err = explab(monkeypatch, capsys, "run", "quickstart", "-c", "tiny", "--set", "alphas=[0, 8]",
+                          "--set", "questions=[Hi, Hello there]", "--runs-dir", str(runs))
+    assert code == 0, err
+    run_dir = Path(out.strip().splitlines()[-1])
+    assert run_dir.parent == runs / "quickstart"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["models"][0]["name"] == "tiny:llama"
+    code, out, _ = explab(monkeypatch, capsys, "runs", "--runs-dir", str(runs))
+    assert code == 0 and run_dir.name in out
+    code, out, _ = explab(monkeypatch, capsys, "show", run_dir.name[:17], "--runs-dir", str(runs))
+    assert code == 0 and "tables/steering.parquet" in out and out.strip().splitlines()[-1] == str(run_dir)
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "explab.cli", "run", "quickstart", "--set", "nope=1",
+                           "--runs-dir", str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "field 'nope': unknown field" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
