@@ -30,7 +30,11 @@ class GeneratorServer(ServerBase):
         if self.backend_name == "vllm":
             from explab.servers.backends.vllm_backend import VLLMBackend
 
-            self.backend: Any = VLLMBackend(self.spec, **self.options.engine)
+            engine = dict(self.options.engine)
+            # a server given a fraction of a GPU takes that fraction of its memory
+            share = self.options.num_gpus if 0 < self.options.num_gpus < 1 else 1.0
+            memory = engine.pop("gpu_memory_utilization", 0.9 * share)
+            self.backend: Any = VLLMBackend(self.spec, gpu_memory_utilization=memory, engine_kwargs=engine)
         else:
             from explab.servers.backends.transformers_backend import TransformersBackend
 

@@ -12,9 +12,11 @@ of the machine's RAM). Any of these can be overridden through the environment or
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ VLLM_MISSING = (
     "the vllm backend needs vLLM: pip install 'explab[gpu]' on a GPU machine, or use backend: transformers"
 )
 CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB: ~4M tokens of a tiny model, ~16k of a 1B Llama in fp32
-CPU_DTYPES = ("float32", "bfloat16")  # what vLLM's CPU attention runs here (float16 is converted)
+_IN_PROCESS: weakref.WeakSet[VLLMBackend] = weakref.WeakSet()  # live in-process engines
 
 
 def vllm_available() -> bool:
@@ -78,9 +80,19 @@ class VLLMBackend:
 
         on_cpu = current_platform.is_cpu()
         self.on_cpu = on_cpu
+        self.llm: Any = None
         self.model_path = self._model_path()
         if on_cpu:
             _check_cpu_head_dim(self.model_path, self.spec.name)
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        if self.in_process:
+            gc.collect()  # an unreferenced engine shuts down now, not in the middle of this one's life
+        if self.in_process and any(b.llm is not None for b in _IN_PROCESS):
+            raise ModelError(
+                "another vLLM engine is already live in this process (vLLM's in-process engine keeps "
+                "global state, and one engine's shutdown breaks the others): close() the other "
+                "VLLMBackend first, or serve each model from its own server actor"
+            )
         kwargs: dict[str, Any] = {
             "model": self.model_path,
             "tokenizer": self.model_path,
@@ -108,6 +120,16 @@ class VLLMBackend:
             ) from err
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        if self.in_process:
+            _IN_PROCESS.add(self)
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (another engine can then start in this process)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
 
     # ------------------------------------------------------------------ setup
 
@@ -128,14 +150,9 @@ class VLLMBackend:
     def _dtype(self, on_cpu: bool) -> str:
         if not on_cpu:
             return self.spec.dtype  # "auto": vLLM picks from the checkpoint's config
-        if self.spec.dtype == "auto":
-            return "float32"  # as the transformers backend resolves "auto" on a CPU
-        if self.spec.dtype not in CPU_DTYPES:
-            raise ModelError(
-                f"dtype {self.spec.dtype!r} is not supported by vLLM's CPU backend: "
-                "use dtype float32 or bfloat16 (or auto)"
-            )
-        return self.spec.dtype
+        # float32, bfloat16 and float16 all run on vLLM's CPU build; "auto" resolves as the
+        # transformers backend does on a CPU, so both backends compute in the same precision
+        return "float32" if self.spec.dtype == "auto" else self.spec.dtype
 
     # ------------------------------------------------------------------ generation
 
@@ -143,6 +160,8 @@ class VLLMBackend:
         """Generate for every request in one `llm.generate` call; results in request order."""
         if not requests:
             return []
+        if self.llm is None:
+            raise ModelError("this VLLMBackend was closed: build a new one to generate")
         prompts = [encode_request(self.tokenizer, r) for r in requests]
         for ids in prompts:
             if len(ids) >= self.max_model_len:
