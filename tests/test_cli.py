@@ -74,3 +74,15 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode != 0
     assert "field 'nope': unknown field" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_servers_lists_and_stops(monkeypatch, capsys, ray_local):
+    from explab.servers import get_server
+
+    handle = get_server("hooked", {"name": "tiny:gpt2"})
+    code, out, _ = explab(monkeypatch, capsys, "servers")
+    assert code == 0 and handle.name in out and "tiny:gpt2" in out
+    code, out, _ = explab(monkeypatch, capsys, "servers", "--stop", handle.name)
+    assert code == 0 and f"stopped {handle.name}" in out
+    code, out, err = explab(monkeypatch, capsys, "servers", "--stop", handle.name)
+    assert code != 0 and "no explab server named" in err

@@ -7,6 +7,7 @@ reach the same actor — the model is loaded once.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from explab.errors import ExplabError, ModelError
@@ -101,3 +102,10 @@ def stop_server(name: str) -> None:
     except ValueError:
         raise ExplabError(f"no explab server named {name!r}: see `explab servers` for the names") from None
     ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 30  # the name is released once the actor is dead
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)
