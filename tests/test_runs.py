@@ -82,3 +82,17 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         store.atomic_write(path, broken)
     assert json.loads(path.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["t.json"]  # no temporary left behind
+
+
+def test_embedded_dashboard_port_falls_back_when_taken():
+    import socket
+
+    from explab.runtime import _free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = _free_port(port)
+        assert other != port and other > 0
+    assert _free_port(port) == port

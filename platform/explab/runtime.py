@@ -57,7 +57,7 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
         num_cpus=num_cpus,
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
-        dashboard_port=dashboard_port or int(os.environ.get("EXPLAB_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT)),
+        dashboard_port=_free_port(dashboard_port or int(os.environ.get("EXPLAB_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT))),
         _temp_dir=str(temp_dir),
         logging_level=logging.WARNING,
         configure_logging=True,
@@ -67,6 +67,19 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
     _quiet_ray_data()
     _info = _describe(ray, embedded=True, temp_dir=str(temp_dir))
     return _info
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` when nothing listens on it (another Ray's dashboard, say), else a free port."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
 
 
 def _quiet_ray_data() -> None:
