@@ -165,3 +165,50 @@ def test_hooked_generation_steers_and_captures_per_step(hooked):
 def test_unknown_model_is_a_clear_error(ray_local):
     with pytest.raises(ModelError, match="tiny"):
         get_server("hooked", "tiny:nonexistent")
+
+
+def test_private_servers_are_separate_actors_and_shared_ones_are_one(ray_local):
+    import time
+
+    from explab.servers.registry import release_private_servers
+
+    first, second = (get_server("hooked", "tiny:gpt2", {"shared": False}) for _ in range(2))
+    shared_a, shared_b = (get_server("hooked", "tiny:gpt2") for _ in range(2))
+    private_pids = {first.describe()["pid"], second.describe()["pid"]}
+    assert len(private_pids) == 2 and first.name != second.name  # each caller loaded its own copy
+    assert shared_a.name == shared_b.name and first.name.startswith(f"{shared_a.name}#")
+    assert shared_a.describe()["pid"] == shared_b.describe()["pid"] not in private_pids
+    request = [{"text": "same weights", "return_logits": "last"}]
+    np.testing.assert_allclose(first.forward(request)[0].logits, shared_a.forward(request)[0].logits, atol=1e-5)
+    assert release_private_servers() == 2  # a sweep trial stops its own private servers when it ends
+    deadline = time.monotonic() + 30
+    while {first.name, second.name} & {s["name"] for s in list_servers()} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not {first.name, second.name} & {s["name"] for s in list_servers()}
+    assert shared_a.describe(refresh=True)["pid"] in {shared_b.describe()["pid"]}
+
+
+def test_a_server_started_inside_a_placement_group_outlives_it(ray_local):
+    """A sweep trial runs in a placement group that captures its children; the shared server it
+    starts must not be placed in that group, or it would die when the trial's group is removed."""
+    import time
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    spec = {"name": "tiny:llama", "tiny": {"num_hidden_layers": 1}}
+    group = placement_group([{"CPU": 1}])
+    ray.get(group.ready())
+
+    @ray.remote(num_cpus=1)
+    def trial():
+        return get_server("hooked", spec).describe()["pid"]
+
+    inside = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+    pid = ray.get(trial.options(scheduling_strategy=inside).remote())
+    remove_placement_group(group)
+    time.sleep(2)
+    handle = get_server("hooked", spec)
+    assert handle.describe(refresh=True)["pid"] == pid
+    assert handle.forward(["still here"])[0].token_ids
+    stop_server(handle.name)

@@ -50,6 +50,7 @@ class Config(JobConfig):
         "What is the boiling point of water?",
     ]
     alphas: list[float] = [-8.0, -4.0, 0.0, 4.0, 8.0]
+    alpha: float | None = None  # one steering strength (a sweep's field): replaces alphas with [0, alpha]
     max_tokens: int = 16
     batch_size: int = 3
 
@@ -99,10 +100,12 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     unit = direction / np.linalg.norm(direction)
     ctx.save_artifact("direction", {steer_point: direction.astype(np.float32)})
 
+    alphas = config.alphas if config.alpha is None else sorted({0.0, config.alpha})
     rows = []
     baseline_tokens: dict[str, str] = {}
     questions = ray.data.from_items([{"question": q} for q in config.questions])
-    for step, alpha in enumerate(sorted(config.alphas, key=lambda a: (a != 0.0, a))):
+    progress = ctx.progress(len(alphas), "steering strengths")
+    for step, alpha in enumerate(sorted(alphas, key=lambda a: (a != 0.0, a))):
         out = questions.map_batches(
             steered_batch, batch_size=config.batch_size, batch_format="numpy",
             fn_kwargs={"hooked": hooked, "steer_point": steer_point, "read_point": read_point,
@@ -115,6 +118,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
             changed = float(np.mean([a != b for a, b in zip(toks.split(), base.split(), strict=False)]))
             rows.append({"alpha": alpha, "question": q, "projection": proj, "changed": changed, "text": text})
         ctx.log(step=step, alpha=alpha, mean_projection=float(out["projection"].mean()))
+        progress.advance()
 
     table = pd.DataFrame(rows).sort_values(["alpha", "question"]).reset_index(drop=True)
     ctx.save_table("steering", table)
@@ -128,10 +132,14 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     ax.set_title(f"{config.model.name}: steering along a contrastive direction")
     ctx.save_plot("projection_vs_alpha", fig)
 
-    slope = float(np.polyfit(summary["alpha"], summary["projection"], 1)[0])
+    slope = float(np.polyfit(summary["alpha"], summary["projection"], 1)[0]) if len(summary) > 1 else float("nan")
     monotonic = float(np.all(np.diff(summary["projection"].to_numpy()) > 0))
-    return {"slope": slope, "monotonic": monotonic, "direction_norm": float(np.linalg.norm(direction)),
-            "changed_at_max_alpha": float(summary["changed"].iloc[-1])}
+    result = {"slope": slope, "monotonic": monotonic, "direction_norm": float(np.linalg.norm(direction)),
+              "changed_at_max_alpha": float(summary["changed"].iloc[-1])}
+    if config.alpha is not None:  # the sweep's view: the effect at this one strength
+        at = summary.loc[summary["alpha"] == config.alpha].iloc[0]
+        result.update(projection_at_alpha=float(at["projection"]), changed_at_alpha=float(at["changed"]))
+    return result
 
 
 JOB = Job(

@@ -153,6 +153,127 @@ def demo_cmd(runs_dir: RunsDirOpt = None, address: AddressOpt = None,
     run_demo(runs_dir=runs_dir, address=address, keep=keep, console=out)
 
 
+@app.command("sweep")
+def sweep_cmd(
+    spec: Annotated[str, typer.Argument(help="a sweep.yaml (e.g. jobs/quadratic/sweep.yaml); with --resume also a sweep directory")],
+    runs_dir: RunsDirOpt = None,
+    address: AddressOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep without re-running finished trials: give its directory, or its sweep.yaml to resume the newest unfinished sweep of that spec")] = False,
+) -> None:
+    """Sweep a job with Ray Tune + Optuna (see README, Sweeps); the last line printed is the sweep directory.
+
+    Trials run in this Ray cluster and share its model servers. Outputs in the sweep directory:
+    trials.parquet, best.json, plots/*.png, trials/<job>/<trial-id>/ (each trial's run).
+    """
+    from explab.sweep import run_sweep
+
+    sweep_dir = run_sweep(spec, runs_dir, address, resume, progress=True)
+    best = json.loads((sweep_dir / "best.json").read_text())
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    goals = ", ".join(f"{o['metric']} ({o['mode']})" for o in best["objectives"])
+    winners = [best["best"]] if best.get("best") else best.get("pareto_front", [])
+    if winners:
+        rows = [{"trial": w["trial_id"], **w["params"],
+                 **{o["metric"]: w["metrics"].get(o["metric"]) for o in best["objectives"]}} for w in winners]
+        title = "best trial" if "best" in best else f"Pareto front ({len(winners)} trials)"
+        out.print(_table(f"{manifest['job']} sweep: {title} — {goals}", rows))
+    counts = best["trials"]
+    unfinished = counts["total"] - counts["completed"] - counts["stopped_early"] - counts["failed"]
+    out.print(f"trials: {counts['total']} ({counts['completed']} completed, {counts['stopped_early']} stopped early, "
+              f"{counts['failed']} failed{f', {unfinished} unfinished' if unfinished else ''})", highlight=False)
+    for note in best.get("notes", []):
+        err.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
+    if manifest.get("status") != "completed":
+        err.print(f"[yellow]sweep interrupted:[/yellow] continue it with `explab sweep {sweep_dir} --resume`",
+                  highlight=False, soft_wrap=True)
+        print(sweep_dir, flush=True)
+        raise typer.Exit(130)
+    print(sweep_dir, flush=True)
+
+
+# ---- Ray Jobs: submit / status / logs / stop (explab.jobs_api) ------------------------------------
+JobsAddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="Ray dashboard address, http://HOST:8265 (default: RAY_ADDRESS if it is http(s), else http://127.0.0.1:8265)")]
+
+
+@app.command("submit")
+def submit_cmd(
+    job: Annotated[str | None, typer.Argument(help="job name (see `explab jobs`); leave out with --sweep")] = None,
+    config: Annotated[str | None, typer.Option("-c", "--config", help="YAML file in the project, or a config name of the job (e.g. paper)")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="override a field: --set a.b=value (repeatable)")] = None,
+    runs_dir: Annotated[str | None, typer.Option("--runs-dir", help="where run directories go, on the cluster (default: the cluster's EXPLAB_RUNS_DIR, else runs/ in the job's working dir)")] = None,
+    address: JobsAddressOpt = None,
+    sweep: Annotated[str | None, typer.Option("--sweep", help="submit `explab sweep SWEEP.yaml` instead of a run")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="with --sweep: resume the sweep")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream the job's logs until it ends")] = False,
+) -> None:
+    """Submit a run (or a sweep) to a Ray cluster as a Ray job; prints the job id and its dashboard URL."""
+    from explab import jobs_api
+
+    if sweep is not None:
+        if job is not None or config is not None or overrides:
+            raise ExplabError("--sweep takes the job and config from the sweep file: leave out JOB, -c and --set")
+        submission = jobs_api.submit_sweep(sweep, runs_dir=runs_dir, address=address, resume=resume)
+    elif job is None:
+        raise ExplabError("name a job to submit (see `explab jobs`), or pass --sweep SWEEP.yaml")
+    else:
+        submission = jobs_api.submit_run(job, config, overrides or [], runs_dir=runs_dir, address=address)
+    err.print(f"[dim]submitted to {submission.address}: {submission.entrypoint}[/dim]", highlight=False, soft_wrap=True)
+    out.print(f"dashboard: {submission.dashboard_url}", highlight=False, soft_wrap=True)
+    if follow:
+        state = jobs_api.follow_logs(submission.job_id, submission.address)
+        err.print(f"job {submission.job_id}: {state}", highlight=False)
+        if state != "SUCCEEDED":
+            raise typer.Exit(1)
+    print(submission.job_id, flush=True)
+
+
+@app.command("status")
+def status_cmd(job_id: Annotated[str | None, typer.Argument(help="job id from `explab submit` (leave out to list the jobs)")] = None,
+               address: JobsAddressOpt = None) -> None:
+    """A submitted job's status (or every job on the cluster)."""
+    from explab import jobs_api
+
+    if job_id is None:
+        rows = jobs_api.list_jobs(address)
+        out.print(_table(f"jobs at {jobs_api.resolve_address(address)}", rows) if rows else "no jobs")
+        return
+    info = jobs_api.status(job_id, address)
+    out.print(f"[bold]{info['job_id']}[/bold]  {info['status']}", highlight=False)
+    for key in ("message", "entrypoint", "start", "end", "dashboard"):
+        if info.get(key):
+            out.print(f"  {key}: {info[key]}", highlight=False, soft_wrap=True)
+    for key, value in info["metadata"].items():
+        out.print(f"  {key}: {value}", highlight=False, soft_wrap=True)
+
+
+@app.command("logs")
+def logs_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab submit`")],
+             follow: Annotated[bool, typer.Option("--follow", "-f", help="stream the logs until the job ends")] = False,
+             address: JobsAddressOpt = None) -> None:
+    """A submitted job's output (stdout and stderr of its driver)."""
+    from explab import jobs_api
+
+    if follow:
+        state = jobs_api.follow_logs(job_id, address)
+        err.print(f"job {job_id}: {state}", highlight=False)
+        if state not in ("SUCCEEDED", "STOPPED"):
+            raise typer.Exit(1)
+        return
+    sys.stdout.write(jobs_api.logs(job_id, address))
+    sys.stdout.flush()
+
+
+@app.command("stop")
+def stop_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab submit`")],
+             address: JobsAddressOpt = None) -> None:
+    """Stop a submitted job."""
+    from explab import jobs_api
+
+    stopped, state = jobs_api.stop(job_id, address)
+    out.print(f"stopping {job_id} ({state})" if stopped else f"{job_id} was not running ({state})", highlight=False)
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)

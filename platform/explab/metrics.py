@@ -1,13 +1,81 @@
 """explab's Ray metrics (``ray.util.metrics`` → Prometheus → the dashboards in ``dashboards/``).
 
 Servers report requests, batch sizes, queue wait, batch latency, errors, generated tokens and
-model load time, tagged with the server kind, model and backend.
+model load time, tagged with the server kind, model and backend (a server is shared by every
+run that uses its model, so its metrics carry no job or run).
+
+Runs (``explab.runs``) report, tagged with ``explab_job`` (the job's name: a ``job`` label would
+clash with Prometheus's own), ``run`` (the run id), ``model`` and ``sweep`` (the sweep a trial
+belongs to; empty outside sweeps): progress (a fraction), the job's logged and final metrics
+(one gauge with a ``metric`` tag, so Grafana can template on it), runs started, completed,
+failed and stopped (ended from outside, e.g. by a sweep's scheduler), and run durations. Counters and the duration histogram leave out the run tag: they are
+kept by each node's metrics agent for the life of the cluster, one series per tag set.
+
+Ray exports every metric with a ``ray_`` prefix; counters get ``_total``, histograms
+``_bucket``/``_sum``/``_count`` (`PROMETHEUS_NAMES`). Counters and histograms stay in the export
+for the life of the node. A gauge's value is exported once per ``set`` and dropped by the node's
+metrics agent two report intervals (20 s) later, so `keeper` re-sets the live ones (a server's
+load time, a running run's progress and metrics) every few seconds; a finished run's gauges
+vanish from the export shortly after it ends (Prometheus keeps their history).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from functools import cache
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REFRESH_S = 5.0  # < half of Ray's metrics report interval (10 s), after which an unrefreshed gauge is gone
+
+
+class GaugeKeeper:
+    """Keeps gauge values in Ray's export: sets them now and again every `REFRESH_S` seconds
+    until they are dropped."""
+
+    def __init__(self, refresh_s: float = REFRESH_S):
+        self.refresh_s = refresh_s
+        self._lock = threading.Lock()
+        self._live: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Any, float, dict[str, str]]] = {}
+        self._thread: threading.Thread | None = None
+
+    def set(self, gauge: Any, value: float, tags: dict[str, str]) -> None:
+        gauge.set(value, tags=tags)
+        with self._lock:
+            self._live[(id(gauge), tuple(sorted(tags.items())))] = (gauge, value, dict(tags))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="explab-gauges", daemon=True)
+                self._thread.start()
+
+    def drop(self, **tags: str) -> None:
+        """Stop refreshing every gauge value whose tags include ``tags``."""
+        with self._lock:
+            for key, (_, _, have) in list(self._live.items()):
+                if all(have.get(k) == v for k, v in tags.items()):
+                    del self._live[key]
+
+    def live(self) -> list[tuple[Any, float, dict[str, str]]]:
+        with self._lock:
+            return list(self._live.values())
+
+    def _loop(self) -> None:
+        import ray
+
+        while True:
+            time.sleep(self.refresh_s)
+            if not ray.is_initialized():
+                continue
+            for gauge, value, tags in self.live():
+                try:
+                    gauge.set(value, tags=tags)
+                except Exception:  # pragma: no cover - Ray shutting down
+                    pass
+
+
+keeper = GaugeKeeper()
 
 SERVER_TAGS = ("kind", "model", "backend")
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -39,7 +107,7 @@ class ServerMetrics:
         self._m = _server_instruments()
 
     def model_loaded(self, seconds: float) -> None:
-        self._m["load_time"].set(seconds, tags=self.tags)
+        keeper.set(self._m["load_time"], seconds, self.tags)  # kept in the export while the server lives
 
     def batch(self, size: int, mean_wait_s: float, busy_s: float, ok: bool = True) -> None:
         self._m["requests"].inc(size, tags=self.tags)
@@ -52,3 +120,129 @@ class ServerMetrics:
     def tokens(self, count: int) -> None:
         if count:
             self._m["tokens"].inc(count, tags=self.tags)
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+# "explab_job", not "job": Prometheus renames a scraped "job" label (it is the scrape job's) to "exported_job"
+RUN_TAGS = ("explab_job", "run", "model", "sweep")
+RUN_COUNT_TAGS = ("explab_job", "model", "sweep")
+RUN_STATUSES = ("completed", "failed", "stopped")
+DURATION_BOUNDARIES = [1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400]
+
+# what each instrument is called in Prometheus (Ray's exporter adds the prefix and suffixes)
+PROMETHEUS_NAMES = {
+    "explab_server_requests": ["ray_explab_server_requests_total"],
+    "explab_server_errors": ["ray_explab_server_errors_total"],
+    "explab_server_generated_tokens": ["ray_explab_server_generated_tokens_total"],
+    "explab_server_model_load_seconds": ["ray_explab_server_model_load_seconds"],
+    **{name: [f"ray_{name}_{suffix}" for suffix in ("bucket", "sum", "count")]
+       for name in ("explab_server_batch_size", "explab_server_queue_wait_seconds",
+                    "explab_server_batch_latency_seconds", "explab_run_duration_seconds")},
+    "explab_run_progress": ["ray_explab_run_progress"],
+    "explab_job_metric": ["ray_explab_job_metric"],
+    "explab_runs_started": ["ray_explab_runs_started_total"],
+    "explab_runs_completed": ["ray_explab_runs_completed_total"],
+    "explab_runs_failed": ["ray_explab_runs_failed_total"],
+    "explab_runs_stopped": ["ray_explab_runs_stopped_total"],
+}
+
+
+@cache
+def _run_instruments() -> dict[str, Any]:
+    from ray.util import metrics as m
+
+    return {
+        "progress": m.Gauge("explab_run_progress", "Fraction of the run's current progress bar done (0..1).",
+                            RUN_TAGS),
+        "metric": m.Gauge("explab_job_metric", "Last value of a metric the job logged (ctx.log) or returned.",
+                          (*RUN_TAGS, "metric")),
+        "started": m.Counter("explab_runs_started", "Runs started.", RUN_COUNT_TAGS),
+        "completed": m.Counter("explab_runs_completed", "Runs that completed.", RUN_COUNT_TAGS),
+        "failed": m.Counter("explab_runs_failed", "Runs that failed.", RUN_COUNT_TAGS),
+        "stopped": m.Counter("explab_runs_stopped", "Runs ended from outside (Ctrl-C, a sweep scheduler's early stop).",
+                             RUN_COUNT_TAGS),
+        "duration": m.Histogram("explab_run_duration_seconds", "Wall time of finished runs.",
+                                DURATION_BOUNDARIES, (*RUN_COUNT_TAGS, "status")),
+    }
+
+
+class RunMetrics:
+    """One run's metrics. Every call is a no-op while Ray is not initialized, and never raises:
+    a metrics hiccup must not fail a run. ``started`` is counted once, on the first call made
+    with Ray up, so started >= completed + failed + stopped always holds."""
+
+    def __init__(self, job: str, run: str, model: str = "", sweep: str = ""):
+        self.tags = {"explab_job": job, "run": run, "model": model or "", "sweep": sweep or ""}
+        self.count_tags = {k: self.tags[k] for k in RUN_COUNT_TAGS}
+        self._started = False
+        self._start_time = time.time()
+        self._warned = False
+
+    def _instruments(self) -> dict[str, Any] | None:
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return None
+            m = _run_instruments()
+            if not self._started:
+                self._started = True
+                m["started"].inc(1, tags=self.count_tags)
+            return m
+        except Exception as error:  # pragma: no cover - defensive
+            self._warn(error)
+            return None
+
+    def _warn(self, error: BaseException) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("explab metrics for run %s not recorded: %s", self.tags["run"], error)
+
+    def start(self) -> None:
+        self.progress(0.0)
+
+    def progress(self, fraction: float) -> None:
+        m = self._instruments()
+        if m is None:
+            return
+        try:
+            keeper.set(m["progress"], min(max(float(fraction), 0.0), 1.0), self.tags)
+        except Exception as error:
+            self._warn(error)
+
+    def log(self, values: dict[str, Any]) -> None:
+        """Set the metric gauge for every numeric value (bools count as 0/1; NaN is kept; others are skipped)."""
+        numeric = {k: float(v) for k, v in values.items() if _is_number(v)}
+        if not numeric:
+            return
+        m = self._instruments()
+        if m is None:
+            return
+        try:
+            for name, value in numeric.items():
+                keeper.set(m["metric"], value, {**self.tags, "metric": str(name)})
+        except Exception as error:
+            self._warn(error)
+
+    def finish(self, status: str) -> None:
+        """Count the run as ``completed``, ``failed`` or ``stopped`` and record its duration. Its
+        gauges are set a last time and no longer refreshed: they leave the export ~20 s later."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
+        m = self._instruments()
+        if m is None:
+            return
+        try:
+            if status == "completed":
+                m["progress"].set(1.0, tags=self.tags)
+            m[status].inc(1, tags=self.count_tags)
+            m["duration"].observe(time.time() - self._start_time, tags={**self.count_tags, "status": status})
+        except Exception as error:
+            self._warn(error)
+        finally:
+            keeper.drop(explab_job=self.tags["explab_job"], run=self.tags["run"])
+
+
+def _is_number(value: Any) -> bool:
+    """Numbers and bools are exported (NaN too: Prometheus shows it as a gap); strings etc. are not."""
+    return isinstance(value, bool | int | float)

@@ -64,3 +64,7 @@ class ServerHandle:
 
     def score(self, prompt: Any, continuations: list[str]) -> list[list[float]]:
         return self._get(self.actor.score.remote(prompt, list(continuations)))
+
+    def paragraphs(self, token_ids: list[list[int]]) -> list[list[int]]:
+        """Paragraph index of every token of generated token sequences (HookedModel)."""
+        return self._get(self.actor.paragraphs.remote([[int(t) for t in ids] for ids in token_ids]))

@@ -18,3 +18,4 @@ class ServerOptions(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0.0)  # how long the first request waits for company
     max_concurrency: int = Field(256, ge=1)  # concurrent calls the actor accepts
     engine: dict[str, Any] = Field(default_factory=dict)  # vLLM engine kwargs (gpu_memory_utilization, max_model_len, ...)
+    shared: bool = True  # False: a private server for this caller (its own copy, owned by it, not detached)

@@ -7,6 +7,8 @@ reach the same actor — the model is loaded once.
 
 from __future__ import annotations
 
+import secrets
+import threading
 import time
 from typing import Any
 
@@ -17,6 +19,10 @@ from explab.servers.handle import ServerHandle
 from explab.servers.options import ServerOptions
 
 KINDS = ("generator", "hooked")
+
+# private servers (``shared=False``) this process started, so a sweep trial can stop its own
+_private: list[Any] = []
+_private_lock = threading.Lock()
 
 
 def server_name(kind: str, spec: ModelSpec) -> str:
@@ -36,7 +42,12 @@ def _actor_class(kind: str) -> Any:
 
 
 def get_server(kind: str, spec: ModelSpec | str | dict, options: ServerOptions | dict | None = None) -> ServerHandle:
-    """The shared ``kind`` server for ``spec``; starts it (and Ray) if needed and waits until loaded."""
+    """The shared ``kind`` server for ``spec``; starts it (and Ray) if needed and waits until loaded.
+
+    With ``options.shared=False`` the caller gets a private server instead: its own copy of the
+    model in an actor named ``<kind>:<spec key>#<random>``, owned by the caller (not detached), so
+    it ends with the caller's process (or at `release_private_servers`).
+    """
     import ray
 
     from explab import runtime
@@ -47,11 +58,18 @@ def get_server(kind: str, spec: ModelSpec | str | dict, options: ServerOptions |
         runtime.init()
     cls = _actor_class(kind)
     name = server_name(kind, spec)
-    actor = cls.options(
-        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, max_concurrency=opts.max_concurrency,
-        max_restarts=0,
-    ).remote(spec.model_dump(), opts.model_dump())
+    # "DEFAULT" scheduling: a server started from inside a placement group (a Tune trial, whose
+    # child tasks Tune captures) must not be placed in it, or it dies when that trial's group is removed
+    placement = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus, "max_concurrency": opts.max_concurrency,
+                 "max_restarts": 0, "scheduling_strategy": "DEFAULT"}
+    if opts.shared:
+        actor = cls.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                            **placement).remote(spec.model_dump(), opts.model_dump())
+    else:
+        name = f"{name}#{secrets.token_hex(4)}"
+        actor = cls.options(name=name, namespace=NAMESPACE, **placement).remote(spec.model_dump(), opts.model_dump())
+        with _private_lock:
+            _private.append(actor)
     handle = ServerHandle(kind=kind, name=name, actor=actor)
     try:
         handle.describe(refresh=True)
@@ -61,6 +79,21 @@ def get_server(kind: str, spec: ModelSpec | str | dict, options: ServerOptions |
             raise type(cause)(str(cause)) from None
         raise ModelError(f"server {name} failed to start: {cause}") from None
     return handle
+
+
+def release_private_servers() -> int:
+    """Stop the private servers this process started; returns how many."""
+    import ray
+
+    with _private_lock:
+        actors = list(_private)
+        _private.clear()
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+    return len(actors)
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -1,0 +1,712 @@
+"""Sweeps: a ``sweep.yaml`` becomes a Ray Tune ``Tuner`` with ``OptunaSearch`` (and optionally ASHA).
+
+Every trial runs the job through `explab.runs.execute` in the same Ray cluster as the driver, so
+trials reach the same shared model servers (a sweep of 16 steering strengths loads the model
+once). Each ``ctx.log`` of the job is reported to Tune, and so are the job's final metrics.
+
+``<runs-dir>/sweeps/<job>/<sweep-id>/`` holds ``sweep.yaml`` (the validated spec, defaults filled
+in), ``base_config.yaml`` (the job config every trial starts from), ``manifest.json``,
+``trials.parquet`` (one row per trial, rewritten as trials finish), ``best.json``, ``plots/*.png``,
+``trials/<job>/<trial-id>/`` (each trial's run directory) and ``tune/`` (Tune's experiment state,
+which ``--resume`` restores).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import importlib
+import json
+import math
+import os
+import sys
+import threading
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
+
+from explab import store
+from explab.config import Section, apply_overrides, read_yaml, validate
+from explab.errors import ConfigError, ExplabError
+
+FINAL_KEY = "explab_final"  # set on the report that carries the job's final metrics
+RUN_DIR_KEY = "explab_run_dir"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+SPEC_FILE = "sweep.yaml"
+BASE_FILE = "base_config.yaml"
+
+
+# ---- the spec --------------------------------------------------------------------------------
+class Param(Section):
+    """One dimension of the search space."""
+
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Param:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty 'values' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a choice takes 'values', not low/high")
+            for value in self.values:
+                if value is not None and not isinstance(value, (bool, int, float, str)):
+                    raise ValueError(f"choice values must be numbers, strings, booleans or null, not {value!r}")
+            return self
+        if self.values is not None:
+            raise ValueError(f"a {self.type} range takes low/high, not 'values'")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} range needs both low and high")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"a loguniform range needs low > 0 (got {self.low:g})")
+        if self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError("an int range needs integer low and high")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values that span the range (the bounds, or every choice) — checked against the job's config."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [float(self.low), float(self.high)]
+
+    def distribution(self) -> Any:
+        import optuna
+
+        if self.type == "choice":
+            return optuna.distributions.CategoricalDistribution(list(self.values or []))
+        if self.type == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high))
+        return optuna.distributions.FloatDistribution(float(self.low), float(self.high),
+                                                      log=self.type == "loguniform")
+
+
+class Objective(Section):
+    metric: str = Field(min_length=1)
+    mode: Literal["max", "min"]
+
+
+class Base(Section):
+    config: str | None = None  # a YAML path (relative to the sweep.yaml), or a config name of the job
+    overrides: list[str] = Field(default_factory=list)  # a.b=value, as with --set
+
+
+class Scheduler(Section):
+    type: Literal["fifo", "asha"] = "fifo"
+    grace_period: int = Field(1, ge=1)  # ASHA: time units every trial gets before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)  # ASHA: keep 1/reduction_factor at each rung
+    max_t: int = Field(100, ge=1)  # ASHA: the time a complete trial takes (sets the rungs)
+    time_attr: Literal["training_iteration", "step"] = "training_iteration"  # ctx.log calls, or the logged step
+
+    @model_validator(mode="after")
+    def _check(self) -> Scheduler:
+        if self.type == "asha" and self.grace_period >= self.max_t:
+            raise ValueError(f"grace_period ({self.grace_period}) must be below max_t ({self.max_t})")
+        return self
+
+
+class Sampler(Section):
+    type: Literal["tpe", "random"] = "tpe"
+    n_startup_trials: int | None = Field(None, ge=0)  # TPE: random trials before it models (Optuna's default: 10)
+
+
+class Resources(Section):
+    cpu: float = Field(1.0, gt=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+
+
+class SweepSpec(Section):
+    """``jobs/<name>/sweep.yaml``."""
+
+    job: str = Field(min_length=1)
+    base: Base = Field(default_factory=Base)
+    space: dict[str, Param]
+    metric: str | None = None
+    mode: Literal["max", "min"] | None = None
+    objectives: list[Objective] | None = None  # several objectives (Optuna multi-objective) instead of metric/mode
+    num_samples: int = Field(10, ge=1)
+    sampler: Sampler = Field(default_factory=Sampler)
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    max_concurrent: int = Field(1, ge=1)
+    resources_per_trial: Resources = Field(default_factory=Resources)
+    seed: int = 0
+    max_failures: int = Field(0, ge=0)  # retries per trial
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _sampler_shorthand(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
+    @field_validator("space")
+    @classmethod
+    def _space_not_empty(cls, value: dict[str, Param]) -> dict[str, Param]:
+        if not value:
+            raise ValueError("the search space is empty: add at least one field")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        if self.objectives is not None:
+            if self.metric is not None or self.mode is not None:
+                raise ValueError("give either metric/mode or objectives, not both")
+            if not self.objectives:
+                raise ValueError("objectives is empty: list at least one {metric, mode}")
+            names = [o.metric for o in self.objectives]
+            if len(set(names)) != len(names):
+                raise ValueError("objectives name a metric twice")
+        else:
+            if self.metric is None:
+                raise ValueError("name the metric to optimise (metric: <name>, mode: max|min) or list objectives")
+            if self.mode is None:
+                raise ValueError(f"metric {self.metric!r} needs a mode: max or min")
+        if self.scheduler.type == "asha" and len(self.goals) > 1:
+            raise ValueError("ASHA stops trials on one metric: use scheduler fifo with several objectives")
+        return self
+
+    @property
+    def goals(self) -> list[Objective]:
+        if self.objectives is not None:
+            return list(self.objectives)
+        return [Objective(metric=self.metric or "", mode=self.mode or "max")]
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory: give a sweep.yaml (or use --resume with a sweep directory)")
+    if not path.is_file():
+        raise ConfigError(f"sweep spec {path} does not exist: give the path of a sweep.yaml (e.g. jobs/quadratic/sweep.yaml)")
+    return validate(SweepSpec, read_yaml(path), str(path))
+
+
+# ---- a resolved sweep: spec + job + base config ------------------------------------------------
+class Plan(BaseModel):
+    spec: SweepSpec
+    source: str  # where the spec came from
+    base: dict[str, Any]  # the job's config every trial starts from (validated)
+
+
+def load_job(name: str) -> Any:
+    """The job ``name``: its own module when the package is named after it (as every job's is),
+    without importing every other job as `explab.registry.get_job` does (seconds per trial actor)."""
+    from explab.registry import Job, get_job
+
+    if name.isidentifier():
+        try:
+            module = importlib.import_module(f"jobs.{name}.job")
+        except ModuleNotFoundError as err:
+            if err.name not in (f"jobs.{name}", f"jobs.{name}.job"):
+                raise
+        else:
+            job = getattr(module, "JOB", None)
+            if isinstance(job, Job) and job.name == name:
+                return Job(job.name, job.description, job.config, job.run, f"jobs.{name}")
+    return get_job(name)
+
+
+def resolve(spec: SweepSpec, source: str | Path, base: dict[str, Any] | None = None) -> Plan:
+    """Check the spec against its job: the job exists, the base config is valid, every space field
+    exists in the job's Config and every value of its range is accepted there."""
+    source = str(source)
+    job = load_job(spec.job)
+    if base is None:
+        config_path = _base_config_path(job, spec.base.config, Path(source).parent)
+        data = read_yaml(config_path) if config_path is not None else {}
+        data = apply_overrides(data, spec.base.overrides)
+        base = validate(job.config, data, f"{source}: base config").model_dump(mode="json")
+    else:
+        base = validate(job.config, base, f"{source}: base config").model_dump(mode="json")
+    for field, param in spec.space.items():
+        check_field(job.config, field, f"{source}: space field {field!r}", job.name)
+        for value in param.candidates():
+            trial = set_dotted(base, field, value)
+            try:
+                job.config.model_validate(trial)
+            except ValidationError as error:  # name the value and the reason
+                reason = error.errors()[0]["msg"]
+                raise ConfigError(f"{source}: space field {field!r}: value {value!r} is not valid for job "
+                                  f"{job.name!r}'s config ({reason}): fix the range") from None
+    return Plan(spec=spec, source=source, base=base)
+
+
+def _base_config_path(job: Any, ref: str | None, spec_dir: Path) -> Path | None:
+    if ref is None:
+        return None
+    beside = spec_dir / ref
+    if ("/" in ref or ref.endswith((".yaml", ".yml"))) and not Path(ref).exists() and beside.exists():
+        return beside
+    return job.config_path(ref)
+
+
+def check_field(cls: type[BaseModel], dotted: str, source: str, job: str) -> None:
+    parts = dotted.split(".")
+    node: type[BaseModel] = cls
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        fields = node.model_fields
+        if part not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: the config of job {job!r} has no field {here!r} (fields there: {known}): "
+                              "check its spelling")
+        if i == len(parts) - 1:
+            return
+        annotation = fields[part].annotation
+        model = _model_in(annotation)
+        if model is None:
+            if _is_mapping(annotation):
+                return  # keys inside a dict field are checked when the values are validated
+            raise ConfigError(f"{source}: {here!r} in the config of job {job!r} is a value, not a section: "
+                              "sweep it directly")
+        node = model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (dict, typing.Mapping) or annotation is dict:
+        return True
+    return any(_is_mapping(arg) for arg in typing.get_args(annotation))
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of ``data`` with ``a.b.c`` set to ``value`` (missing sections are made)."""
+    out = copy.deepcopy(data)
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+# ---- the trial -------------------------------------------------------------------------------
+def trial_config(job: Any, base: dict[str, Any], params: dict[str, Any]) -> BaseModel:
+    data = base
+    for field, value in params.items():
+        data = set_dotted(data, field, value)
+    return validate(job.config, data, "trial config")
+
+
+def attempts(job_dir: Path, trial_id: str) -> list[Path]:
+    """A trial's run directories, oldest first: ``<id>``, ``<id>-r1``, ``<id>-r2``, ..."""
+    found = [p for p in job_dir.glob(f"{trial_id}*") if p.name == trial_id or p.name.startswith(f"{trial_id}-r")]
+
+    def order(p: Path) -> int:
+        return 0 if p.name == trial_id else int(p.name.rsplit("-r", 1)[1] or 0)
+
+    return sorted(found, key=order)
+
+
+def _completed(run_dir: Path, config: BaseModel) -> dict[str, Any] | None:
+    """The final metrics of a completed run of this exact config, else None."""
+    from explab.config import dump_config
+
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        if manifest.get("status") != "completed" or (run_dir / "config.yaml").read_text() != dump_config(config):
+            return None
+        return json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_trial(params: dict[str, Any], *, job_name: str, base: dict[str, Any], trials_dir: str) -> None:
+    """Tune's function trainable: one run of the job with the trial's params.
+
+    Runs in a Tune trial actor of the driver's cluster (Ray is initialised there, so servers are
+    shared). A trial that finds a completed run of its own config (a resumed sweep that was killed
+    between the trial's end and Tune's next state save) reports that run again instead of
+    re-running it.
+    """
+    from ray import tune
+
+    from explab.runs import execute
+    from explab.runtime import _quiet_ray_data
+    from explab.servers.registry import release_private_servers
+
+    # a trial worker joins the driver's Ray (no runtime.init here): quiet Ray Data as runtime.init does,
+    # without importing it (seconds) for jobs that do not use it
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    if "ray.data" in sys.modules:
+        _quiet_ray_data()
+    job = load_job(job_name)
+    config = trial_config(job, base, params)
+    trial_id = tune.get_context().get_trial_id()
+    job_dir = Path(trials_dir) / job.name
+    previous = attempts(job_dir, trial_id)
+    for run_dir in previous:
+        result = _completed(run_dir, config)
+        if result is not None:
+            _replay(run_dir, result)
+            return
+    run_dir = job_dir / (trial_id if not previous else f"{trial_id}-r{len(previous)}")
+    last: dict[str, Any] = {}
+
+    def report(row: dict[str, Any]) -> None:
+        last.update({k: v for k, v in row.items() if k != "step"})
+        tune.report({**row, RUN_DIR_KEY: str(run_dir)})
+
+    try:
+        _, result = execute(job, config, run_dir=run_dir, reporter=report)
+    finally:
+        release_private_servers()
+    tune.report({**last, **result, FINAL_KEY: 1, RUN_DIR_KEY: str(run_dir)})
+
+
+def _replay(run_dir: Path, result: dict[str, Any]) -> None:
+    from ray import tune
+
+    last: dict[str, Any] = {}
+    if (run_dir / "metrics.parquet").is_file():
+        import pandas as pd
+
+        for row in pd.read_parquet(run_dir / "metrics.parquet").to_dict("records"):
+            row = {k: v for k, v in row.items() if k != "time" and not _missing(v)}
+            last.update({k: v for k, v in row.items() if k != "step"})
+            tune.report({**row, RUN_DIR_KEY: str(run_dir)})
+    tune.report({**last, **result, FINAL_KEY: 1, RUN_DIR_KEY: str(run_dir)})
+
+
+def _missing(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+# ---- progress (driver side) ---------------------------------------------------------------------
+class _Sink:
+    """What the live sweep's callback drives: the trials table on disk and an optional progress bar.
+
+    The table never claims more than ``--resume`` can restore: a trial counts as finished only once
+    Tune's experiment state in the sweep directory records it so (Tune saves that state about every
+    second and copies it there in the background; a sweep killed in between would otherwise list a
+    finished trial that the resumed sweep does not know, and lose it from the table). Until then the
+    trial stays ``running``, and each step of Tune's loop looks again.
+    """
+
+    def __init__(self, plan: Plan, sweep_dir: Path, total: int, done: int, progress: Any | None):
+        self.plan, self.sweep_dir, self.total, self.progress = plan, sweep_dir, total, progress
+        self.lock = threading.Lock()
+        self.task = progress.add_task("sweep", total=total, completed=done, best="") if progress else None
+        self.durable: set[str] = set()
+        self.pending = False
+
+    def update(self, trials: list[Any], finished: Any | None) -> None:
+        from explab import sweep_report
+
+        with self.lock:
+            rows = sweep_report.trial_rows(trials, self.plan.spec, self.sweep_dir, finished=finished)
+            if any(r["status"] in sweep_report.FINISHED and r["trial_id"] not in self.durable for r in rows):
+                self.durable |= saved_finished(self.sweep_dir / TUNE_DIR)
+            self.pending = False
+            for row in rows:
+                if row["status"] in sweep_report.FINISHED and row["trial_id"] not in self.durable:
+                    row["status"], self.pending = "running", True
+            sweep_report.write_trials(self.sweep_dir, self.plan.spec, rows)
+            if self.progress is not None:
+                done = sum(r["status"] in sweep_report.FINISHED for r in rows)
+                self.progress.update(self.task, completed=done, best=sweep_report.best_text(self.plan.spec, rows))
+
+
+def saved_finished(experiment: Path) -> set[str]:
+    """Ids of the trials that Tune's newest experiment state in ``experiment`` records as finished."""
+    states = sorted(experiment.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return set()
+    try:
+        data = json.loads(states[-1].read_text())
+        trials = [entry[0] if isinstance(entry[0], dict) else json.loads(entry[0]) for entry in data["trial_data"]]
+        return {t["trial_id"] for t in trials if t.get("status") in ("TERMINATED", "ERROR")}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return set()  # being copied there right now: the next step reads it whole
+
+
+_SINK: _Sink | None = None
+
+
+class SweepProgress(Callback):
+    """Drives whatever sink the live sweep set. Stateless: Tune pickles it with the Tuner and
+    `Tuner.restore` brings it back (by reference to this module, so it sees the new sink)."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if _SINK is not None:
+            _SINK.update(trials, trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if _SINK is not None:
+            _SINK.update(trials, trial)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if _SINK is not None and _SINK.pending:
+            _SINK.update(trials, None)
+
+
+class Search(OptunaSearch):
+    """OptunaSearch without intermediate values: only Optuna's pruners read them (Tune's scheduler
+    stops trials here), a job's step logs need not carry the metric, and a trial restarted by
+    --resume would report its steps a second time."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return
+
+
+# ---- running a sweep -------------------------------------------------------------------------
+def sweeps_root(runs_dir: str | Path | None = None) -> Path:
+    from explab.runs import runs_root
+
+    return runs_root(runs_dir) / "sweeps"
+
+
+def find_sweep(ref: str | Path, runs_dir: str | Path | None = None) -> Path:
+    """The sweep directory to resume: a sweep directory itself, or — for a sweep.yaml — the newest
+    unfinished sweep of that spec under the runs dir."""
+    path = Path(ref)
+    if path.is_dir():
+        if not (path / SPEC_FILE).is_file() or not (path / TUNE_DIR).is_dir():
+            raise ExplabError(f"{path} is not a sweep directory (no {SPEC_FILE} and {TUNE_DIR}/): give the "
+                              "directory `explab sweep` printed")
+        return path
+    spec = load_spec(path)
+    plan = resolve(spec, path)
+    candidates = []
+    for sweep_dir in sorted((sweeps_root(runs_dir) / spec.job).glob("*/")):
+        try:
+            manifest = json.loads((sweep_dir / "manifest.json").read_text())
+            same = yaml.safe_load((sweep_dir / SPEC_FILE).read_text()) == _spec_dump(plan.spec)
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if same and manifest.get("status") != "completed":
+            candidates.append(sweep_dir)
+    if not candidates:
+        raise ExplabError(f"no unfinished sweep of {path} under {sweeps_root(runs_dir) / spec.job}: "
+                          "give the sweep directory, or run it without --resume")
+    return candidates[-1]
+
+
+def run_sweep(spec_path: str | Path, runs_dir: str | Path | None = None, address: str | None = None,
+              resume: bool = False, *, progress: bool = False) -> Path:
+    """Run (or with ``resume``, continue) a sweep; returns its directory.
+
+    ``spec_path`` is a sweep.yaml; with ``resume`` it may also be a sweep directory (a yaml then
+    resumes the newest unfinished sweep of it). Bad specs raise `ConfigError`/`ExplabError` before
+    anything is written.
+    """
+    from explab import runtime
+    from explab.runs import new_run_id
+
+    if resume:
+        from ray.tune import Tuner
+
+        sweep_dir = find_sweep(spec_path, runs_dir)
+        if not Tuner.can_restore(str((sweep_dir / TUNE_DIR).resolve())):
+            raise ExplabError(f"{sweep_dir} has no Tune state to resume (it stopped before its first trial): "
+                              "run the sweep again without --resume")
+        spec = validate(SweepSpec, read_yaml(sweep_dir / SPEC_FILE), str(sweep_dir / SPEC_FILE))
+        plan = resolve(spec, sweep_dir / SPEC_FILE, base=read_yaml(sweep_dir / BASE_FILE))
+    else:
+        spec = load_spec(spec_path)
+        plan = resolve(spec, spec_path)
+        sweep_dir = sweeps_root(runs_dir) / spec.job / new_run_id()
+    runtime.init(address)
+    if _ray_client():
+        raise ExplabError("explab sweep drives Ray Tune from this process and reads its results from local disk, "
+                          "which a ray:// (Ray Client) connection cannot do: run it on the cluster with "
+                          "`explab submit --sweep SWEEP.yaml`, or use --address HOST:6379 from a cluster node")
+    sweep_dir = sweep_dir.resolve()
+    if not resume:
+        sweep_dir.mkdir(parents=True, exist_ok=False)
+        store.write_text(sweep_dir / SPEC_FILE, yaml.safe_dump(_spec_dump(plan.spec), sort_keys=False))
+        store.write_text(sweep_dir / BASE_FILE, yaml.safe_dump(plan.base, sort_keys=False))
+    manifest = _manifest(sweep_dir, plan, resume)
+    store.write_json(sweep_dir / "manifest.json", manifest)
+    return _fit(plan, sweep_dir, manifest, resume, progress)
+
+
+def _ray_client() -> bool:
+    try:
+        import ray.util.client
+
+        return bool(ray.util.client.ray.is_connected())
+    except (ImportError, AttributeError):
+        return False
+
+
+def _spec_dump(spec: SweepSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", exclude_none=True)
+
+
+def _manifest(sweep_dir: Path, plan: Plan, resume: bool) -> dict[str, Any]:
+    from explab import __version__
+    from explab.runs import git_commit, package_versions
+
+    previous: dict[str, Any] = {}
+    if resume and (sweep_dir / "manifest.json").is_file():
+        previous = json.loads((sweep_dir / "manifest.json").read_text())
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return {
+        **previous,
+        "job": plan.spec.job,
+        "sweep_id": sweep_dir.name,
+        "spec": previous.get("spec", plan.source) if resume else str(Path(plan.source).resolve()),
+        "explab_version": __version__,
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "started": previous.get("started", now),
+        "resumed": [*previous.get("resumed", []), now] if resume else [],
+        "ended": None,
+        "status": "running",
+        "num_samples": plan.spec.num_samples,
+    }
+
+
+def _fit(plan: Plan, sweep_dir: Path, manifest: dict[str, Any], resume: bool, progress: bool) -> Path:
+    global _SINK
+    import logging
+
+    import optuna
+    from ray import tune
+
+    from explab import runtime, sweep_report
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = plan.spec
+    # a job's per-step logs need not carry the metric (it may come only with the final result)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # save Tune's experiment state often: --resume then re-runs as little as possible
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    experiment = sweep_dir / TUNE_DIR
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, job_name=spec.job, base=plan.base, trials_dir=str(sweep_dir / TRIALS_DIR)),
+        {"cpu": spec.resources_per_trial.cpu, "gpu": spec.resources_per_trial.gpu},
+    )
+    done = 0
+    if resume:
+        done = sum(r["status"] in sweep_report.FINISHED
+                   for r in sweep_report.trial_rows(_load_trials(experiment), spec, sweep_dir))
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        tuner = tune.Tuner(trainable, tune_config=_tune_config(spec), run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=str(sweep_dir),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            verbose=0, callbacks=[SweepProgress()],
+        ))
+    bar = _progress_bar(spec) if progress else None
+    tune_logger = logging.getLogger("ray.tune")
+    level = tune_logger.level
+    # Tune's new output engine prints its experiment table even at verbose=0; the legacy one is silent
+    engine = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    _SINK = _Sink(plan, sweep_dir, spec.num_samples, done, bar)
+    _start_ray_data_stats_actor()
+    try:
+        if bar is not None:
+            info = runtime.info()
+            if info is not None and info.dashboard_url:
+                bar.console.print(f"[dim]Ray dashboard: {info.dashboard_url}[/dim]")
+            bar.start()
+            tune_logger.setLevel(logging.CRITICAL)  # failed trials are in trials.parquet, not tracebacks here
+        tuner.fit()
+    finally:
+        _SINK = None
+        tune_logger.setLevel(level)
+        if engine is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = engine
+        if bar is not None:
+            bar.stop()
+    trials = _load_trials(experiment)
+    rows = sweep_report.trial_rows(trials, spec, sweep_dir)
+    finished = sum(r["status"] in sweep_report.FINISHED for r in rows)
+    complete = finished >= spec.num_samples
+    sweep_report.write_outputs(sweep_dir, spec, rows)
+    manifest.update(status="completed" if complete else "interrupted",
+                    ended=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    trials=len(rows), **{s: sum(r["status"] == s for r in rows) for s in sweep_report.STATUSES})
+    store.write_json(sweep_dir / "manifest.json", manifest)
+    return sweep_dir
+
+
+def _start_ray_data_stats_actor() -> None:
+    """Start Ray Data's (detached) stats actor from the driver. A job that uses Ray Data inside a
+    trial would otherwise create it there, inside the trial's placement group (Tune captures child
+    tasks and actors), and it would die with that trial, failing later trials' datasets."""
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # Ray Data moved it: nothing to work around then, or a new problem to see
+        return
+    get_or_create_stats_actor()
+
+
+def _load_trials(experiment: Path) -> list[Any]:
+    from ray.tune import ExperimentAnalysis
+
+    return list(ExperimentAnalysis(str(experiment)).trials)
+
+
+def _tune_config(spec: SweepSpec) -> Any:
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    goals = spec.goals
+    if spec.sampler.type == "random":
+        sampler = optuna.samplers.RandomSampler(seed=spec.seed)
+    else:
+        kwargs = {} if spec.sampler.n_startup_trials is None else {"n_startup_trials": spec.sampler.n_startup_trials}
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, **kwargs)
+    metric: str | list[str] = goals[0].metric if len(goals) == 1 else [g.metric for g in goals]
+    mode: str | list[str] = goals[0].mode if len(goals) == 1 else [g.mode for g in goals]
+    search = Search(space={f: p.distribution() for f, p in spec.space.items()}, metric=metric, mode=mode,
+                         sampler=sampler)
+    if spec.scheduler.type == "asha":
+        scheduler = ASHAScheduler(
+            time_attr=spec.scheduler.time_attr, metric=goals[0].metric, mode=goals[0].mode,
+            # rungs at grace_period * reduction_factor^k strictly below max_t: Tune would put one at
+            # max_t itself and could stop a trial at its last step, before it reports its final metrics
+            max_t=spec.scheduler.max_t - 0.5, grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+            stop_last_trials=False,  # a trial that reaches max_t ends by itself
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.TuneConfig(search_alg=ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent),
+                           scheduler=scheduler, num_samples=spec.num_samples, reuse_actors=True,
+                           trial_dirname_creator=trial_dirname)
+
+
+def _progress_bar(spec: SweepSpec) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(f"[bold]sweep {spec.job}[/bold]"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("trials"), TimeElapsedColumn(), TextColumn("{task.fields[best]}"),
+                    console=Console(stderr=True), transient=False)
