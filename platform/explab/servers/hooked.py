@@ -4,7 +4,9 @@
   interventions; returns captured activations as numpy arrays (and optionally logits);
 - ``generate(requests)``: token-by-token generation (`explab.interventions.decode`) with
   interventions active at every step and per-step captures;
-- ``score(prompt, continuations)``: per-token logprobs of each continuation after the prompt.
+- ``score(prompt, continuations)``: per-token logprobs of each continuation after the prompt;
+- ``paragraphs(token_ids)``: the paragraph index of every token of generated token sequences, as
+  the ``paragraph`` position set counts it.
 
 Requests from concurrent callers are merged by the dynamic batcher; a batched result equals the
 unbatched one (left padding with explicit position ids).
@@ -12,6 +14,7 @@ unbatched one (left padding with explicit position ids).
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any, Literal
 
@@ -33,6 +36,9 @@ class ForwardRequest(BaseModel):
     ``images`` (H×W×3 uint8 arrays) go through the VLM's processor with the text, which must
     hold the model's image token. ``prompt_length``: positions from here on count as *generated*
     for the interventions' position sets (teacher-forced responses); default: all are prompt.
+    ``capture_reduce="mean"`` returns each capture averaged over its captured positions (one row,
+    NaN when none was captured; ``capture_positions`` still lists them), so a caller that needs a
+    mean over many layers and tokens does not ship every position back.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -46,6 +52,7 @@ class ForwardRequest(BaseModel):
     prompt_length: int | None = None
     return_logits: Literal["none", "last", "all"] = "none"
     add_special_tokens: bool = True
+    capture_reduce: Literal["none", "mean"] = "none"
 
     @model_validator(mode="after")
     def _one_input(self) -> ForwardRequest:
@@ -127,6 +134,18 @@ class HookedServer(ServerBase):
                  for c in continuations]
         return await self.batcher.submit_many(items)
 
+    async def paragraphs(self, token_ids: list[list[int]]) -> list[list[int]]:
+        """For each generated token sequence, the paragraph of every token (`Positions` ``paragraph``)."""
+        import asyncio
+
+        from explab.interventions import paragraph_index
+
+        def labels(ids: list[int]) -> list[int]:
+            decode = self.tokenizer.decode
+            return [paragraph_index(decode(ids[: j + 1], skip_special_tokens=True)) for j in range(len(ids))]
+
+        return await asyncio.to_thread(lambda: [labels(list(ids)) for ids in token_ids])
+
     # --- batched work, on the model thread ----------------------------------------------------
     def _run(self, items: list[tuple[str, Any, Any]]) -> list[Any]:
         op = items[0][0]
@@ -166,8 +185,11 @@ class HookedServer(ServerBase):
             seqs = [self._encode(r) for r in requests]
             inputs = self._padded(seqs)
         lengths = [r.prompt_length if r.prompt_length is not None else len(s) for r, s in zip(requests, seqs, strict=True)]
+        keep = {}  # without "all" logits, skip the LM head on every other position (B x T x vocab)
+        if requests[0].return_logits != "all" and "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+            keep["logits_to_keep"] = 1
         with intervene(self.model, requests[0].interventions, tokenizer=self.tokenizer, prompt_lengths=lengths) as session:
-            out = self.model(**inputs)
+            out = self.model(**inputs, **keep)
         captures, positions = session.captures, session.capture_positions
         width = inputs["input_ids"].shape[1]
         results = []
@@ -177,9 +199,13 @@ class HookedServer(ServerBase):
                 logits = _np(out.logits[row, -1])
             elif r.return_logits == "all":
                 logits = _np(out.logits[row, width - len(seq):])
+            if r.capture_reduce == "mean":
+                row_caps = {k: _np(v[row].float().mean(0, keepdim=True)) for k, v in captures.items()}
+            else:
+                row_caps = {k: _np(v[row]) for k, v in captures.items()}
             results.append(ForwardResult(
                 token_ids=seq,
-                captures={k: _np(v[row]) for k, v in captures.items()},
+                captures=row_caps,
                 capture_positions={k: _np(v[row]) for k, v in positions.items()},
                 logits=logits,
             ))
