@@ -1,0 +1,110 @@
+"""Task items and the paragraph pool, through Ray Data.
+
+- `normalize_item` turns a dataset row into ``{item_id, domain, question, reference_answer}``
+  (multiple-choice sets get lettered options, shuffled per item with the seed);
+- ``synthetic:cot_arithmetic`` / ``synthetic:cot_logic``: items with checkable answers (tests, tiny);
+- `paragraph_rows` splits encyclopedic documents into paragraphs of at least ``min_chars``.
+
+File specs (``jsonl:``, ``parquet:``, ``csv:``) with a relative path that does not exist from the
+working directory are read from this job's folder (``jsonl:data/paragraphs.json`` is packaged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from explab.data import register_synthetic
+from explab.errors import ExplabError
+
+JOB_DIR = Path(__file__).parent
+LETTERS = "ABCDEFGHIJ"
+
+
+def resolve_spec(spec: str) -> str:
+    scheme, sep, rest = spec.partition(":")
+    if sep and scheme in ("jsonl", "parquet", "csv"):
+        path = Path(rest).expanduser()
+        if not path.is_absolute() and not path.exists() and (JOB_DIR / path).exists():
+            return f"{scheme}:{JOB_DIR / path}"
+    return spec
+
+
+def _text(row: dict[str, Any], field: str, spec: str, what: str) -> str:
+    value = row.get(field)
+    if value is None or (isinstance(value, float) and np.isnan(value)) or not str(value).strip():
+        fields = ", ".join(sorted(map(str, row))) or "none"
+        raise ExplabError(f"dataset {spec}: an item has no {what} in field {field!r} (its fields: {fields}): "
+                          f"set the dataset's {what.replace(' ', '_')}_field or fix the item")
+    return str(value)
+
+
+def normalize_item(row: dict[str, Any], *, entry: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A dataset row as a task item (a malformed row is an ExplabError naming the field)."""
+    spec = entry["spec"]
+    question = _text(row, entry["question_field"], spec, "question")
+    if entry["id_field"]:
+        key = _text(row, entry["id_field"], spec, "id")
+    else:
+        key = hashlib.sha1(question.encode()).hexdigest()[:12]
+    item_id = f"{entry['domain']}/{key}"
+    if entry["choices_fields"]:
+        options = [_text(row, f, spec, "choice") for f in entry["choices_fields"]]
+        if len(options) > len(LETTERS):
+            raise ExplabError(f"dataset {spec}: {len(options)} choices, at most {len(LETTERS)} are supported")
+        order = np.random.default_rng(int(hashlib.sha1(f"{seed}/{item_id}".encode()).hexdigest()[:8], 16)).permutation(len(options))
+        lines = [f"({LETTERS[j]}) {options[i]}" for j, i in enumerate(order)]
+        correct = int(np.flatnonzero(order == 0)[0])
+        question = question.rstrip() + "\n\n" + "\n".join(lines)
+        reference = f"({LETTERS[correct]}) {options[0]}"
+    else:
+        reference = _text(row, entry["answer_field"], spec, "answer")
+    return {"item_id": item_id, "domain": entry["domain"], "question": question, "reference_answer": reference}
+
+
+def paragraph_rows(row: dict[str, Any], *, field: str, min_chars: int, spec: str) -> list[dict[str, str]]:
+    """The paragraphs (split at blank lines) of one document with at least ``min_chars`` characters."""
+    text = _text(row, field, spec, "text")
+    return [{"paragraph": p.strip()} for p in text.split("\n\n") if len(p.strip()) >= min_chars]
+
+
+# ---- synthetic items with checkable answers ---------------------------------------------------
+
+
+@register_synthetic("cot_arithmetic")
+def arithmetic_items(n: int = 8, seed: int = 0) -> list[dict[str, Any]]:
+    """Two-operation integer arithmetic: ``a op1 b op2 c`` with the usual precedence."""
+    rng = np.random.default_rng(seed)
+    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "×": lambda x, y: x * y}
+    rows = []
+    for i in range(n):
+        a, b, c = (int(v) for v in rng.integers(2, 30, size=3))
+        o1, o2 = (str(o) for o in rng.choice(list(ops), size=2))
+        if o2 == "×" and o1 != "×":
+            value = ops[o1](a, b * c)
+        else:
+            value = ops[o2](ops[o1](a, b), c)
+        rows.append({"id": f"arith-{i}", "question": f"Compute {a} {o1} {b} {o2} {c}.", "answer": str(value)})
+    return rows
+
+
+_NAMES = ("Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana")
+
+
+@register_synthetic("cot_logic")
+def logic_items(n: int = 8, seed: int = 0) -> list[dict[str, Any]]:
+    """Orderings from pairwise comparisons: who is the tallest (or shortest) of four people?"""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        people = [str(p) for p in rng.choice(_NAMES, size=4, replace=False)]  # tallest first
+        facts = [f"{people[k]} is taller than {people[k + 1]}." for k in range(3)]
+        facts = [facts[j] for j in rng.permutation(3)]
+        shortest = bool(rng.integers(2))
+        ask = "shortest" if shortest else "tallest"
+        rows.append({"id": f"logic-{i}", "question": " ".join(facts) + f" Who is the {ask}?",
+                     "answer": people[-1] if shortest else people[0]})
+    return rows

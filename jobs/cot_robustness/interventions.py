@@ -1,0 +1,141 @@
+"""The seven interventions on a cut reasoning prefix (benign, neutral, adversarial).
+
+Each returns a `Perturbation`: the perturbed reasoning the evaluated model will continue, and what
+the intervention wrote. The two neutral ones are local (a pool paragraph, random characters); the
+other five ask the intervention LLM: `llm_request` builds the request, `apply_llm` places its output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from explab.errors import ExplabError
+from jobs.cot_robustness.traces import Cut, Steps
+
+INTERVENTIONS: dict[str, str] = {
+    "complete_step": "benign",  # last step → the correct next step (LLM, greedy)
+    "rewrite_trace": "benign",  # whole prefix → a paraphrase keeping all information (LLM, greedy)
+    "add_random_text": "neutral",  # last step → an unrelated encyclopedic paragraph
+    "insert_random_characters": "neutral",  # random characters inserted into the last step
+    "wrong_reasoning": "adversarial",  # last step → a plausible but wrong next step (LLM)
+    "wrong_fact": "adversarial",  # a fabricated false statement appended after the prefix (LLM)
+    "unrelated": "adversarial",  # last step → the start of a chain of thought on a random topic (LLM)
+}
+LLM_INTERVENTIONS = ("complete_step", "rewrite_trace", "wrong_reasoning", "wrong_fact", "unrelated")
+ALPHABET = string.ascii_letters + string.digits + string.punctuation + " "
+
+
+def derive_seed(*parts: Any) -> int:
+    """A reproducible 31-bit seed from any printable parts (Python's ``hash`` is salted per process)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def check_name(name: str) -> str:
+    if name not in INTERVENTIONS:
+        raise ExplabError(f"unknown intervention {name!r}: use one of {', '.join(INTERVENTIONS)}")
+    return name
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """``prefix``: the perturbed reasoning body; ``text``: what the intervention wrote; ``action``:
+    replace_last / edit_last / append / rewrite; ``step``: the index of the step it replaced or edited."""
+
+    prefix: str
+    text: str
+    action: str
+    step: int | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def before_last(steps: Steps, cut: Cut) -> str:
+    """The kept text that precedes the cut's last step (lead, earlier steps and their separators)."""
+    return steps.prefix(cut.index) + (steps.seps[cut.index - 1] if cut.index > 0 else "")
+
+
+def replace_last(steps: Steps, cut: Cut, new_step: str, **meta: Any) -> Perturbation:
+    return Perturbation(before_last(steps, cut) + new_step, new_step, "replace_last", cut.index, meta)
+
+
+def append_after(steps: Steps, cut: Cut, statement: str, **meta: Any) -> Perturbation:
+    sep = steps.sep_after(cut.index)
+    return Perturbation(steps.prefix(cut.count) + sep + statement, statement, "append", None, meta)
+
+
+def insert_random_characters(text: str, ratio: float, rng: np.random.Generator) -> tuple[str, list[int]]:
+    """``text`` with round(ratio · len(text)) characters from ALPHABET inserted at random places.
+
+    Returns the new text and the positions of the inserted characters in it (sorted).
+    """
+    if ratio < 0:
+        raise ExplabError(f"random-character ratio {ratio!r} is negative: use a ratio ≥ 0 (the paper: 0.5)")
+    count = round(ratio * len(text))
+    slots = np.sort(rng.integers(0, len(text) + 1, size=count))  # insertion points in the original
+    chars = rng.choice(list(ALPHABET), size=count)
+    out, positions, last = [], [], 0
+    for k, (slot, ch) in enumerate(zip(slots.tolist(), chars.tolist(), strict=True)):
+        out.append(text[last:slot])
+        positions.append(slot + k)
+        out.append(ch)
+        last = slot
+    out.append(text[last:])
+    return "".join(out), positions
+
+
+def choose_paragraph(pool: list[str], seed: int) -> tuple[int, str]:
+    if not pool:
+        raise ExplabError("the paragraph pool is empty: check paragraphs.spec and paragraphs.min_chars")
+    index = int(np.random.default_rng(seed).integers(len(pool)))
+    return index, pool[index]
+
+
+def perturb_local(name: str, steps: Steps, cut: Cut, *, seed: int, ratio: float = 0.5,
+                  paragraph: str | None = None, pool_index: int | None = None) -> Perturbation:
+    """add_random_text (``paragraph`` replaces the last step) or insert_random_characters."""
+    if name == "add_random_text":
+        if paragraph is None:
+            raise ExplabError("add_random_text needs a paragraph from the pool")
+        return replace_last(steps, cut, paragraph, pool_index=pool_index)
+    if name == "insert_random_characters":
+        edited, positions = insert_random_characters(steps.steps[cut.index], ratio, np.random.default_rng(seed))
+        p = replace_last(steps, cut, edited, inserted=len(positions), positions=positions, ratio=ratio)
+        return Perturbation(p.prefix, p.text, "edit_last", p.step, p.meta)
+    raise ExplabError(f"{check_name(name)!r} is not a local intervention: it needs the intervention LLM")
+
+
+def llm_messages(name: str, prompts: Any, question: str, steps: Steps, cut: Cut, topic: str = "") -> list[dict]:
+    """The chat messages asking the intervention LLM for ``name``'s text."""
+    if name not in LLM_INTERVENTIONS:
+        raise ExplabError(f"{check_name(name)!r} does not use the intervention LLM")
+    prompt = prompts.interventions[name]
+    return prompt.messages(question=question, reasoning_so_far=steps.prefix(cut.index).strip(),
+                           prefix=steps.prefix(cut.count).strip(), topic=topic)
+
+
+def choose_topic(topics: tuple[str, ...] | list[str], seed: int) -> str:
+    return topics[int(np.random.default_rng(seed).integers(len(topics)))]
+
+
+def apply_llm(name: str, steps: Steps, cut: Cut, output: str, **meta: Any) -> Perturbation:
+    """Place the intervention LLM's ``output`` (stripped) the way ``name`` says."""
+    text = output.strip()
+    if name in ("complete_step", "wrong_reasoning", "unrelated"):
+        return replace_last(steps, cut, text, **meta)
+    if name == "wrong_fact":
+        return append_after(steps, cut, text, **meta)
+    if name == "rewrite_trace":
+        return Perturbation(steps.lead + text, text, "rewrite", None, meta)
+    raise ExplabError(f"{check_name(name)!r} does not use the intervention LLM")
+
+
+def append_marker(prefix: str, marker: str) -> str:
+    """The forced-doubt resume point: ``marker`` in a new paragraph after the perturbed prefix."""
+    if not marker:
+        return prefix
+    return prefix + ("" if not prefix or prefix.endswith(("\n", " ")) else "\n\n") + marker

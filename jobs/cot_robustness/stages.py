@@ -1,0 +1,154 @@
+"""Ray Data batch functions of the pipeline (pandas in, pandas out; servers reached through handles).
+
+references → judge references → (cut, on the driver) → perturb → add doubt markers → continue (n
+samples each) → judge answers → judge doubt; and doubt before the cut for every (model, item, τ).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+from jobs.cot_robustness import generation, interventions, judge
+from jobs.cot_robustness.metrics import doubt_rate, relative_change
+from jobs.cot_robustness.traces import Cut, extract_reasoning, split_steps
+
+
+def _rows(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return df.to_dict("records")
+
+
+def references(df: pd.DataFrame, *, generators: dict[str, Any], models: dict[str, dict[str, Any]], seed: int,
+               paragraph_tokens: int | None) -> pd.DataFrame:
+    """Each row's (``model``, question) reference trace, with its think block and step count."""
+    rows = _rows(df)
+    out: list[dict[str, Any]] = []
+    for label in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == label]
+        made = generation.generate_references(generators[label], models[label], group, seed=seed,
+                                              paragraph_tokens=paragraph_tokens)
+        for row, ref in zip(group, made, strict=True):
+            reasoning = extract_reasoning(ref["output"])
+            out.append({**row, "size_b": models[label]["size_b"], **ref, "closed_think": reasoning.closed,
+                        "n_steps": len(split_steps(reasoning.body))})
+    return pd.DataFrame(out)
+
+
+def judge_answers(df: pd.DataFrame, *, judge_server: Any, prompts: Any, max_tokens: int, max_answer_chars: int,
+                  text_column: str) -> pd.DataFrame:
+    """Judge ``text_column`` (a complete output) against the reference answer."""
+    rows = _rows(df)
+    messages = [judge.answer_messages(prompts, r["question"], r["reference_answer"], r[text_column], max_answer_chars)
+                for r in rows]
+    replies = judge.ask(judge_server, messages, max_tokens)
+    verdicts = [judge.parse_verdict(t) for t in replies]
+    return df.assign(judge_raw=replies, verdict=verdicts, correct=[v == "correct" for v in verdicts])
+
+
+def perturb(df: pd.DataFrame, *, llm: Any, prompts: Any, decoding: dict[str, dict[str, Any]], ratio: float,
+            seed: int) -> pd.DataFrame:
+    """Apply each row's intervention to its cut prefix (LLM requests of the batch go in one call)."""
+    rows = _rows(df)
+    done: list[interventions.Perturbation | None] = [None] * len(rows)
+    asks: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
+    for i, r in enumerate(rows):
+        name = r["intervention"]
+        steps = split_steps(extract_reasoning(r["output"]).body)
+        cut = Cut(r["tau_target"], r["tau_actual"], int(r["cut_count"]))
+        key = (seed, r["model"], r["item_id"], r["tau_target"], name)
+        if name in interventions.LLM_INTERVENTIONS:
+            dec = decoding[name]
+            base = dec["seed"] if dec["seed"] is not None else seed
+            topic = interventions.choose_topic(prompts.topics, interventions.derive_seed(base, *key[1:], "topic")) \
+                if name == "unrelated" else ""
+            request = {"messages": interventions.llm_messages(name, prompts, r["question"], steps, cut, topic),
+                       "params": {"temperature": dec["temperature"], "top_p": dec["top_p"],
+                                  "max_tokens": dec["max_tokens"], "seed": interventions.derive_seed(base, *key[1:])}}
+            asks.append((i, request, {"topic": topic} if topic else {}))
+        else:
+            done[i] = interventions.perturb_local(name, steps, cut, seed=interventions.derive_seed(*key), ratio=ratio,
+                                                  paragraph=r["paragraph"] or None, pool_index=r["pool_index"])
+    if asks:
+        results = llm.generate([req for _, req, _ in asks])
+        for (i, _, meta), result in zip(asks, results, strict=True):
+            r = rows[i]
+            steps = split_steps(extract_reasoning(r["output"]).body)
+            cut = Cut(r["tau_target"], r["tau_actual"], int(r["cut_count"]))
+            done[i] = interventions.apply_llm(r["intervention"], steps, cut, result.completions[0].text,
+                                              llm_output=result.completions[0].text, **meta)
+    out = []
+    for r, p in zip(rows, done, strict=True):
+        assert p is not None
+        out.append({**r, "perturbed_trace": p.prefix, "intervention_text": p.text, "action": p.action,
+                    "edited_step": -1 if p.step is None else p.step, "intervention_meta": json.dumps(p.meta)})
+    return pd.DataFrame(out).drop(columns=["paragraph"])
+
+
+def add_markers(df: pd.DataFrame, *, markers: list[str]) -> pd.DataFrame:
+    """Each perturbed trace as is (marker "") and, for the forced-doubt ablation, with each marker appended."""
+    parts = [df.assign(marker="", resume_trace=df["perturbed_trace"])]
+    for m in markers:
+        parts.append(df.assign(marker=m, resume_trace=[interventions.append_marker(t, m) for t in df["perturbed_trace"]]))
+    return pd.concat(parts, ignore_index=True)
+
+
+def continue_traces(df: pd.DataFrame, *, generators: dict[str, Any], models: dict[str, dict[str, Any]],
+                    continuation: dict[str, Any], seed: int) -> pd.DataFrame:
+    """n continuations of each resume trace by its own model; one output row per sample."""
+    rows = _rows(df)
+    out: list[dict[str, Any]] = []
+    for label in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == label]
+        model = models[label]
+        requests = []
+        for r in group:
+            head = extract_reasoning(r["output"]).head
+            s = continuation["seed"] if continuation["seed"] is not None else interventions.derive_seed(
+                seed, label, r["item_id"], r["tau_target"], r["intervention"], r["marker"], "continue")
+            requests.append(generation.continuation_request(model, r["question"],
+                                                            model["think_prefix"] + head + r["resume_trace"],
+                                                            continuation, s))
+        results = generators[label].generate(requests)
+        for r, result in zip(group, results, strict=True):
+            reasoning = extract_reasoning(r["output"])
+            steps = split_steps(reasoning.body)
+            remainder = r["output"][len(reasoning.head) + len(steps.prefix(int(r["cut_count"]))):]
+            for k, c in enumerate(result.completions):
+                complete = reasoning.head + r["resume_trace"] + c.text
+                out.append({**r, "sample": k, "continuation": c.text, "finish_reason": c.finish_reason,
+                            "continuation_tokens": len(c.token_ids), "complete_output": complete,
+                            "continuation_chars": len(c.text), "remainder_chars": len(remainder),
+                            "length_overhead": relative_change(len(c.text), len(remainder)),
+                            "original_chars": len(r["output"]), "complete_chars": len(complete),
+                            "length_change": relative_change(len(complete), len(r["output"]))})
+    return pd.DataFrame(out)
+
+
+def continuation_doubt(df: pd.DataFrame, *, judge_server: Any, prompts: Any, doubt: dict[str, Any]) -> pd.DataFrame:
+    """The doubt judge on each unit of each continuation."""
+    unit_lists = [judge.units(t, doubt["unit"], doubt["max_units"], doubt["max_unit_chars"]) for t in df["continuation"]]
+    flags = judge.doubt_flags(judge_server, prompts, unit_lists, doubt["max_tokens"])
+    return df.assign(doubt_units=[len(u) for u in unit_lists], doubt_flags=flags,
+                     doubt_count=[sum(f == "yes" for f in fl) for fl in flags],
+                     doubt_rate=[doubt_rate(fl) for fl in flags],
+                     doubt_any=[any(f == "yes" for f in fl) for fl in flags])
+
+
+def cut_doubt(df: pd.DataFrame, *, judge_server: Any, prompts: Any, doubt: dict[str, Any]) -> pd.DataFrame:
+    """Doubt before the cut (the last units of the kept prefix) and in the unperturbed remainder of
+    the reasoning (its first units) for each (model, item, τ)."""
+    prefixes, remainders = [], []
+    for r in _rows(df):
+        steps = split_steps(extract_reasoning(r["output"]).body)
+        count = int(r["cut_count"])
+        prefixes.append(judge.units(steps.prefix(count), doubt["unit"], doubt["max_units"], doubt["max_unit_chars"],
+                                    from_end=True))
+        rest = steps.text()[len(steps.prefix(count)):]
+        remainders.append(judge.units(rest, doubt["unit"], doubt["max_units"], doubt["max_unit_chars"]))
+    flags = judge.doubt_flags(judge_server, prompts, prefixes + remainders, doubt["max_tokens"])
+    before, after = flags[: len(prefixes)], flags[len(prefixes):]
+    keep = ["model", "size_b", "domain", "item_id", "tau_target", "tau_actual", "cut_count", "n_steps"]
+    return df[keep].assign(doubt_flags_prefix=before, doubt_rate_prefix=[doubt_rate(f) for f in before],
+                           doubt_flags_remainder=after, doubt_rate_remainder=[doubt_rate(f) for f in after])
