@@ -1,0 +1,417 @@
+"""ezpc: explaining CLIP's zero-shot predictions through concepts (EZPC; authors' code oonat/ezpc).
+
+For every (backbone, dataset) pair:
+
+1. the concept vocabulary (concept files, or an LLM through the shared Generator prompted with the
+   class names) and the class names; both embedded with the CLIP text tower through the shared
+   embedding pipeline and L2-normalised: C (k × d) from ``concepts.template``, T (classes × d)
+   from ``class_templates`` (averaged, renormalised);
+2. image embeddings V of the train and test splits through the same pipeline (Ray Data
+   ``map_batches`` on an actor pool, cached per (encoder, dataset, split)), L2-normalised;
+3. A (d × k) trained from Cᵀ on the train images of the seen classes: MSE(A, Cᵀ) + λ·KL(CLIP ‖
+   bottleneck), Adam, full batch, unit-norm columns, best A kept (`jobs.ezpc.model`);
+4. on the test images: zero-shot accuracy of CLIP and through the bottleneck (all / seen / unseen
+   classes), agreement and fidelity, the same for the untrained bottleneck A = Cᵀ, faithfulness
+   (top-k vs random concept deletion), cos(A_j, C_j), top-k concept explanations; tables, A as
+   safetensors, plots.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator, model_validator
+
+from explab.config import JobConfig, Section
+from explab.embeddings import EmbedOptions, EncoderSpec, embed
+from explab.errors import ConfigError
+from explab.models import ModelSpec
+from explab.registry import Job
+from explab.runs import RunContext
+from explab.servers import ServerOptions
+from jobs.ezpc import concepts as vocab
+from jobs.ezpc import explain, metrics, plots
+from jobs.ezpc import shapes as _shapes  # noqa: F401  (registers synthetic:ezpc_shapes)
+from jobs.ezpc.model import TrainResult, train_projection
+
+
+class DatasetConfig(Section):
+    name: str  # label in tables and plots, e.g. CIFAR-100
+    spec: str  # hf:<name>[:<config>], parquet:<path>, imagefolder:<dir>, synthetic:ezpc_shapes, ...
+    train_split: str = "train"
+    test_split: str = "test"
+    image_column: str = "image"
+    label_column: str = "label"
+    # class names, in label order: a list, a class file (jobs/ezpc/concepts/ or a path), or None:
+    # the label column's ClassLabel names (hf:) or the generator's own names (synthetic:ezpc_shapes)
+    classes: list[str] | str | None = None
+    concepts: list[str] = Field(default_factory=list)  # concept files (with source llm: added to the LLM's phrases)
+    concept_source: Literal["file", "llm"] | None = None  # this dataset's vocabulary source (None: concepts.source)
+    limit_train: int | None = Field(None, ge=1)  # first n train images (None: all)
+    limit_test: int | None = Field(None, ge=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the dataset loader (synthetic: also part=<split>)
+
+
+class ConceptConfig(Section):
+    source: Literal["file", "llm"] = "file"
+    size: int | None = Field(None, ge=1)  # vocabulary-size ablation: a seeded random subset of this many
+    subset_seed: int = 1234
+    template: str = "a photo of {}"  # how a concept phrase is embedded (the authors' prompt)
+    max_class_similarity: float | None = Field(None, gt=-1.0, le=1.0)  # drop concepts this close to a class name
+    # the LLM path
+    generator: ModelSpec = ModelSpec(name="Qwen/Qwen2.5-7B-Instruct")
+    server: ServerOptions = ServerOptions()
+    prompts: list[str] = Field(default_factory=lambda: list(vocab.DEFAULT_PROMPTS))  # {cls} = class name
+    max_tokens: int = Field(160, ge=1)
+    per_prompt: int | None = Field(10, ge=1)  # phrases kept per (class, prompt)
+    max_chars: int = Field(30, ge=1)
+    max_words: int = Field(5, ge=1)
+
+
+class TrainConfig(Section):
+    lam: float = Field(1.0, ge=0.0)  # λ: weight of the KL reconstruction term
+    lr: float = Field(0.01, gt=0.0)
+    epochs: int = Field(10_000, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # None: full batch (the paper)
+    logit_scale: float = Field(1.0, gt=0.0)  # softmax temperature⁻¹ in the KL; the authors use raw cosines (1)
+    device: str = "auto"
+    torch_threads: int | None = Field(None, ge=1)  # torch intra-op threads while training (None: torch's default)
+    num_gpus: float = Field(0.0, ge=0.0)  # > 0: train in a Ray task holding this much GPU
+    log_every: int = Field(100, ge=1)  # epochs between ctx.log rows
+
+
+class EvalConfig(Section):
+    seen_ratio: float = Field(0.8, gt=0.0, le=1.0)  # classes whose train images train A (the rest: unseen)
+    split_seed: int = 42
+    top_k: int = Field(10, ge=1)  # concepts per explanation
+    faithfulness_k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10])
+    explain_images: int = Field(4, ge=0)  # test images drawn as bar charts
+    explanations_table: int | None = Field(200, ge=1)  # test images whose explanations are tabled (None: all)
+
+
+class Config(JobConfig):
+    backbones: list[EncoderSpec] = Field(default_factory=lambda: [EncoderSpec(name="open_clip:RN50/openai")])
+    datasets: list[DatasetConfig] = Field(default_factory=lambda: [DatasetConfig(
+        name="CIFAR-100", spec="hf:uoft-cs/cifar100", image_column="img", label_column="fine_label",
+        concepts=["cifar100", "imagenet"])])
+    class_templates: list[str] = Field(default_factory=lambda: ["a photo of {}"])
+    concepts: ConceptConfig = ConceptConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    embed: EmbedOptions = EmbedOptions()  # the image pipeline (actor pool, GPU fraction)
+    text_embed: EmbedOptions = EmbedOptions()  # the text pipeline
+    cache_dir: str | None = None  # embedding cache root (default: $EXPLAB_CACHE, else beside the runs dir)
+
+    @field_validator("backbones", mode="before")
+    @classmethod
+    def _one_backbone(cls, value: Any) -> Any:  # a single name is accepted (and sweepable)
+        return [value] if isinstance(value, (str, dict)) else value
+
+    @field_validator("backbones", "datasets", "class_templates")
+    @classmethod
+    def _not_empty(cls, value: list[Any]) -> list[Any]:
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        # raised as ConfigError (not ValueError) so pydantic lets the one-line message through as is
+        for where, template in [("concepts.template", self.concepts.template)] + [
+                (f"class_templates[{i}]", t) for i, t in enumerate(self.class_templates)]:
+            if template.count("{}") != 1:
+                raise ConfigError(f"{where} {template!r} must contain {{}} exactly once (where the phrase goes)")
+        names = [ds.name for ds in self.datasets]
+        if len(set(names)) != len(names):
+            raise ConfigError("datasets: two datasets share a name: give each a distinct `name`")
+        for ds in self.datasets:
+            if (ds.concept_source or self.concepts.source) == "file" and not ds.concepts:
+                raise ConfigError(f"dataset {ds.name!r}: `concepts` lists no concept files (its vocabulary source "
+                                  "is file): name files in jobs/ezpc/concepts/ or paths, or set concept_source: llm")
+            for name in ds.concepts:
+                vocab.resolve_file(name, f"dataset {ds.name!r}: concept file")
+        if isinstance(self.eval.faithfulness_k, list) and (not self.eval.faithfulness_k or min(self.eval.faithfulness_k) < 1):
+            raise ConfigError("eval.faithfulness_k must list concept counts ≥ 1 (e.g. [1, 3, 5, 10])")
+        return self
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+def class_names(ds: DatasetConfig) -> list[str]:
+    if isinstance(ds.classes, list):
+        names = list(ds.classes)
+    elif isinstance(ds.classes, str):
+        names = vocab.read_phrases(vocab.resolve_file(ds.classes, "class file"))
+    elif ds.spec == "synthetic:ezpc_shapes":
+        names = _shapes.class_names(**{k: v for k, v in ds.kwargs.items() if k in ("colours", "shapes")})
+    elif ds.spec.startswith("hf:"):
+        names = [vocab.clean_class_name(n) for n in vocab.hf_label_names(ds.spec, ds.label_column)]
+    else:
+        raise ConfigError(f"dataset {ds.name!r}: set `classes` (a list or a class file): {ds.spec!r} has no "
+                          "class names of its own")
+    if len(names) < 2:
+        raise ConfigError(f"dataset {ds.name!r}: needs at least 2 classes (got {len(names)})")
+    return names
+
+
+def vocabulary(ds: DatasetConfig, names: list[str], config: Config, ctx: RunContext, cache: Path | None
+               ) -> pd.DataFrame:
+    """The dataset's full concept vocabulary (before the size subset): columns concept, cls."""
+    cc = config.concepts
+    if (ds.concept_source or cc.source) == "file":
+        return pd.DataFrame({"concept": vocab.from_files(ds.concepts), "cls": ""})
+    key = vocab.llm_cache_key(cc.generator.model_dump(), cc.prompts, names, max_tokens=cc.max_tokens,
+                              per_prompt=cc.per_prompt, max_chars=cc.max_chars, max_words=cc.max_words)
+
+    def make() -> list[dict[str, str]]:
+        handle = ctx.model(cc.generator, "generator", cc.server)
+        return vocab.generate(handle, names, cc.prompts, max_tokens=cc.max_tokens, seed=config.seed,
+                              max_chars=cc.max_chars, max_words=cc.max_words, per_prompt=cc.per_prompt)
+
+    if cache is None:
+        from explab.embeddings import cache_root as embeddings_cache
+
+        cache = embeddings_cache()
+    rows = vocab.cached_generation(cache.parent / "ezpc-concepts", key, make)
+    if not rows:
+        raise ConfigError(f"dataset {ds.name!r}: the LLM {cc.generator.name!r} gave no usable concept phrases: "
+                          "check concepts.prompts / max_chars, or use concept files")
+    if ds.concepts:  # files next to the LLM's phrases (as the authors append ImageNet's vocabulary)
+        rows = rows + [{"concept": c, "cls": ""} for c in vocab.from_files(ds.concepts)]
+    frame = pd.DataFrame(rows)
+    frame = frame.assign(key=frame["concept"].str.lower()).drop_duplicates("key")
+    order = [c.lower() for c in vocab.finalize(frame["concept"].tolist())]
+    return frame.set_index("key").loc[order].reset_index()[["concept", "cls"]]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def cache_root(config: Config, ctx: RunContext) -> Path | None:
+    """Where embeddings are cached: ``cache_dir``, $EXPLAB_CACHE, or ``cache/`` beside this run's runs dir."""
+    if config.cache_dir:
+        return Path(config.cache_dir).expanduser()
+    if os.environ.get("EXPLAB_CACHE"):
+        return None  # the pipeline's own default
+    return ctx.run_dir.parent.parent.resolve().parent / "cache" / "embeddings"
+
+
+def image_embeddings(backbone: EncoderSpec, ds: DatasetConfig, split: str, limit: int | None,
+                     config: Config, ctx: RunContext, cache: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    kwargs = dict(ds.kwargs)
+    if ds.spec.startswith("synthetic:"):
+        kwargs.setdefault("part", split)
+    result = embed(backbone, ds.spec, modality="image", column=ds.image_column, split=split, limit=limit,
+                   keep=[ds.label_column], options=config.embed, cache_dir=cache, seed=ctx.seed, **kwargs)
+    frame = result.frame()
+    if not len(frame):
+        return np.zeros((0, result.dim), np.float32), np.zeros(0, dtype=int)
+    V = unit(np.stack(frame.pop("embedding").to_numpy()).astype(np.float32))
+    return V, frame[ds.label_column].to_numpy().astype(int)
+
+
+def display_images(ds: DatasetConfig, n: int, seed: int) -> dict[int, Any]:
+    """The first ``n`` test images as PIL images (for the bar charts)."""
+    if n == 0:
+        return {}
+    from explab.data import load_dataset
+    from explab.embeddings import to_pil
+
+    kwargs = dict(ds.kwargs)
+    if ds.spec.startswith("synthetic:"):
+        kwargs.setdefault("part", ds.test_split)
+    if ds.spec.startswith("imagefolder:"):
+        return {}
+    rows = load_dataset(ds.spec, seed=seed, split=ds.test_split, limit=n, **kwargs).take(n)
+    return {i: to_pil(row[ds.image_column]) for i, row in enumerate(rows)}
+
+
+def seen_unseen(n_classes: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' class split: shuffle the class ids (seeded), the first ``ratio`` are seen."""
+    order = np.random.default_rng(seed).permutation(n_classes)
+    n_seen = n_classes if ratio >= 1.0 else max(1, int(n_classes * ratio))
+    return np.sort(order[:n_seen]), np.sort(order[n_seen:])
+
+
+def train(C: np.ndarray, V: np.ndarray, T: np.ndarray, tc: TrainConfig, seed: int) -> TrainResult:
+    kwargs = dict(lam=tc.lam, lr=tc.lr, epochs=tc.epochs, batch_size=tc.batch_size, logit_scale=tc.logit_scale,
+                  seed=seed, device=tc.device, threads=tc.torch_threads)
+    if tc.num_gpus <= 0:
+        return train_projection(C, V, T, **kwargs)
+    import ray
+
+    remote = ray.remote(num_gpus=tc.num_gpus, num_cpus=1)(train_projection)
+    return ray.get(remote.remote(C, V, T, **kwargs))
+
+
+# ---- one (backbone, dataset) pair --------------------------------------------------------------
+def short_name(backbone: EncoderSpec) -> str:
+    return backbone.name.removeprefix("open_clip:").removeprefix("hf-hub:")
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
+
+
+def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str], concepts: pd.DataFrame,
+                  C: np.ndarray, T: np.ndarray, config: Config, ctx: RunContext, cache: Path | None,
+                  pair: int, step0: int) -> dict[str, Any]:
+    ev, tc = config.eval, config.train
+    V_train, y_train = image_embeddings(backbone, ds, ds.train_split, ds.limit_train, config, ctx, cache)
+    V_test, y_test = image_embeddings(backbone, ds, ds.test_split, ds.limit_test, config, ctx, cache)
+    for split, y in ((ds.train_split, y_train), (ds.test_split, y_test)):
+        if len(y) == 0:
+            raise ConfigError(f"dataset {ds.name!r}: split {split!r} has no images")
+        if y.min() < 0 or y.max() >= len(names):
+            raise ConfigError(f"dataset {ds.name!r}: labels in {split!r} run {y.min()}..{y.max()} but there are "
+                              f"{len(names)} class names: fix `classes` or `label_column`")
+    seen, unseen = seen_unseen(len(names), ev.seen_ratio, ev.split_seed)
+    train_mask = np.isin(y_train, seen)
+    if not train_mask.any():
+        raise ConfigError(f"dataset {ds.name!r}: no train images of the seen classes: raise eval.seen_ratio")
+
+    result = train(C, V_train[train_mask], T, tc, ctx.seed)
+    A = result.A
+    h = result.history
+    for epoch in list(range(0, tc.epochs, tc.log_every)) + ([tc.epochs - 1] if (tc.epochs - 1) % tc.log_every else []):
+        ctx.log(step=step0 + epoch, pair=pair, epoch=epoch, matching=h["matching"][epoch],
+                reconstruction=h["reconstruction"][epoch], total=h["total"][epoch])
+
+    z_clip = V_test @ T.T
+    z_ezpc = explain.logits(V_test, A, T)
+    z_init = explain.logits(V_test, C.T, T)  # the untrained bottleneck A = Cᵀ
+    s = tc.logit_scale
+    row: dict[str, Any] = {"dataset": ds.name, "backbone": backbone.name, "backbone_short": short_name(backbone),
+                           "n_concepts": len(concepts), "n_classes": len(names), "n_seen": len(seen),
+                           "n_train": int(train_mask.sum()), "n_test": len(y_test)}
+    row.update(metrics.zero_shot(z_clip, z_ezpc, y_test, scale=s))
+    init = metrics.zero_shot(z_clip, z_init, y_test, scale=s)
+    row.update({f"{k}_init": v for k, v in init.items() if k in ("acc_ezpc", "retained", "agreement")})
+    if len(unseen):
+        for part, cls in (("seen", seen), ("unseen", unseen)):
+            mask = np.isin(y_test, cls)
+            if mask.any():
+                alone = metrics.zero_shot(z_clip[mask], z_ezpc[mask], y_test[mask], classes=cls, scale=s)
+                joint = metrics.zero_shot(z_clip[mask], z_ezpc[mask], y_test[mask], scale=s)
+                row.update({f"acc_clip_{part}": alone["acc_clip"], f"acc_ezpc_{part}": alone["acc_ezpc"],
+                            f"acc_clip_{part}_gzsl": joint["acc_clip"], f"acc_ezpc_{part}_gzsl": joint["acc_ezpc"],
+                            f"agreement_{part}": joint["agreement"]})
+        for who in ("clip", "ezpc"):
+            a, b = row.get(f"acc_{who}_seen_gzsl", 0.0), row.get(f"acc_{who}_unseen_gzsl", 0.0)
+            row[f"hm_{who}"] = 2 * a * b / (a + b) if a + b > 0 else 0.0
+    cos = metrics.column_alignment(A, C)
+    row.update({"cos_A_C": float(cos.mean()), "cos_A_C_min": float(cos.min()),
+                "col_norm_max_dev": float(np.abs(np.linalg.norm(A, axis=0) - 1).max()),
+                "best_epoch": result.best_epoch, **{f"loss_{k}": v for k, v in result.best.items()}})
+
+    act, prof = explain.activations(V_test, A), explain.profiles(T, A)
+    faith = pd.DataFrame(metrics.faithfulness(act, prof, ev.faithfulness_k, np.random.default_rng([ctx.seed, pair])))
+    k_ref = faith["k"].max()
+    ref = faith[faith["k"] == k_ref].iloc[0]
+    row.update({"faith_k": int(k_ref), "faith_topk_flip": ref["topk_flip"], "faith_random_flip": ref["random_flip"],
+                "faith_topk_drop": ref["topk_drop"], "faith_random_drop": ref["random_drop"]})
+    faith.insert(0, "backbone_short", short_name(backbone))
+    faith.insert(0, "backbone", backbone.name)
+    faith.insert(0, "dataset", ds.name)
+
+    n_table = len(y_test) if ev.explanations_table is None else min(ev.explanations_table, len(y_test))
+    table = explain.explain(V_test[:n_table], A, T, concepts["concept"].tolist(), names, k=ev.top_k,
+                            labels=y_test[:n_table])
+    table.insert(0, "backbone", backbone.name)
+    table.insert(0, "dataset", ds.name)
+
+    losses = pd.DataFrame({"dataset": ds.name, "backbone": backbone.name, "epoch": np.arange(len(h["total"])),
+                           **h})
+    concepts_out = concepts.assign(dataset=ds.name, backbone=backbone.name, index=np.arange(len(concepts)),
+                                   cos_A_C=cos)
+    tag = f"{slug(ds.name)}__{slug(short_name(backbone))}"
+    ctx.save_artifact(f"A__{tag}", {"A": A.astype(np.float32), "C": C.astype(np.float32), "T": T.astype(np.float32)},
+                      metadata={"dataset": ds.name, "backbone": backbone.name, "lam": str(tc.lam),
+                                "best_epoch": str(result.best_epoch)})
+    ctx.save_plot(f"loss__{tag}", plots.loss_curves(h, f"{ds.name} / {short_name(backbone)} (λ = {tc.lam:g})",
+                                                    result.best_epoch))
+    n_show = min(ev.explain_images, n_table)
+    if n_show:
+        shown = table[table["image"] < n_show]
+        ctx.save_plot(f"explanations__{tag}", plots.explanation_bars(
+            shown, display_images(ds, n_show, ctx.seed), names, f"{ds.name} / {short_name(backbone)}: top concepts"))
+    return {"row": row, "faith": faith, "explanations": table, "losses": losses, "concepts": concepts_out}
+
+
+# ---- the job -----------------------------------------------------------------------------------
+def run(config: Config, ctx: RunContext) -> dict[str, float]:
+    cache = cache_root(config, ctx)
+    names = {ds.name: class_names(ds) for ds in config.datasets}
+    vocabularies = {ds.name: vocabulary(ds, names[ds.name], config, ctx, cache) for ds in config.datasets}
+
+    parts: dict[str, list[Any]] = {k: [] for k in ("row", "faith", "explanations", "losses", "concepts")}
+    pair = 0
+    for backbone in config.backbones:
+        # every text of this backbone in one pipeline call: concepts (full vocabularies) and class prompts
+        texts: list[str] = []
+        for ds in config.datasets:
+            texts += [config.concepts.template.format(c) for c in vocabularies[ds.name]["concept"]]
+            texts += [t.format(n) for n in names[ds.name] for t in config.class_templates]
+        unique = list(dict.fromkeys(texts))
+        where = {t: i for i, t in enumerate(unique)}
+        E = unit(embed(backbone, unique, modality="text", options=config.text_embed, cache_dir=cache).array())
+        for ds in config.datasets:
+            full = vocabularies[ds.name]
+            C_full = E[[where[config.concepts.template.format(c)] for c in full["concept"]]]
+            T = np.stack([unit(E[[where[t.format(n)] for t in config.class_templates]].mean(axis=0))
+                          for n in names[ds.name]])
+            keep = np.ones(len(full), dtype=bool)
+            if config.concepts.max_class_similarity is not None:
+                keep = (C_full @ T.T).max(axis=1) <= config.concepts.max_class_similarity
+            kept = full[keep].reset_index(drop=True)
+            chosen = vocab.subset(kept["concept"].tolist(), config.concepts.size, config.concepts.subset_seed)
+            if not chosen:
+                raise ConfigError(f"dataset {ds.name!r}: no concepts left after concepts.max_class_similarity")
+            index = kept.reset_index().set_index("concept").loc[chosen, "index"].to_numpy()
+            C = C_full[keep][index]
+            out = evaluate_pair(ds=ds, backbone=backbone, names=names[ds.name], concepts=kept.iloc[index].reset_index(drop=True),
+                                C=C, T=T, config=config, ctx=ctx, cache=cache, pair=pair,
+                                step0=pair * config.train.epochs)
+            for key, value in out.items():
+                parts[key].append(value)
+            pair += 1
+
+    results = pd.DataFrame(parts["row"])
+    faith = pd.concat(parts["faith"], ignore_index=True)
+    ctx.save_table("results", results)
+    ctx.save_table("faithfulness", faith)
+    ctx.save_table("explanations", pd.concat(parts["explanations"], ignore_index=True))
+    ctx.save_table("losses", pd.concat(parts["losses"], ignore_index=True))
+    ctx.save_table("concepts", pd.concat(parts["concepts"], ignore_index=True))
+    ctx.save_plot("accuracy_retained", plots.accuracy_retained(results))
+    ctx.save_plot("faithfulness", plots.faithfulness(faith))
+    return summary(results)
+
+
+SUMMARY_KEYS = ("acc_clip", "acc_ezpc", "retained", "agreement", "acc_ezpc_init", "retained_init", "agreement_init",
+                "spearman", "kl", "hm_clip", "hm_ezpc", "cos_A_C", "faith_topk_flip", "faith_random_flip",
+                "faith_topk_drop", "faith_random_drop", "n_concepts")
+
+
+def summary(results: pd.DataFrame) -> dict[str, float]:
+    """Final metrics: means over the (dataset, backbone) pairs, and each pair's own under ``<dataset>/<backbone>/``."""
+    keys = [k for k in SUMMARY_KEYS if k in results.columns]
+    out = {k: float(results[k].mean()) for k in keys}
+    out["faithfulness_gap"] = out["faith_topk_flip"] - out["faith_random_flip"]
+    if len(results) > 1:
+        for _, r in results.iterrows():
+            for k in ("acc_clip", "acc_ezpc", "retained", "agreement", "cos_A_C", "faith_topk_flip", "faith_random_flip"):
+                out[f"{r['dataset']}/{r['backbone_short']}/{k}"] = float(r[k])
+    return out
+
+
+JOB = Job(
+    name="ezpc",
+    description="EZPC: explain CLIP zero-shot predictions through a learned concept projection (A ≈ Cᵀ, KL to CLIP).",
+    config=Config,
+    run=run,
+)
