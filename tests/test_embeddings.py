@@ -207,3 +207,12 @@ def test_cache_root_follows_env_and_runs_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("EXPLAB_CACHE")
     monkeypatch.setenv("EXPLAB_RUNS_DIR", str(tmp_path / "runs"))
     assert cache_root() == tmp_path / "cache" / "embeddings"
+
+
+def test_an_actor_pool_taking_every_cpu_is_refused_not_left_to_hang(tmp_path, ray_local):
+    import ray
+
+    total = ray.cluster_resources()["CPU"]
+    with pytest.raises(ConfigError, match="leaving less than one for Ray Data"):
+        embed("tiny:clip", ["a cat"], modality="text", options={"num_cpus": total}, cache_dir=tmp_path)
+    assert not any(tmp_path.rglob("meta.json"))

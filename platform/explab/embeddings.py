@@ -38,7 +38,8 @@ holds a list of captions (COCO's five per image) is embedded by its first captio
 
 **Pipeline**: the rows go through ``Dataset.map_batches`` with a callable class (`EncodeBatch`)
 on an actor pool — ``EmbedOptions.concurrency`` actors, each with ``num_gpus`` (a fraction is
-fine) and ``num_cpus`` — and the driver writes the outputs, in dataset order, as Parquet shards
+fine) and ``num_cpus`` (on explab's embedded Ray the pool must leave a CPU slot to Ray Data's own
+tasks, else `embed` refuses it rather than wait forever) — and the driver writes the outputs, in dataset order, as Parquet shards
 (``part-00000.parquet`` ...: an ``index`` column, a fixed-size-list ``embedding`` column and the
 ``keep`` columns) plus ``meta.json``. ``EmbedOptions.engine = "local"`` runs the same class
 in-process without Ray (small text lists, debugging).
@@ -705,6 +706,7 @@ def _compute(spec: EncoderSpec, source: _Source, modality: Modality, column: str
                 writer.add(fn(batch))
         else:
             _ensure_ray()
+            _check_pool_fits(opts)
             import ray.data
 
             ds = source.build()
@@ -777,6 +779,26 @@ def _ensure_ray() -> None:
         from explab import runtime
 
         runtime.init(dashboard=False)
+
+
+def _check_pool_fits(opts: EmbedOptions) -> None:
+    """On explab's embedded Ray (a fixed size), refuse an actor pool that takes every CPU slot:
+    Ray Data then has none left for its own tasks and the pipeline waits forever. (A cluster may
+    grow on demand, so there the request is left to Ray's autoscaler.)"""
+    import ray
+
+    from explab import runtime
+
+    info = runtime.info()
+    if info is None or not info.embedded:
+        return
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    wanted = opts.concurrency * opts.num_cpus
+    if total and wanted > total - 1:
+        raise ConfigError(
+            f"the embedding pipeline asks for {opts.concurrency} actor(s) x {opts.num_cpus:g} CPU = {wanted:g} "
+            f"of this Ray's {total:g} CPUs, leaving less than one for Ray Data's own tasks: lower "
+            "num_cpus or concurrency in the embed options (torch_threads sets an actor's threads)")
 
 
 class _ShardWriter:
