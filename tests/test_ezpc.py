@@ -111,6 +111,24 @@ def test_explanations_are_the_parts_of_the_predicted_logit(spanning):
         assert list(part["rank"]) == [0, 1, 2] and part["contribution"].is_monotonic_decreasing
 
 
+def test_transfer_keeps_clip_on_new_images_of_spanned_classes_and_not_on_unspanned_ones(spanning):
+    T, A = spanning["T"], spanning["result"].A
+    _, _, images = world()
+    V_new, y_new = images(300, 3)  # another domain of the same classes: new images
+    rng = np.random.default_rng(7)
+    T_far = unit(rng.normal(size=(10, T.shape[1]))).astype(np.float32)  # classes the concepts do not span
+    y_far = rng.integers(0, 10, 300)
+    V_far = unit(T_far[y_far] + 1.5 * rng.normal(size=(300, T.shape[1])) / 8).astype(np.float32)
+    tests = {"source": (spanning["V_test"], spanning["y_test"], T), "new images": (V_new, y_new, T),
+             "far classes": (V_far, y_far, T_far)}
+    rows = {r["target"]: r for r in metrics.transfer({"source": A}, tests)}
+    assert rows["source"]["in_domain"] and not rows["new images"]["in_domain"]
+    in_domain = metrics.zero_shot(spanning["V_test"] @ T.T, explain.logits(spanning["V_test"], A, T), spanning["y_test"])
+    assert rows["source"]["agreement"] == in_domain["agreement"]  # the diagonal is the in-domain evaluation
+    assert rows["new images"]["agreement"] > 0.95
+    assert rows["far classes"]["agreement"] < 0.8 and rows["far classes"]["acc_clip"] > 0.9  # CLIP itself can
+
+
 def test_concept_files_class_names_and_llm_answers():
     shapes = vocab.from_files(["shapes"])
     assert len(shapes) >= 40 and shapes == sorted(shapes, key=str.lower) and not any("#" in c for c in shapes)
@@ -198,6 +216,29 @@ def test_tiny_config_runs_end_to_end_through_the_cli(monkeypatch, tmp_path, ray_
     explanations = pd.read_parquet(run_dir / "tables" / "explanations.parquet")
     assert explanations["image"].nunique() == 48 and set(explanations["rank"]) == set(range(5))
     assert (run_dir / "metrics.parquet").is_file()
+
+
+def test_two_datasets_give_a_transfer_table_and_plot(monkeypatch, tmp_path, ray_local):
+    from explab.config import load_config
+    from explab.registry import get_job
+    from explab.runs import execute
+
+    monkeypatch.delenv("EXPLAB_CACHE", raising=False)
+    job = get_job("ezpc")
+    config = load_config(job.config, job.config_path("tiny"), ["train.epochs=300", "eval.explain_images=0", "eval.explanations_table=8",
+                                       "datasets=[{name: shapes, spec: 'synthetic:ezpc_shapes', concepts: [shapes], "
+                                       "kwargs: {n: 120}}, {name: bright, spec: 'synthetic:ezpc_shapes', "
+                                       "concepts: [shapes], kwargs: {n: 120, colours: [purple, orange, white], "
+                                       "shapes: [circle, cross]}}]"])
+    run_dir, result = execute(job, config, runs_dir=tmp_path / "runs")
+    transfer = pd.read_parquet(run_dir / "tables" / "transfer.parquet")
+    assert len(transfer) == 4 and set(transfer["source"]) == set(transfer["target"]) == {"shapes", "bright"}
+    results = pd.read_parquet(run_dir / "tables" / "results.parquet").set_index("dataset")
+    for _, row in transfer[transfer["in_domain"]].iterrows():  # the diagonal is each dataset's own evaluation
+        assert row["acc_ezpc"] == pytest.approx(results.loc[row["target"], "acc_ezpc"])
+    cross = transfer[~transfer["in_domain"]]
+    assert result["transfer_agreement"] == pytest.approx(cross["agreement"].mean())
+    assert (run_dir / "plots" / "transfer.png").stat().st_size > 5000
 
 
 def test_the_shipped_sweep_runs_under_explab_sweep(ray_local, tmp_path):

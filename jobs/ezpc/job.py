@@ -13,7 +13,9 @@ For every (backbone, dataset) pair:
 4. on the test images: zero-shot accuracy of CLIP and through the bottleneck (all / seen / unseen
    classes), agreement and fidelity, the same for the untrained bottleneck A = Cᵀ, faithfulness
    (top-k vs random concept deletion), cos(A_j, C_j), top-k concept explanations; tables, A as
-   safetensors, plots.
+   safetensors, plots;
+5. with several datasets, cross-dataset transfer: each dataset's A applied to every other dataset's
+   test images and class names (`metrics.transfer`).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class EvalConfig(Section):
     faithfulness_k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10])
     explain_images: int = Field(4, ge=0)  # test images drawn as bar charts
     explanations_table: int | None = Field(200, ge=1)  # test images whose explanations are tabled (None: all)
+    transfer: bool = True  # with several datasets: each dataset's A applied to every other's test images
 
 
 class Config(JobConfig):
@@ -339,7 +342,8 @@ def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str],
         shown = table[table["image"] < n_show]
         ctx.save_plot(f"explanations__{tag}", plots.explanation_bars(
             shown, display_images(ds, n_show, ctx.seed), names, f"{ds.name} / {short_name(backbone)}: top concepts"))
-    return {"row": row, "faith": faith, "explanations": table, "losses": losses, "concepts": concepts_out}
+    return {"row": row, "faith": faith, "explanations": table, "losses": losses, "concepts": concepts_out,
+            "test": (V_test, y_test, T), "A": A}
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -348,9 +352,10 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     names = {ds.name: class_names(ds) for ds in config.datasets}
     vocabularies = {ds.name: vocabulary(ds, names[ds.name], config, ctx, cache) for ds in config.datasets}
 
-    parts: dict[str, list[Any]] = {k: [] for k in ("row", "faith", "explanations", "losses", "concepts")}
+    parts: dict[str, list[Any]] = {k: [] for k in ("row", "faith", "explanations", "losses", "concepts", "transfer")}
     pair = 0
     for backbone in config.backbones:
+        projections, tests = {}, {}
         # every text of this backbone in one pipeline call: concepts (full vocabularies) and class prompts
         texts: list[str] = []
         for ds in config.datasets:
@@ -376,9 +381,14 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
             out = evaluate_pair(ds=ds, backbone=backbone, names=names[ds.name], concepts=kept.iloc[index].reset_index(drop=True),
                                 C=C, T=T, config=config, ctx=ctx, cache=cache, pair=pair,
                                 step0=pair * config.train.epochs)
+            projections[ds.name], tests[ds.name] = out.pop("A"), out.pop("test")
             for key, value in out.items():
                 parts[key].append(value)
             pair += 1
+        if config.eval.transfer and len(config.datasets) > 1:
+            rows = metrics.transfer(projections, tests, scale=config.train.logit_scale)
+            parts["transfer"].append(pd.DataFrame(rows).assign(backbone=backbone.name,
+                                                               backbone_short=short_name(backbone)))
 
     results = pd.DataFrame(parts["row"])
     faith = pd.concat(parts["faith"], ignore_index=True)
@@ -389,7 +399,14 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     ctx.save_table("concepts", pd.concat(parts["concepts"], ignore_index=True))
     ctx.save_plot("accuracy_retained", plots.accuracy_retained(results))
     ctx.save_plot("faithfulness", plots.faithfulness(faith))
-    return summary(results)
+    out = summary(results)
+    if parts["transfer"]:
+        transfer = pd.concat(parts["transfer"], ignore_index=True)
+        ctx.save_table("transfer", transfer)
+        ctx.save_plot("transfer", plots.transfer(transfer))
+        cross = transfer[~transfer["in_domain"]]
+        out.update(transfer_retained=float(cross["retained"].mean()), transfer_agreement=float(cross["agreement"].mean()))
+    return out
 
 
 SUMMARY_KEYS = ("acc_clip", "acc_ezpc", "retained", "agreement", "acc_ezpc_init", "retained_init", "agreement_init",

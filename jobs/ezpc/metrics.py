@@ -1,14 +1,15 @@
 """EZPC's measurements: zero-shot accuracy of CLIP and through the bottleneck, fidelity of the
-bottleneck to CLIP, faithfulness of the explanations (deleting the top-k concepts vs k random ones)
-and how far A moved from the concept embeddings."""
+bottleneck to CLIP, faithfulness of the explanations (deleting the top-k concepts vs k random ones),
+how far A moved from the concept embeddings, and cross-dataset transfer of A."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from jobs.ezpc.explain import contributions, top_concepts
+from jobs.ezpc.explain import contributions, logits, top_concepts
 
 
 def accuracy(z: np.ndarray, y: np.ndarray) -> float:
@@ -101,4 +102,23 @@ def faithfulness(act: np.ndarray, prof: np.ndarray, ks: Sequence[int], rng: np.r
             out[f"{name}_flip"] = float((after.argmax(axis=1) != pred).mean())
             out[f"{name}_drop"] = float(delta[np.arange(n), pred].mean())
         rows.append(out)
+    return rows
+
+
+def transfer(projections: dict[str, np.ndarray], tests: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+             scale: float = 1.0) -> list[dict[str, Any]]:
+    """Cross-dataset transfer: each source's learned A applied to each target's test images.
+
+    ``projections``: source name → A (d × k, its own vocabulary); ``tests``: target name → (V, y, T)
+    (L2-normalised test images, labels, the target's class embeddings). The bottleneck needs no
+    shared vocabulary: target logits are (V A)(T A)ᵀ with the source's concepts. One row per
+    (source, target), the diagonal (in-domain) included, with `zero_shot`'s metrics.
+    """
+    rows = []
+    for source, A in projections.items():
+        for target, (V, y, T) in tests.items():
+            z_clip = V @ T.T
+            z = logits(V, A, T)
+            rows.append({"source": source, "target": target, "in_domain": source == target,
+                         **zero_shot(z_clip, z, y, scale=scale)})
     return rows

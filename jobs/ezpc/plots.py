@@ -95,3 +95,23 @@ def faithfulness(table: pd.DataFrame) -> Any:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def transfer(table: pd.DataFrame) -> Any:
+    """Accuracy retained when the A learned on one dataset (rows) classifies another's images (columns)."""
+    plt = _plt()
+    groups = list(table.groupby("backbone_short", sort=False))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.4 * len(groups) + 0.6, 3.2), squeeze=False)
+    for ax, (backbone, part) in zip(axes[0], groups, strict=True):
+        grid = part.pivot(index="source", columns="target", values="retained")
+        image = ax.imshow(grid.to_numpy(), vmin=0.0, vmax=max(1.0, float(np.nanmax(grid.to_numpy()))), cmap="viridis")
+        for (i, j), value in np.ndenumerate(grid.to_numpy()):
+            ax.text(j, i, f"{100 * value:.0f}%", ha="center", va="center", fontsize=8, color="white")
+        ax.set_xticks(range(len(grid.columns)), grid.columns, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(grid.index)), grid.index, fontsize=8)
+        ax.set_xlabel("target (images, class names)")
+        ax.set_ylabel("source of A")
+        ax.set_title(f"{backbone}: accuracy retained", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
