@@ -7,6 +7,9 @@ batch; KL-OT = KL(Sinkhorn(K_t, ε_t) ‖ Sinkhorn(K_s, ε_s)) with the implicit
 ``target`` = ``gw`` / ``fgw`` replaces the teacher's Sinkhorn plan by POT's (fused)
 Gromov-Wasserstein plan between the intra-modal similarity matrices of the raw encoder features
 (started from the teacher's plan). λ = 0 is the pairs-only contrastive baseline.
+``unpaired_loss`` = ``pseudo`` is the semi-supervised pseudo-labelling baseline instead of KL-OT:
+on each unpaired batch, the teacher's mutual nearest neighbours (optionally above a cosine
+threshold) become pseudo-pairs with the same InfoNCE as the real pairs, weighted by λ.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class AlignConfig(Section):
     target: Literal["sinkhorn", "gw", "fgw"] = "sinkhorn"  # the target plan on unpaired batches
     gw_alpha: float = Field(0.5, ge=0, le=1)  # fgw: weight of the structure term
     gw_epsilon: float | None = None  # entropic (F)GW if set, else POT's exact CG solver
+    unpaired_loss: Literal["klot", "pseudo"] = "klot"  # pseudo: teacher pseudo-pairs + InfoNCE (a baseline)
+    pseudo_threshold: float | None = Field(None, ge=-1, le=1)  # pseudo: minimum teacher cosine of a pseudo-pair
     init: Literal["random", "teacher"] = "random"  # teacher: linear f, g start as the teacher's maps (dim = its dim)
     device: str = "cpu"  # where f, g train: cpu, cuda, auto (cuda when present)
 
@@ -87,6 +92,17 @@ def info_nce(zx: torch.Tensor, zy: torch.Tensor, temperature: float) -> torch.Te
     logits = zx @ zy.T / temperature
     target = torch.arange(len(zx), device=zx.device)
     return 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))
+
+
+def pseudo_pairs(K_t: torch.Tensor, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows i and columns j that are each other's nearest neighbour under the teacher's similarities
+    ``K_t`` (images × texts), and at least ``threshold`` similar if given: the pseudo-pairs."""
+    j = K_t.argmax(dim=1)
+    i = torch.arange(len(K_t), device=K_t.device)
+    keep = K_t.argmax(dim=0)[j] == i
+    if threshold is not None:
+        keep &= K_t[i, j] >= threshold
+    return i[keep], j[keep]
 
 
 def _stats(*mats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -136,9 +152,16 @@ def train_alignment(pairs_x: np.ndarray, pairs_y: np.ndarray, unpaired_x: np.nda
             if use_ot:
                 bx = torch.randperm(len(Ux), generator=gen)[: cfg.batch_unpaired].to(device)
                 by = torch.randperm(len(Uy), generator=gen)[: cfg.batch_unpaired].to(device)
-                K_s = model.image(Ux[bx]) @ model.text(Uy[by]).T
-                K_t = Tx[bx] @ Ty[by].T
-                loss_ot = _klot(K_s, K_t, Ux[bx], Uy[by], cfg)
+                if cfg.unpaired_loss == "pseudo":
+                    pi, pj = pseudo_pairs(Tx[bx] @ Ty[by].T, cfg.pseudo_threshold)
+                    if len(pi) < 2:  # InfoNCE needs negatives: this batch adds nothing
+                        loss_ot = torch.zeros((), device=device)
+                    else:
+                        loss_ot = info_nce(model.image(Ux[bx][pi]), model.text(Uy[by][pj]), cfg.temperature)
+                else:
+                    K_s = model.image(Ux[bx]) @ model.text(Uy[by]).T
+                    K_t = Tx[bx] @ Ty[by].T
+                    loss_ot = _klot(K_s, K_t, Ux[bx], Uy[by], cfg)
                 loss = loss + cfg.lam * loss_ot
                 totals["klot"] += float(loss_ot.detach())
             opt.zero_grad()

@@ -33,7 +33,7 @@ from jobs.sotalign.data import AlignData, SyntheticConfig, describe, make_synthe
 from jobs.sotalign.evaluate import retrieval, zero_shot
 from jobs.sotalign.teacher import TeacherKind, fit_teacher
 
-Method = Literal["teacher", "pairs", "full"]
+Method = Literal["teacher", "pairs", "pseudo", "full"]  # pseudo: the pseudo-labelling semi-supervised baseline
 
 
 class TeacherConfig(Section):
@@ -198,12 +198,15 @@ def _run(config: Config, ctx: RunContext) -> dict[str, float]:
         runs: list[tuple[str, int | None]] = []
         if "pairs" in config.methods:
             runs.append(("pairs", 0))
+        if "pseudo" in config.methods:
+            runs.append(("pseudo", None))
         if "full" in config.methods:
             runs.extend(("full", u) for u in config.n_unpaired)
         for method, n_unpaired in runs:
-            cfg = config.align if method == "full" else config.align.model_copy(update={"lam": 0.0})
-            ux = data.unpaired_x if method == "full" else data.unpaired_x[:0]
-            uy = data.unpaired_y if method == "full" else data.unpaired_y[:0]
+            cfg = {"full": config.align, "pairs": config.align.model_copy(update={"lam": 0.0}),
+                   "pseudo": config.align.model_copy(update={"unpaired_loss": "pseudo"})}[method]
+            ux = data.unpaired_x[:0] if method == "pairs" else data.unpaired_x
+            uy = data.unpaired_y[:0] if method == "pairs" else data.unpaired_y
             if n_unpaired is not None:
                 ux, uy = ux[:n_unpaired], uy[:n_unpaired]
             n_u = min(len(ux), len(uy))
