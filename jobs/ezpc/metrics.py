@@ -114,11 +114,10 @@ def transfer(projections: dict[str, np.ndarray], tests: dict[str, tuple[np.ndarr
     shared vocabulary: target logits are (V A)(T A)ᵀ with the source's concepts. One row per
     (source, target), the diagonal (in-domain) included, with `zero_shot`'s metrics.
     """
+    clip = {target: V @ T.T for target, (V, _, T) in tests.items()}
     rows = []
     for source, A in projections.items():
         for target, (V, y, T) in tests.items():
-            z_clip = V @ T.T
-            z = logits(V, A, T)
             rows.append({"source": source, "target": target, "in_domain": source == target,
-                         **zero_shot(z_clip, z, y, scale=scale)})
+                         **zero_shot(clip[target], logits(V, A, T), y, scale=scale)})
     return rows

@@ -104,8 +104,9 @@ def transfer(table: pd.DataFrame) -> Any:
     fig, axes = plt.subplots(1, len(groups), figsize=(3.4 * len(groups) + 0.6, 3.2), squeeze=False)
     for ax, (backbone, part) in zip(axes[0], groups, strict=True):
         grid = part.pivot(index="source", columns="target", values="retained")
-        image = ax.imshow(grid.to_numpy(), vmin=0.0, vmax=max(1.0, float(np.nanmax(grid.to_numpy()))), cmap="viridis")
-        for (i, j), value in np.ndenumerate(grid.to_numpy()):
+        values = grid.to_numpy()
+        image = ax.imshow(values, vmin=0.0, vmax=max(1.0, float(np.nanmax(values))), cmap="viridis")
+        for (i, j), value in np.ndenumerate(values):
             ax.text(j, i, f"{100 * value:.0f}%", ha="center", va="center", fontsize=8, color="white")
         ax.set_xticks(range(len(grid.columns)), grid.columns, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(grid.index)), grid.index, fontsize=8)
