@@ -14,7 +14,7 @@ import pytest
 
 from explab.config import load_config, validate
 from explab.errors import ConfigError
-from explab.registry import get_job
+from explab.job import get_job
 from explab.runs import execute
 from jobs.apm import evaluate
 from jobs.apm.benchmark import build_world, draw_mapping, load_vocab, read_yaml_file

@@ -14,8 +14,8 @@ from explab.config import load_config
 from explab.errors import ConfigError, ExplabError
 from explab.servers.handle import as_requests
 from explab.servers.types import Completion, GenerationResult
-from jobs.cot_robustness import interventions as iv
 from jobs.cot_robustness import judge, metrics, stages
+from jobs.cot_robustness import perturbations as iv
 from jobs.cot_robustness.config import Config
 from jobs.cot_robustness.data import arithmetic_items, logic_items, normalize_item
 from jobs.cot_robustness.prompts import load_prompts
@@ -520,7 +520,7 @@ def test_malformed_dataset_rows_fail_with_one_line_through_ray_data(ray_local):
 
 
 def test_tiny_run_writes_every_table_and_plot(ray_local, tmp_path):
-    from explab.registry import get_job
+    from explab.job import get_job
     from explab.runs import execute
 
     job = get_job("cot_robustness")

@@ -220,7 +220,7 @@ def test_tiny_config_runs_end_to_end_through_the_cli(monkeypatch, tmp_path, ray_
 
 def test_two_datasets_give_a_transfer_table_and_plot(monkeypatch, tmp_path, ray_local):
     from explab.config import load_config
-    from explab.registry import get_job
+    from explab.job import get_job
     from explab.runs import execute
 
     monkeypatch.delenv("EXPLAB_CACHE", raising=False)

@@ -15,8 +15,8 @@ from explab.config import load_config, validate
 from explab.data import load_dataset
 from explab.errors import ConfigError, ExplabError
 from explab.interventions import paragraph_index
+from explab.job import get_job
 from explab.models import build_tiny
-from explab.registry import get_job
 from explab.runs import execute
 from explab.servers import get_server
 from explab.servers.prompts import encode_request

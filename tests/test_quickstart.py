@@ -3,7 +3,7 @@
 import pandas as pd
 
 from explab.config import load_config
-from explab.registry import get_job
+from explab.job import get_job
 from explab.runs import execute
 
 

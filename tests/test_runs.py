@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 from explab import store
 from explab.config import JobConfig
-from explab.registry import Job
+from explab.job import Job
 from explab.runs import execute, list_runs, resolve_run
 
 

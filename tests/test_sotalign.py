@@ -226,7 +226,7 @@ def test_tiny_config_runs_end_to_end_through_explab_run(tmp_path, ray_local, cli
 def test_pipeline_config_embeds_through_the_cache(tmp_path, monkeypatch):
     # the job's embedding path with the pipeline run in-process (tests/test_embeddings.py runs it on Ray)
     from explab.config import load_config
-    from explab.registry import get_job
+    from explab.job import get_job
     from explab.runs import execute
 
     monkeypatch.setenv("EXPLAB_CACHE", str(tmp_path / "cache"))

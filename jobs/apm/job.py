@@ -22,8 +22,8 @@ from pydantic import Field, model_validator
 
 from explab.config import JobConfig, Section
 from explab.errors import ConfigError
+from explab.job import Job
 from explab.models import ModelSpec
-from explab.registry import Job
 from explab.runs import RunContext
 from explab.servers import ServerOptions
 from jobs.apm import evaluate, plots

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from explab.config import JobConfig, Section
 from explab.models import ModelSpec
 from explab.servers import ServerOptions
-from jobs.cot_robustness.interventions import INTERVENTIONS, LLM_INTERVENTIONS
+from jobs.cot_robustness.perturbations import INTERVENTIONS, LLM_INTERVENTIONS
 
 INSTRUCT = "Qwen/Qwen2.5-32B-Instruct"
 PAPER_SEED = 80129

@@ -27,11 +27,11 @@ import pandas as pd
 
 from explab import errors
 from explab.errors import ExplabError
-from explab.registry import Job
+from explab.job import Job
 from explab.runs import RunContext
 from jobs.cot_robustness import data, metrics, plots, stages
 from jobs.cot_robustness.config import Config, EvaluatedModel
-from jobs.cot_robustness.interventions import INTERVENTIONS, LLM_INTERVENTIONS, choose_paragraph, derive_seed
+from jobs.cot_robustness.perturbations import INTERVENTIONS, LLM_INTERVENTIONS, choose_paragraph, derive_seed
 from jobs.cot_robustness.prompts import load_prompts
 from jobs.cot_robustness.traces import cut_at, extract_reasoning, final_answer, split_steps
 

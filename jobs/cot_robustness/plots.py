@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from jobs.cot_robustness.interventions import INTERVENTIONS
+from jobs.cot_robustness.perturbations import INTERVENTIONS
 
 
 def _plt() -> Any:

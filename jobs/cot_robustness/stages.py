@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from jobs.cot_robustness import generation, interventions, judge
+from jobs.cot_robustness import generation, judge, perturbations
 from jobs.cot_robustness.metrics import doubt_rate, relative_change
 from jobs.cot_robustness.traces import Cut, extract_reasoning, split_steps
 
@@ -51,24 +51,24 @@ def perturb(df: pd.DataFrame, *, llm: Any, prompts: Any, decoding: dict[str, dic
             seed: int) -> pd.DataFrame:
     """Apply each row's intervention to its cut prefix (LLM requests of the batch go in one call)."""
     rows = _rows(df)
-    done: list[interventions.Perturbation | None] = [None] * len(rows)
+    done: list[perturbations.Perturbation | None] = [None] * len(rows)
     asks: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
     for i, r in enumerate(rows):
         name = r["intervention"]
         steps = split_steps(extract_reasoning(r["output"]).body)
         cut = Cut(r["tau_target"], r["tau_actual"], int(r["cut_count"]))
         key = (seed, r["model"], r["item_id"], r["tau_target"], name)
-        if name in interventions.LLM_INTERVENTIONS:
+        if name in perturbations.LLM_INTERVENTIONS:
             dec = decoding[name]
             base = dec["seed"] if dec["seed"] is not None else seed
-            topic = interventions.choose_topic(prompts.topics, interventions.derive_seed(base, *key[1:], "topic")) \
+            topic = perturbations.choose_topic(prompts.topics, perturbations.derive_seed(base, *key[1:], "topic")) \
                 if name == "unrelated" else ""
-            request = {"messages": interventions.llm_messages(name, prompts, r["question"], steps, cut, topic),
+            request = {"messages": perturbations.llm_messages(name, prompts, r["question"], steps, cut, topic),
                        "params": {"temperature": dec["temperature"], "top_p": dec["top_p"],
-                                  "max_tokens": dec["max_tokens"], "seed": interventions.derive_seed(base, *key[1:])}}
+                                  "max_tokens": dec["max_tokens"], "seed": perturbations.derive_seed(base, *key[1:])}}
             asks.append((i, request, {"topic": topic} if topic else {}))
         else:
-            done[i] = interventions.perturb_local(name, steps, cut, seed=interventions.derive_seed(*key), ratio=ratio,
+            done[i] = perturbations.perturb_local(name, steps, cut, seed=perturbations.derive_seed(*key), ratio=ratio,
                                                   paragraph=r["paragraph"] or None, pool_index=r["pool_index"])
     if asks:
         results = llm.generate([req for _, req, _ in asks])
@@ -76,7 +76,7 @@ def perturb(df: pd.DataFrame, *, llm: Any, prompts: Any, decoding: dict[str, dic
             r = rows[i]
             steps = split_steps(extract_reasoning(r["output"]).body)
             cut = Cut(r["tau_target"], r["tau_actual"], int(r["cut_count"]))
-            done[i] = interventions.apply_llm(r["intervention"], steps, cut, result.completions[0].text,
+            done[i] = perturbations.apply_llm(r["intervention"], steps, cut, result.completions[0].text,
                                               llm_output=result.completions[0].text, **meta)
     out = []
     for r, p in zip(rows, done, strict=True):
@@ -90,7 +90,7 @@ def add_markers(df: pd.DataFrame, *, markers: list[str]) -> pd.DataFrame:
     """Each perturbed trace as is (marker "") and, for the forced-doubt ablation, with each marker appended."""
     parts = [df.assign(marker="", resume_trace=df["perturbed_trace"])]
     for m in markers:
-        parts.append(df.assign(marker=m, resume_trace=[interventions.append_marker(t, m) for t in df["perturbed_trace"]]))
+        parts.append(df.assign(marker=m, resume_trace=[perturbations.append_marker(t, m) for t in df["perturbed_trace"]]))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -105,7 +105,7 @@ def continue_traces(df: pd.DataFrame, *, generators: dict[str, Any], models: dic
         requests = []
         for r in group:
             head = extract_reasoning(r["output"]).head
-            s = continuation["seed"] if continuation["seed"] is not None else interventions.derive_seed(
+            s = continuation["seed"] if continuation["seed"] is not None else perturbations.derive_seed(
                 seed, label, r["item_id"], r["tau_target"], r["intervention"], r["marker"], "continue")
             requests.append(generation.continuation_request(model, r["question"],
                                                             model["think_prefix"] + head + r["resume_trace"],

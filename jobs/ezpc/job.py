@@ -31,8 +31,8 @@ from pydantic import Field, field_validator, model_validator
 from explab.config import JobConfig, Section
 from explab.embeddings import EmbedOptions, EncoderSpec, embed
 from explab.errors import ConfigError
+from explab.job import Job
 from explab.models import ModelSpec
-from explab.registry import Job
 from explab.runs import RunContext
 from explab.servers import ServerOptions
 from jobs.ezpc import concepts as vocab

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from explab.errors import ConfigError
-from explab.registry import Job
+from explab.job import Job
 from explab.runs import RunContext
 from jobs.polylogue import plots
 from jobs.polylogue.config import Config, ModelEntry

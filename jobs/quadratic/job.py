@@ -16,7 +16,7 @@ import time
 from pydantic import Field
 
 from explab.config import JobConfig
-from explab.registry import Job
+from explab.job import Job
 from explab.runs import RunContext
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from explab.config import JobConfig
+from explab.job import Job
 from explab.models import ModelSpec
-from explab.registry import Job
 from explab.runs import RunContext
 from explab.servers import ServerOptions
 

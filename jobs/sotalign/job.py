@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from explab.config import JobConfig, Section
 from explab.embeddings import EmbedOptions, EncoderSpec
 from explab.errors import ConfigError
-from explab.registry import Job
+from explab.job import Job
 from explab.runs import RunContext
 from jobs.sotalign import plots
 from jobs.sotalign.align import AlignConfig, train_alignment

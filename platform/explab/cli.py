@@ -43,7 +43,7 @@ def _fmt(value: Any) -> str:
 @app.command("jobs")
 def jobs_cmd() -> None:
     """List the registered jobs."""
-    from explab.registry import discover
+    from explab.job import discover
 
     out.print(_table("jobs", [{"job": j.name, "description": j.description} for j in discover().values()]))
 
@@ -59,7 +59,7 @@ def run_cmd(
     """Run a job; the last line printed is the run directory."""
     from explab import runtime
     from explab.config import load_config
-    from explab.registry import get_job
+    from explab.job import get_job
 
     spec = get_job(job)
     cfg = load_config(spec.config, spec.config_path(config), overrides or [])

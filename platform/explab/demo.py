@@ -17,7 +17,7 @@ def run_demo(runs_dir: str | None = None, address: str | None = None, keep: bool
 
     from explab import runtime
     from explab.config import load_config
-    from explab.registry import get_job
+    from explab.job import get_job
     from explab.runs import execute
     from explab.servers import list_servers
 

@@ -167,7 +167,7 @@ def build_run_entrypoint(job: str, config: str | None = None, overrides: list[st
                          runs_dir: str | None = None, *, root: Path | None = None) -> tuple[str, dict[str, Any]]:
     """Validate like ``explab run`` would and return (entrypoint, metadata) for the cluster."""
     from explab.config import load_config
-    from explab.registry import get_job
+    from explab.job import get_job
 
     root = root or project_root()
     spec = get_job(job)
@@ -201,7 +201,7 @@ def build_sweep_entrypoint(sweep: str, runs_dir: str | None = None, resume: bool
         load_spec(path)  # the same checks as `explab sweep`: one clear line, nothing submitted
     job = str(data.get("job") or "")
     if job:
-        from explab.registry import get_job
+        from explab.job import get_job
 
         get_job(job)
     args = ["python", "-m", "explab.cli", "sweep", _relative(path, root, "sweep file")]

@@ -6,7 +6,7 @@ metrics), ``tables/*.parquet``, ``artifacts/*.safetensors`` and ``plots/*.png``.
 atomic; a failed run is marked failed in its manifest (stopped, when it was ended from outside)
 and keeps what it wrote.
 
-A run also reports to Ray metrics (`explab.metrics.RunMetrics`): progress (``ctx.progress``), the
+A run also reports to Ray metrics (`explab.telemetry.RunMetrics`): progress (``ctx.progress``), the
 values it logs and returns, and runs started/completed/failed with their durations.
 """
 
@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from explab import __version__, store
 from explab.config import dump_config
 from explab.errors import ExplabError
-from explab.metrics import RunMetrics
+from explab.telemetry import RunMetrics
 
 DEFAULT_RUNS_DIR = "runs"
 TRACKED_PACKAGES = (

@@ -200,8 +200,8 @@ class Plan(BaseModel):
 
 def load_job(name: str) -> Any:
     """The job ``name``: its own module when the package is named after it (as every job's is),
-    without importing every other job as `explab.registry.get_job` does (seconds per trial actor)."""
-    from explab.registry import Job, get_job
+    without importing every other job as `explab.job.get_job` does (seconds per trial actor)."""
+    from explab.job import Job, get_job
 
     if name.isidentifier():
         try:

@@ -22,10 +22,10 @@ class ServerBase:
         # Ray sets OMP_NUM_THREADS=1 for workers; a model server wants the node's cores.
         threads = self.options.torch_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
-        from explab import metrics
+        from explab import telemetry
 
         self.backend_name = self._choose_backend()
-        self._metrics = metrics.ServerMetrics(self.kind, self.spec.name, self.backend_name)
+        self._metrics = telemetry.ServerMetrics(self.kind, self.spec.name, self.backend_name)
         start = time.perf_counter()
         self._load()  # each server kind loads its model and makes its batchers here
         self.load_time_s = time.perf_counter() - start

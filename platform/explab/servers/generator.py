@@ -1,4 +1,4 @@
-"""`GeneratorServer`: one causal LM behind a shared Ray actor, vLLM or transformers backend."""
+"""`Generator`: one causal LM behind a shared Ray actor, vLLM or transformers backend."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def choose_backend(requested: str) -> str:
 
 
 @ray.remote
-class GeneratorServer(ServerBase):
+class Generator(ServerBase):
     kind = "generator"
 
     def _choose_backend(self) -> str:

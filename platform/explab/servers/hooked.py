@@ -1,4 +1,4 @@
-"""`HookedServer`: one PyTorch model behind a shared Ray actor, with interventions on every call.
+"""`HookedModel`: one PyTorch model behind a shared Ray actor, with interventions on every call.
 
 - ``forward(requests)``: one batched forward pass per group of requests with the same
   interventions; returns captured activations as numpy arrays (and optionally logits);
@@ -100,7 +100,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 @ray.remote
-class HookedServer(ServerBase):
+class HookedModel(ServerBase):
     kind = "hooked"
 
     def _load(self) -> None:

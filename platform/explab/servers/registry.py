@@ -31,13 +31,13 @@ def server_name(kind: str, spec: ModelSpec) -> str:
 
 def _actor_class(kind: str) -> Any:
     if kind == "generator":
-        from explab.servers.generator import GeneratorServer
+        from explab.servers.generator import Generator
 
-        return GeneratorServer
+        return Generator
     if kind == "hooked":
-        from explab.servers.hooked import HookedServer
+        from explab.servers.hooked import HookedModel
 
-        return HookedServer
+        return HookedModel
     raise ExplabError(f"unknown server kind {kind!r}: use one of {', '.join(KINDS)}")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from explab import metrics
+from explab import telemetry
 from explab.config import JobConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ def test_every_dashboard_metric_is_exported(head_jobs):
                for name in promql_metric_names(query) if name not in head_jobs.samples}
     assert not missing, f"dashboard queries name metrics that are not exported: {sorted(missing)}"
     # and the names explab documents for its instruments are the exported ones
-    documented = {name for names in metrics.PROMETHEUS_NAMES.values() for name in names}
+    documented = {name for names in telemetry.PROMETHEUS_NAMES.values() for name in names}
     assert documented <= set(head_jobs.samples), sorted(documented - set(head_jobs.samples))
 
 
@@ -157,7 +157,7 @@ def fake_instruments(monkeypatch):
 
     fakes = {name: FakeInstrument() for name in ("progress", "metric", "started", "completed", "failed", "stopped",
                                                   "duration")}
-    monkeypatch.setattr(metrics, "_run_instruments", lambda: fakes)
+    monkeypatch.setattr(telemetry, "_run_instruments", lambda: fakes)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     return fakes
 
@@ -180,7 +180,7 @@ def _toy(config, ctx):
 
 
 def test_execute_reports_progress_metrics_and_counts(fake_instruments, tmp_path, capsys):
-    from explab.registry import Job
+    from explab.job import Job
     from explab.runs import execute
 
     run_dir, _ = execute(Job("toy", "toy", ToyConfig, _toy), ToyConfig(), tmp_path)
@@ -194,12 +194,12 @@ def test_execute_reports_progress_metrics_and_counts(fake_instruments, tmp_path,
     assert fake_instruments["started"].calls == [(1, counted)] and fake_instruments["completed"].calls == [(1, counted)]
     assert fake_instruments["duration"].calls[0][1] == {**counted, "status": "completed"}
     assert "toy steps: 4/4" in capsys.readouterr().err  # no terminal: progress as lines
-    assert not [key for key in metrics.keeper.live() if key[2].get("run") == run_dir.name]  # no longer refreshed
+    assert not [key for key in telemetry.keeper.live() if key[2].get("run") == run_dir.name]  # no longer refreshed
 
 
 @pytest.mark.parametrize("end, status", [("fail", "failed"), ("stop", "stopped")])
 def test_failed_and_stopped_runs_are_counted_as_such(fake_instruments, tmp_path, end, status):
-    from explab.registry import Job
+    from explab.job import Job
     from explab.runs import execute
 
     with pytest.raises((RuntimeError, SystemExit)):
@@ -214,8 +214,8 @@ def test_run_metrics_are_silent_without_ray(monkeypatch):
     import ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a plain `python job.py`
-    monkeypatch.setattr(metrics, "_run_instruments", lambda: pytest.fail("metrics built without Ray"))
-    run = metrics.RunMetrics("toy", "r1", "tiny:llama")
+    monkeypatch.setattr(telemetry, "_run_instruments", lambda: pytest.fail("metrics built without Ray"))
+    run = telemetry.RunMetrics("toy", "r1", "tiny:llama")
     run.start()
     run.log({"loss": 1.0})
     run.finish("completed")  # nothing recorded, nothing raised
@@ -225,7 +225,7 @@ def test_gauge_keeper_refreshes_until_dropped(monkeypatch):
     import ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    keeper = metrics.GaugeKeeper(refresh_s=0.05)
+    keeper = telemetry.GaugeKeeper(refresh_s=0.05)
     gauge = FakeInstrument()
     keeper.set(gauge, 0.5, {"run": "a"})
     keeper.set(gauge, 2.0, {"run": "b"})
