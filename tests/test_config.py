@@ -58,3 +58,20 @@ def test_bad_configs_give_one_clear_line(tmp_path: Path, text, overrides, needle
 def test_missing_config_file_is_named(tmp_path: Path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Cfg, tmp_path / "nope.yaml")
+
+
+def test_one_dotted_setter_refuses_a_path_through_a_value_for_overrides_and_sweeps():
+    from explab import sweep
+    from explab.config import set_dotted
+
+    assert sweep.set_dotted is set_dotted  # the sweep's trials and --set go through the same setter
+    data = {"model": "tiny:llama", "opt": None, "lr": 0.1}
+    # through a null section: made, in both
+    assert set_dotted(data, "opt.lr", 1.0)["opt"] == {"lr": 1.0}
+    assert apply_overrides(data, ["opt.lr=1.0"])["opt"] == {"lr": 1.0}
+    # through a value (the disputed case): refused, in both, with one line naming the part
+    for attempt in (lambda: set_dotted(data, "model.name", "tiny:qwen"),
+                    lambda: apply_overrides(data, ["model.name=tiny:qwen"])):
+        with pytest.raises(ConfigError, match=r"'model' is a value, not a section \(it holds a str\)"):
+            attempt()
+    assert data == {"model": "tiny:llama", "opt": None, "lr": 0.1}  # the input is never changed

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from explab.models import resolve_device
+
 
 @dataclass
 class TrainResult:
@@ -54,12 +56,6 @@ def ezpc_loss(A: torch.Tensor, C: torch.Tensor, V: torch.Tensor, T: torch.Tensor
     ezpc_log_probs = F.log_softmax(logit_scale * bottleneck_logits(V, A, T), dim=1)
     reconstruction = F.kl_div(ezpc_log_probs, clip_log_probs, reduction="batchmean", log_target=True)
     return matching, reconstruction, matching + lam * reconstruction
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def train_projection(C: np.ndarray, V: np.ndarray, T: np.ndarray, *, lam: float = 1.0, lr: float = 0.01,

@@ -7,6 +7,7 @@ settings. `load_config` reads a YAML file, applies overrides, and validates; eve
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,19 +65,35 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = _deepcopy(data)
+    """A copy of ``data`` with each ``a.b.c=value`` override set (see `set_dotted`)."""
+    data = copy.deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section; set it directly")
-            node = child
-        node[path[-1]] = value
+        data = set_dotted(data, ".".join(path), value, what=f"override {item!r}")
     return data
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, *, what: str | None = None) -> dict[str, Any]:
+    """A copy of ``data`` with the field ``a.b.c`` set to ``value``.
+
+    The one dotted-path setter (``--set`` overrides, a sweep base's overrides and its trials' values):
+    a missing or null section on the way is made; a section that holds a value (a string, a number,
+    a list) is refused with a `ConfigError` rather than replaced, since replacing it would drop the
+    value silently. ``what`` names the caller's input in that message (default: the dotted path).
+    """
+    out = copy.deepcopy(data)
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what or repr(dotted)}: {part!r} is a value, not a section (it holds a "
+                              f"{type(child).__name__}); set it directly")
+        node = child
+    node[parts[-1]] = value
+    return out
 
 
 def validate(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
@@ -113,6 +130,3 @@ def _explain(err: ValidationError, source: str) -> str:
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: field '{field}': {msg}: {hint}{more}"
 
-
-def _deepcopy(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in data.items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from explab import store
-from explab.sweep import FINAL_KEY, RUN_DIR_KEY, TRIALS_DIR, SweepSpec, attempts
+from explab.sweep_spec import FINAL_KEY, RUN_DIR_KEY, TRIALS_DIR, SweepSpec, attempts
 
 STATUSES = ("completed", "stopped_early", "failed")
 FINISHED = set(STATUSES)

@@ -3,89 +3,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from explab.errors import ModelError
+from explab.models.loaded import (  # noqa: F401 - LoadedModel and the resolvers stay importable from here
+    KINDS,
+    LoadedModel,
+    check_kind,
+    finish,
+    resolve_device,
+    resolve_dtype,
+    vae_processor,
+)
 from explab.models.spec import ModelSpec
-
-KINDS = ("causal_lm", "vlm", "clip", "vae")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class LoadedModel:
-    """A model in eval mode plus what is needed to feed it.
-
-    ``tokenizer`` is None for a VAE; ``processor`` is the LLaVA processor, the open_clip image
-    transform, or a diffusers ``VaeImageProcessor`` (None for causal LMs). ``source`` says where it
-    came from (``tiny:<family>``, an absolute path, or ``hub:<id>``).
-    """
-
-    model: Any
-    tokenizer: Any
-    processor: Any
-    kind: str
-    spec: ModelSpec
-    source: str
-    revision: str | None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-
-def resolve_device(spec: ModelSpec) -> torch.device:
-    if spec.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(spec.device)
-    except RuntimeError as err:
-        raise ModelError(
-            f"bad model device {spec.device!r} ({err}): use auto, cpu, cuda or cuda:<n>"
-        ) from err
-
-
-def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
-    if spec.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[spec.dtype]
-
-
-def finish(
-    model: Any,
-    tokenizer: Any,
-    processor: Any,
-    kind: str,
-    spec: ModelSpec,
-    source: str,
-    revision: str | None = None,
-) -> LoadedModel:
-    """Common last steps: check the kind, eval mode, pad token + left padding, resolved revision."""
-    check_kind(spec, kind)
-    model.eval()
-    for tok in (tokenizer, getattr(processor, "tokenizer", None)):
-        if hasattr(tok, "padding_side"):  # an HF tokenizer (not open_clip's)
-            if tok.pad_token is None and tok.eos_token is not None:
-                tok.pad_token = tok.eos_token
-            tok.padding_side = "left"
-    revision = revision or getattr(getattr(model, "config", None), "_commit_hash", None) or spec.revision
-    return LoadedModel(model, tokenizer, processor, kind, spec, source, revision)
-
-
-def check_kind(spec: ModelSpec, kind: str) -> None:
-    if spec.kind not in ("auto", kind):
-        raise ModelError(
-            f"model {spec.name!r} is a {kind} model but the spec asks for kind={spec.kind!r}: "
-            f"set kind to {kind!r} or 'auto', or name a {spec.kind} model"
-        )
+from explab.models.tiny import build_tiny
 
 
 def load_model(spec: ModelSpec | str | dict[str, Any]) -> LoadedModel:
@@ -97,8 +31,6 @@ def load_model(spec: ModelSpec | str | dict[str, Any]) -> LoadedModel:
     """
     spec = ModelSpec.of(spec)
     if spec.is_tiny:
-        from explab.models.tiny import build_tiny
-
         return build_tiny(spec)
     path = Path(spec.name).expanduser()
     if path.is_dir():
@@ -280,9 +212,3 @@ def _download_open_clip(spec: ModelSpec) -> str:
         except Exception:  # noqa: BLE001 - try the next weight file name
             continue
     return str(Path(config).parent)
-
-
-def vae_processor(model: Any) -> Any:
-    from diffusers.image_processor import VaeImageProcessor
-
-    return VaeImageProcessor(vae_scale_factor=2 ** (len(model.config.block_out_channels) - 1))

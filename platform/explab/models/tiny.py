@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from explab.errors import ModelError
-from explab.models.loader import LoadedModel, finish, resolve_device, resolve_dtype, vae_processor
+from explab.models.loaded import LoadedModel, finish, resolve_device, resolve_dtype, vae_processor
 from explab.models.spec import ModelSpec
 from explab.models.tokenizer import IMAGE_TOKEN, ROLE_TOKENS, byte_tokenizer
 
