@@ -26,9 +26,14 @@ from pydantic import Field, model_validator
 from explab.config import Section
 from explab.errors import ConfigError, ExplabError
 from explab.models import ModelSpec
-from explab.servers import ServerOptions
-from explab.servers.handle import as_requests
-from explab.servers.types import Completion, GenerationRequest, GenerationResult, SamplingParams
+from explab.servers import (
+    Completion,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    ServerOptions,
+    as_requests,
+)
 from jobs.apm.benchmark import Vocab, derive_seed
 
 

@@ -30,9 +30,7 @@ from pydantic import Field
 from explab.config import Section
 from explab.errors import ExplabError
 from explab.models import ModelSpec, load_model
-from explab.servers import ServerOptions
-from explab.servers.prompts import encode_request, render_prompt
-from explab.servers.types import GenerationRequest
+from explab.servers import GenerationRequest, ServerOptions, encode_request, render_prompt
 from jobs.apm.benchmark import rng_for
 from jobs.apm.methods.base import Method, MethodContext, UserView
 

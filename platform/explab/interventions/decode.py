@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from explab.errors import ExplabError
+from explab.generation import Completion, SamplingParams
 from explab.interventions.hooks import Spec, intervene
 from explab.interventions.specs import Capture, parse_interventions
-from explab.servers.types import Completion, SamplingParams
 
 
 @dataclass

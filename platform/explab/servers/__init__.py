@@ -1,11 +1,18 @@
-"""Shared model servers (Ray actors): `Generator` (vLLM | transformers) and `HookedModel` (PyTorch + hooks)."""
+"""Shared model servers (Ray actors): `Generator` (vLLM | transformers) and `HookedModel` (PyTorch + hooks).
 
-from explab.servers.handle import ServerHandle
+Jobs import from here: the handle and options, the request/result types (defined in
+`explab.generation`), and the prompt helpers (`as_requests`, `render_prompt`, `encode_request`)
+that turn requests into the token ids every backend sees.
+"""
+
+from explab.generation import ChatMessage, Completion, GenerationRequest, GenerationResult, SamplingParams
+from explab.servers.handle import ServerHandle, as_requests
 from explab.servers.options import ServerOptions
+from explab.servers.prompts import encode_request, render_prompt
 from explab.servers.registry import get_server, list_servers, server_name, stop_server
-from explab.servers.types import ChatMessage, Completion, GenerationRequest, GenerationResult, SamplingParams
 
 __all__ = [
     "ChatMessage", "Completion", "GenerationRequest", "GenerationResult", "SamplingParams", "ServerHandle",
-    "ServerOptions", "get_server", "list_servers", "server_name", "stop_server",
+    "ServerOptions", "as_requests", "encode_request", "get_server", "list_servers", "render_prompt", "server_name",
+    "stop_server",
 ]
