@@ -31,3 +31,31 @@ def test_synthetic_and_parquet_specs(ray_local, tmp_path):
 def test_bad_dataset_specs(ray_local, spec, needle):
     with pytest.raises(ExplabError, match=needle):
         load_dataset(spec)
+
+
+def test_synthetic_registry_refuses_a_taken_name_and_lists_the_known_ones_on_a_miss():
+    from explab.data import synthetic_names, synthetic_rows
+    from explab.errors import ConfigError
+
+    def other(seed: int = 0):
+        return [{"x": -1}]
+
+    register_synthetic("squares", _squares)  # the same function again: a no-op
+    with pytest.raises(ConfigError, match=r"'squares' is already registered by .*_squares: give .*other another"):
+        register_synthetic("squares", other)
+    assert synthetic_rows("squares", n=2) == [{"x": 0, "y": 0}, {"x": 1, "y": 1}]  # not overwritten
+    with pytest.raises(ExplabError) as info:
+        synthetic_rows("nope")
+    assert "known are" in str(info.value) and "squares" in str(info.value) and "\n" not in str(info.value)
+    assert "squares" in synthetic_names()
+
+
+def test_jobs_declare_their_synthetic_datasets_and_registering_a_job_again_is_harmless():
+    from explab.data import synthetic_names
+    from explab.job import discover
+
+    jobs = discover()
+    declared = {name: job for job in jobs.values() for name in job.synthetic}
+    assert {"mmlu_pro", "cot_arithmetic", "cot_logic", "ezpc_shapes", "sotalign_shapes"} <= set(declared)
+    assert set(declared) <= set(synthetic_names())
+    assert discover().keys() == jobs.keys()  # re-discovery re-registers the same functions without error

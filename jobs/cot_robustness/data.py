@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from explab.data import register_synthetic
 from explab.errors import ExplabError
 
 JOB_DIR = Path(__file__).parent
@@ -74,7 +73,6 @@ def paragraph_rows(row: dict[str, Any], *, field: str, min_chars: int, spec: str
 # ---- synthetic items with checkable answers ---------------------------------------------------
 
 
-@register_synthetic("cot_arithmetic")
 def arithmetic_items(n: int = 8, seed: int = 0) -> list[dict[str, Any]]:
     """Two-operation integer arithmetic: ``a op1 b op2 c`` with the usual precedence."""
     rng = np.random.default_rng(seed)
@@ -94,7 +92,6 @@ def arithmetic_items(n: int = 8, seed: int = 0) -> list[dict[str, Any]]:
 _NAMES = ("Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana")
 
 
-@register_synthetic("cot_logic")
 def logic_items(n: int = 8, seed: int = 0) -> list[dict[str, Any]]:
     """Orderings from pairwise comparisons: who is the tallest (or shortest) of four people?"""
     rng = np.random.default_rng(seed)

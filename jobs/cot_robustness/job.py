@@ -306,4 +306,5 @@ JOB = Job(
     description="Perturb a reasoning model's own chain of thought at fixed timesteps (7 interventions) and measure recovery.",
     config=Config,
     run=run,
+    synthetic={"cot_arithmetic": data.arithmetic_items, "cot_logic": data.logic_items},
 )

@@ -36,8 +36,7 @@ from explab.models import ModelSpec
 from explab.runs import RunContext
 from explab.servers import ServerOptions
 from jobs.ezpc import concepts as vocab
-from jobs.ezpc import explain, metrics, plots
-from jobs.ezpc import shapes as _shapes  # noqa: F401  (registers synthetic:ezpc_shapes)
+from jobs.ezpc import explain, metrics, plots, shapes
 from jobs.ezpc.model import TrainResult, train_projection
 
 
@@ -149,7 +148,7 @@ def class_names(ds: DatasetConfig) -> list[str]:
     elif isinstance(ds.classes, str):
         names = vocab.read_phrases(vocab.resolve_file(ds.classes, "class file"))
     elif ds.spec == "synthetic:ezpc_shapes":
-        names = _shapes.class_names(**{k: v for k, v in ds.kwargs.items() if k in ("colours", "shapes")})
+        names = shapes.class_names(**{k: v for k, v in ds.kwargs.items() if k in ("colours", "shapes")})
     elif ds.spec.startswith("hf:"):
         names = [vocab.clean_class_name(n) for n in vocab.hf_label_names(ds.spec, ds.label_column)]
     else:
@@ -431,4 +430,5 @@ JOB = Job(
     description="EZPC: explain CLIP zero-shot predictions through a learned concept projection (A ≈ Cᵀ, KL to CLIP).",
     config=Config,
     run=run,
+    synthetic={"ezpc_shapes": shapes.shapes_rows},
 )

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from explab.data import register_synthetic
 from explab.errors import ConfigError
 
 COLOURS = {
@@ -58,7 +57,6 @@ def draw(shape: str, colour: tuple[int, int, int], size: int, rng: np.random.Gen
     return img.astype(np.uint8)
 
 
-@register_synthetic("ezpc_shapes")
 def shapes_rows(*, seed: int = 0, n: int = 240, part: str = "train", size: int = 32,
                 colours: Any = DEFAULT_COLOURS, shapes: Any = DEFAULT_SHAPES) -> list[dict[str, Any]]:
     """``n`` images, classes balanced and shuffled; ``part`` (train/test/validation) is an independent draw."""

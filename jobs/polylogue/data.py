@@ -12,14 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from explab.data import register_synthetic
 from explab.errors import ExplabError
 from jobs.polylogue.catalog import prompts
 
 LETTERS = "ABCDEFGHIJ"
 
 
-@register_synthetic("mmlu_pro")
 def synthetic_mmlu_pro(n: int = 40, seed: int = 0, n_options: int = 10) -> list[dict[str, Any]]:
     """Arithmetic multiple-choice questions in the MMLU-Pro schema (deterministic in ``seed``)."""
     if not 2 <= n_options <= len(LETTERS):

@@ -19,7 +19,7 @@ from explab.job import Job
 from explab.runs import RunContext
 from jobs.polylogue import plots
 from jobs.polylogue.config import Config, ModelEntry
-from jobs.polylogue.data import load_questions
+from jobs.polylogue.data import load_questions, synthetic_mmlu_pro
 from jobs.polylogue.persona import extract, load_vectors, vector_metadata
 from jobs.polylogue.probes import evaluate
 from jobs.polylogue.series import long_table, run_series
@@ -165,4 +165,5 @@ JOB = Job(
     description="Persona vectors as dynamic signals: the polylogue time series, correctness probes, stage-aware steering.",
     config=Config,
     run=run,
+    synthetic={"mmlu_pro": synthetic_mmlu_pro},
 )

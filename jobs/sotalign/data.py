@@ -213,11 +213,3 @@ def shapes_rows(n: int = 64, seed: int = 0, size: int = 32, stream: int = 0) -> 
         rows.append({"image": img, "caption": f"a {colour} {shape}", "label": SHAPES.index(shape)})
     return rows
 
-
-def _register() -> None:
-    from explab.data import register_synthetic
-
-    register_synthetic("sotalign_shapes")(shapes_rows)
-
-
-_register()

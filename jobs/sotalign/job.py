@@ -29,7 +29,7 @@ from explab.job import Job
 from explab.runs import RunContext
 from jobs.sotalign import plots
 from jobs.sotalign.align import AlignConfig, train_alignment
-from jobs.sotalign.data import AlignData, SyntheticConfig, describe, make_synthetic
+from jobs.sotalign.data import AlignData, SyntheticConfig, describe, make_synthetic, shapes_rows
 from jobs.sotalign.evaluate import retrieval, zero_shot
 from jobs.sotalign.teacher import TeacherKind, fit_teacher
 
@@ -257,4 +257,5 @@ JOB = Job(
     description="SOTAlign: align frozen image and text encoders from few pairs + unpaired data (linear teacher + KL-OT).",
     config=Config,
     run=run,
+    synthetic={"sotalign_shapes": shapes_rows},
 )

@@ -14,26 +14,53 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from explab.errors import ExplabError
+from explab.errors import ConfigError, ExplabError
 
-_SYNTHETIC: dict[str, Callable[..., list[dict[str, Any]]]] = {}
+SyntheticFn = Callable[..., list[dict[str, Any]]]
+_SYNTHETIC: dict[str, SyntheticFn] = {}
 
 
-def register_synthetic(name: str) -> Callable[[Callable[..., list[dict[str, Any]]]], Callable[..., list[dict[str, Any]]]]:
-    """Register ``fn(n=..., seed=..., **kwargs) -> list[row]`` as ``synthetic:<name>``."""
+def register_synthetic(name: str, fn: SyntheticFn | None = None) -> Any:
+    """Register ``fn(seed=..., **kwargs) -> list[row]`` as ``synthetic:<name>``.
 
-    def wrap(fn: Callable[..., list[dict[str, Any]]]) -> Callable[..., list[dict[str, Any]]]:
-        _SYNTHETIC[name] = fn
-        return fn
+    Jobs declare theirs on their `explab.job.Job` (``synthetic={"name": fn}``), which registers
+    them when the job is defined; a test may call this directly, or use it as a decorator
+    (``@register_synthetic("name")``). A name is registered once: registering a different
+    function under a taken name raises `ConfigError` (the same function again is a no-op, so a
+    re-imported module is fine).
+    """
+    if fn is None:
+        def wrap(func: SyntheticFn) -> SyntheticFn:
+            register_synthetic(name, func)
+            return func
 
-    return wrap
+        return wrap
+    if not name or ":" in name:
+        raise ConfigError(f"synthetic dataset name {name!r} is empty or holds a ':': use a plain name")
+    taken = _SYNTHETIC.get(name)
+    if taken is not None and _qualname(taken) != _qualname(fn):
+        raise ConfigError(f"synthetic dataset {name!r} is already registered by {_qualname(taken)}: "
+                          f"give {_qualname(fn)} another name")
+    _SYNTHETIC[name] = fn
+    return fn
+
+
+def synthetic_names() -> list[str]:
+    """The registered ``synthetic:`` dataset names, sorted."""
+    return sorted(_SYNTHETIC)
 
 
 def synthetic_rows(name: str, *, seed: int = 0, **kwargs: Any) -> list[dict[str, Any]]:
+    """The rows of ``synthetic:<name>`` (raises `ExplabError` listing the known names on a miss)."""
     if name not in _SYNTHETIC:
-        known = ", ".join(sorted(_SYNTHETIC)) or "none registered"
-        raise ExplabError(f"unknown synthetic dataset {name!r}: known are {known}")
+        known = ", ".join(synthetic_names()) or "none registered"
+        raise ExplabError(f"unknown synthetic dataset {name!r}: known are {known} (a job's synthetic datasets "
+                          "are registered when its job module is loaded)")
     return _SYNTHETIC[name](seed=seed, **kwargs)
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
 def load_dataset(spec: str, *, seed: int = 0, split: str = "train", limit: int | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,14 @@ class Job:
     config: type[BaseModel]
     run: Callable[[Any, Any], dict[str, Any] | None]
     package: str = field(default="", compare=False)
+    synthetic: Mapping[str, Callable[..., list[dict[str, Any]]]] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        """Register the job's ``synthetic:`` datasets (``synthetic={"name": fn}``) with `explab.data`."""
+        from explab.data import register_synthetic
+
+        for name, fn in self.synthetic.items():
+            register_synthetic(name, fn)
 
     @property
     def folder(self) -> Path:
@@ -60,7 +68,7 @@ def discover() -> dict[str, Job]:
             raise
         job = getattr(module, "JOB", None)
         if isinstance(job, Job):
-            found[job.name] = Job(job.name, job.description, job.config, job.run, f"jobs.{info.name}")
+            found[job.name] = Job(job.name, job.description, job.config, job.run, f"jobs.{info.name}", job.synthetic)
     return dict(sorted(found.items()))
 
 

@@ -72,7 +72,7 @@ def load_job(name: str) -> Any:
         else:
             job = getattr(module, "JOB", None)
             if isinstance(job, Job) and job.name == name:
-                return Job(job.name, job.description, job.config, job.run, f"jobs.{name}")
+                return Job(job.name, job.description, job.config, job.run, f"jobs.{name}", job.synthetic)
     return get_job(name)
 
 
