@@ -12,6 +12,7 @@ import pytest
 
 from explab.config import load_config
 from explab.errors import ConfigError, ExplabError
+from explab.seeds import derive_seed
 from explab.servers.handle import as_requests
 from explab.servers.types import Completion, GenerationResult
 from jobs.cot_robustness import judge, metrics, stages
@@ -156,7 +157,7 @@ def _rows(names, tau=0.7, question="What is 5 times 4?"):
     for name in names:
         index, paragraph = (-1, "")
         if name == "add_random_text":
-            index, paragraph = iv.choose_paragraph(POOL, iv.derive_seed(0, "m", "item", tau, name))
+            index, paragraph = iv.choose_paragraph(POOL, derive_seed(0, "m", "item", tau, name))
         out.append({"model": "m", "item_id": "item", "question": question, "output": TRACE, "tau_target": tau,
                     "tau_actual": cut.actual, "cut_count": cut.count, "intervention": name, "paragraph": paragraph,
                     "pool_index": index})

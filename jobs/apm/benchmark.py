@@ -15,7 +15,6 @@ prompts) and never a `World`, `User` or C. The run stores C only under ``artifac
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 import yaml
 
 from explab.errors import ConfigError
+from explab.seeds import rng_for
 
 JOB_DIR = Path(__file__).parent
 
@@ -115,22 +115,6 @@ def load_vocab(attributes_file: str, principles_file: str, topics_file: str,
     if any("{topic}" not in q for q in questions):
         raise ConfigError("vocabulary: every question template in the topics file needs a {topic} field")
     return Vocab(attrs, princs, topics, questions)
-
-
-# ---- seeds ---------------------------------------------------------------------------------------
-def derive_seed(*parts: Any) -> int:
-    """A stable 63-bit seed from any parts (ints, strings): the same parts give the same seed."""
-    words = [p if isinstance(p, int) and p >= 0 else zlib.crc32(str(p).encode()) for p in parts]
-    return _two_words(words)
-
-
-def _two_words(words: list[int]) -> int:
-    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def rng_for(*parts: Any) -> np.random.Generator:
-    return np.random.default_rng(derive_seed(*parts))
 
 
 # ---- the hidden mapping C and the users -----------------------------------------------------------

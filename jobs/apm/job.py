@@ -25,6 +25,7 @@ from explab.errors import ConfigError
 from explab.job import Job
 from explab.models import ModelSpec
 from explab.runs import RunContext
+from explab.seeds import derive_seed, rng_for
 from explab.servers import ServerOptions
 from jobs.apm import evaluate, plots
 from jobs.apm.benchmark import (
@@ -32,10 +33,8 @@ from jobs.apm.benchmark import (
     World,
     build_world,
     derangement,
-    derive_seed,
     load_vocab,
     read_yaml_file,
-    rng_for,
 )
 from jobs.apm.embed import EmbedderConfig, make_embedder
 from jobs.apm.judge import JudgePrompts, judge_responses

@@ -7,7 +7,8 @@ import re
 from typing import Any
 
 from explab.errors import ConfigError
-from jobs.apm.benchmark import Principle, derive_seed, read_yaml_file
+from explab.seeds import derive_seed
+from jobs.apm.benchmark import Principle, read_yaml_file
 from jobs.apm.llm import RoleConfig, chat, fill, generate_texts
 
 

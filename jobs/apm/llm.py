@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from explab.config import Section
 from explab.errors import ConfigError, ExplabError
 from explab.models import ModelSpec
+from explab.seeds import derive_seed
 from explab.servers import (
     Completion,
     GenerationRequest,
@@ -34,7 +35,7 @@ from explab.servers import (
     ServerOptions,
     as_requests,
 )
-from jobs.apm.benchmark import Vocab, derive_seed
+from jobs.apm.benchmark import Vocab
 
 
 class RoleConfig(Section):

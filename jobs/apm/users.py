@@ -17,7 +17,8 @@ from pydantic import Field
 
 from explab.config import Section
 from explab.errors import ConfigError
-from jobs.apm.benchmark import Principle, Vocab, derive_seed, read_yaml_file, rng_for
+from explab.seeds import derive_seed, rng_for
+from jobs.apm.benchmark import Principle, Vocab, read_yaml_file
 from jobs.apm.llm import RoleConfig, chat, fill, generate_texts
 from jobs.apm.methods.base import Turn
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.cot_robustness.perturbations import derive_seed
+from explab.seeds import derive_seed
 
 
 def task_messages(system_prompt: str | None, instruction: str, question: str) -> list[dict[str, str]]:

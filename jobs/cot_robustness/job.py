@@ -18,79 +18,24 @@ server when the last two are the same spec). Every stage streams through Ray Dat
 from __future__ import annotations
 
 import math
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from explab import errors
+from explab.data import collect
 from explab.errors import ExplabError
 from explab.job import Job
 from explab.runs import RunContext
+from explab.seeds import derive_seed
 from jobs.cot_robustness import data, metrics, plots, stages
 from jobs.cot_robustness.config import Config, EvaluatedModel
-from jobs.cot_robustness.perturbations import INTERVENTIONS, LLM_INTERVENTIONS, choose_paragraph, derive_seed
+from jobs.cot_robustness.perturbations import INTERVENTIONS, LLM_INTERVENTIONS, choose_paragraph
 from jobs.cot_robustness.prompts import load_prompts
 from jobs.cot_robustness.traces import cut_at, extract_reasoning, final_answer, split_steps
 
 __all__ = ["Config", "JOB", "run"]
-
-
-_REMOTE_ERROR = re.compile(r"^explab\.errors\.(ExplabError|ConfigError|ModelError): (.+)$", re.MULTILINE)
-
-
-def _explab_cause(err: BaseException) -> ExplabError | None:
-    """The ExplabError behind an error raised in a Ray task or Ray Data worker, if any.
-
-    Ray Data hands back a UDF's exception only as text inside its traceback (the exception object
-    does not cross the process boundary), so the last ``explab.errors.<Class>: message`` line is
-    read from there when no ExplabError is found in the chain.
-    """
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, ExplabError):
-            return e
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    found = _REMOTE_ERROR.findall(str(err))
-    if found:
-        kind, message = found[-1]
-        return getattr(errors, kind)(message)
-    return None
-
-
-def plain(frame: pd.DataFrame) -> pd.DataFrame:
-    """Ray Data's Arrow-backed columns as plain pandas ones (lists as lists, nulls as NaN/None)."""
-    import pyarrow as pa
-
-    cols = {}
-    for name in frame.columns:
-        col = frame[name]
-        if isinstance(col.dtype, pd.ArrowDtype):
-            arr = pa.chunked_array([pa.array(col.array)]) if not isinstance(col.array, pa.ChunkedArray) else col.array
-            if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-                col = pd.Series(arr.to_pylist(), index=frame.index, dtype=object)
-            else:
-                col = pd.Series(arr.to_pandas(), index=frame.index)
-        cols[name] = col
-    return pd.DataFrame(cols, index=frame.index)
-
-
-def collect(ds: Any) -> pd.DataFrame:
-    """Run a Ray Data pipeline to a plain DataFrame; a user error inside it comes back as itself."""
-    try:
-        return plain(ds.to_pandas())
-    except Exception as err:
-        cause = _explab_cause(err)
-        if cause is not None:
-            raise type(cause)(str(cause)) from None
-        raise
 
 
 def collect_all(*datasets: Any) -> list[pd.DataFrame]:

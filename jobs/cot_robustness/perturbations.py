@@ -7,7 +7,6 @@ other five ask the intervention LLM: `llm_request` builds the request, `apply_ll
 
 from __future__ import annotations
 
-import hashlib
 import string
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +27,6 @@ INTERVENTIONS: dict[str, str] = {
 }
 LLM_INTERVENTIONS = ("complete_step", "rewrite_trace", "wrong_reasoning", "wrong_fact", "unrelated")
 ALPHABET = string.ascii_letters + string.digits + string.punctuation + " "
-
-
-def derive_seed(*parts: Any) -> int:
-    """A reproducible 31-bit seed from any printable parts (Python's ``hash`` is salted per process)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def check_name(name: str) -> str:

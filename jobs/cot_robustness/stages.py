@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from explab.seeds import derive_seed
 from jobs.cot_robustness import generation, judge, perturbations
 from jobs.cot_robustness.metrics import doubt_rate, relative_change
 from jobs.cot_robustness.traces import Cut, extract_reasoning, split_steps
@@ -61,14 +62,14 @@ def perturb(df: pd.DataFrame, *, llm: Any, prompts: Any, decoding: dict[str, dic
         if name in perturbations.LLM_INTERVENTIONS:
             dec = decoding[name]
             base = dec["seed"] if dec["seed"] is not None else seed
-            topic = perturbations.choose_topic(prompts.topics, perturbations.derive_seed(base, *key[1:], "topic")) \
+            topic = perturbations.choose_topic(prompts.topics, derive_seed(base, *key[1:], "topic")) \
                 if name == "unrelated" else ""
             request = {"messages": perturbations.llm_messages(name, prompts, r["question"], steps, cut, topic),
                        "params": {"temperature": dec["temperature"], "top_p": dec["top_p"],
-                                  "max_tokens": dec["max_tokens"], "seed": perturbations.derive_seed(base, *key[1:])}}
+                                  "max_tokens": dec["max_tokens"], "seed": derive_seed(base, *key[1:])}}
             asks.append((i, request, {"topic": topic} if topic else {}))
         else:
-            done[i] = perturbations.perturb_local(name, steps, cut, seed=perturbations.derive_seed(*key), ratio=ratio,
+            done[i] = perturbations.perturb_local(name, steps, cut, seed=derive_seed(*key), ratio=ratio,
                                                   paragraph=r["paragraph"] or None, pool_index=r["pool_index"])
     if asks:
         results = llm.generate([req for _, req, _ in asks])
@@ -105,7 +106,7 @@ def continue_traces(df: pd.DataFrame, *, generators: dict[str, Any], models: dic
         requests = []
         for r in group:
             head = extract_reasoning(r["output"]).head
-            s = continuation["seed"] if continuation["seed"] is not None else perturbations.derive_seed(
+            s = continuation["seed"] if continuation["seed"] is not None else derive_seed(
                 seed, label, r["item_id"], r["tau_target"], r["intervention"], r["marker"], "continue")
             requests.append(generation.continuation_request(model, r["question"],
                                                             model["think_prefix"] + head + r["resume_trace"],

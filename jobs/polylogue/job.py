@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from explab.data import plain_frame
 from explab.errors import ConfigError
 from explab.job import Job
 from explab.runs import RunContext
@@ -26,17 +27,6 @@ from jobs.polylogue.series import long_table, run_series
 from jobs.polylogue.steering import run_steering
 
 ARRAY_COLUMNS = ("cos_", "proj_", "rcos_", "rproj_", "mean_", "paragraph")  # per-token data: the polylogue table
-
-
-def plain(frame: pd.DataFrame) -> pd.DataFrame:
-    """Arrow-backed list columns (from Ray Data) as Python lists, so the parquet reads back anywhere."""
-    out = frame.copy()
-    for column in out.columns:
-        dtype = out[column].dtype
-        if isinstance(dtype, pd.ArrowDtype) and "list" in str(dtype.pyarrow_dtype):
-            out[column] = pd.Series([None if v is None else list(v) for v in out[column].tolist()],
-                                    index=out.index, dtype=object)
-    return out
 
 
 def check_layers(entry: ModelEntry, n_layers: int, steering_layer: int | None, index: int) -> None:
@@ -145,7 +135,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
                       ("probe_coefficients", "coef"), ("steering", "steering"),
                       ("steering_responses", "steering_responses")):
         if store[key]:
-            ctx.save_table(name, plain(pd.concat(store[key], ignore_index=True)))
+            ctx.save_table(name, plain_frame(pd.concat(store[key], ignore_index=True)))
     if store["frames"]:
         ctx.save_plot("polylogue_examples", plots.polylogue_examples(
             store["frames"], config.persona.traits, store["plot_layers"], config.polylogue.examples, ctx.seed))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from explab.errors import ConfigError, ExplabError
+from explab.errors import ConfigError, ExplabError, user_error
 
 SyntheticFn = Callable[..., list[dict[str, Any]]]
 _SYNTHETIC: dict[str, SyntheticFn] = {}
@@ -94,3 +94,36 @@ def load_dataset(spec: str, *, seed: int = 0, split: str = "train", limit: int |
     else:
         raise ExplabError(f"unknown dataset scheme {scheme!r} in {spec!r}: use hf:, parquet:, jsonl:, csv: or synthetic:")
     return ds.limit(limit) if limit is not None else ds
+
+
+def plain_frame(frame: Any) -> Any:
+    """A pandas frame from Ray Data with its Arrow-backed columns made plain pandas ones.
+
+    List columns become object columns of Python lists (so the Parquet reads back anywhere);
+    other Arrow columns become numpy-backed ones (nulls as NaN/None). Other columns are kept.
+    """
+    import pandas as pd
+    import pyarrow as pa
+
+    cols = {}
+    for name in frame.columns:
+        col = frame[name]
+        if isinstance(col.dtype, pd.ArrowDtype):
+            arr = col.array if isinstance(col.array, pa.ChunkedArray) else pa.chunked_array([pa.array(col.array)])
+            if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+                col = pd.Series(arr.to_pylist(), index=frame.index, dtype=object)
+            else:
+                col = pd.Series(arr.to_pandas(), index=frame.index)
+        cols[name] = col
+    return pd.DataFrame(cols, index=frame.index)
+
+
+def collect(ds: Any) -> Any:
+    """Run a Ray Data pipeline to a `plain_frame`; an `ExplabError` raised inside it comes back as itself."""
+    try:
+        return plain_frame(ds.to_pandas())
+    except Exception as err:
+        cause = user_error(err)
+        if cause is not None:
+            raise cause from None
+        raise

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.apm.benchmark import Principle, derive_seed
+from explab.seeds import derive_seed
+from jobs.apm.benchmark import Principle
 from jobs.apm.llm import RoleConfig, chat, generate_texts
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from explab.config import Section
-from jobs.apm.benchmark import rng_for
+from explab.seeds import rng_for
 from jobs.apm.embed import cosine
 from jobs.apm.llm import chat, extract_prompt, fill, generate_texts
 from jobs.apm.methods.base import Method, Turn, UserView

@@ -30,8 +30,8 @@ from pydantic import Field
 from explab.config import Section
 from explab.errors import ExplabError
 from explab.models import ModelSpec, load_model
+from explab.seeds import rng_for
 from explab.servers import GenerationRequest, ServerOptions, encode_request, render_prompt
-from jobs.apm.benchmark import rng_for
 from jobs.apm.methods.base import Method, MethodContext, UserView
 
 _UNITS = (" x", "x", " .", ".", " a", "a")
