@@ -31,7 +31,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from explab import runtime
-    from explab.embeddings import EmbedOptions, embed, load_encoder, to_pil
+    from explab.embeddings import EmbedOptions, embed
+    from explab.images import to_pil
+    from explab.models import load_encoder
 
     threads = torch.get_num_threads()
     rng = np.random.default_rng(0)

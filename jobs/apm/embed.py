@@ -4,7 +4,8 @@
   L2-normalised. No model, deterministic, offline: the default for tests and tiny runs.
 - ``hooked``: mean- or last-token-pooled hidden states at a hook point (default ``final``) from the
   shared HookedModel server of ``model`` (e.g. Qwen/Qwen3-Embedding-0.6B with last pooling).
-- ``sentence_transformers``: a sentence-transformers model, if that package is installed.
+- ``sentence_transformers``: a sentence-transformers model through the platform's encoders
+  (`explab.models.load_encoder`), if that package is installed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import Field, model_validator
 
 from explab.config import Section
 from explab.errors import ConfigError
-from explab.models import ModelSpec
+from explab.models import EncoderSpec, ModelSpec, load_encoder
 from explab.servers import ServerOptions
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -79,20 +80,23 @@ class HookedEmbedder:
         return _normalize(pooled)
 
 
-class SentenceTransformerEmbedder:
-    def __init__(self, name: str):
-        self.name = name
-        self._model: Any = None
+class EncoderEmbedder:
+    """A sentence-transformers model as a platform encoder (`explab.models.load_encoder`), loaded on first use.
+
+    Picklable: the loaded encoder is dropped when pickled and loaded again where it is used.
+    """
+
+    def __init__(self, spec: EncoderSpec):
+        self.spec = spec
+        self._encoder: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"name": self.name, "_model": None}
+        return {"spec": self.spec, "_encoder": None}
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        if self._model is None:
-            from sentence_transformers import SentenceTransformer
-
-            self._model = SentenceTransformer(self.name)
-        return _normalize(np.asarray(self._model.encode(list(texts)), dtype=np.float32))
+        if self._encoder is None:
+            self._encoder = load_encoder(self.spec)
+        return _normalize(self._encoder.encode(list(texts), "text"))
 
 
 def make_embedder(cfg: EmbedderConfig, ctx: Any) -> Any:
@@ -105,7 +109,7 @@ def make_embedder(cfg: EmbedderConfig, ctx: Any) -> Any:
     except ImportError:
         raise ConfigError("embedder.kind: sentence_transformers is not installed: pip install sentence-transformers, "
                           "or use kind: hooked / hashing") from None
-    return SentenceTransformerEmbedder(cfg.model.name)
+    return EncoderEmbedder(EncoderSpec(model=cfg.model, kind="sentence_transformers"))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -158,18 +158,11 @@ def clean_class_name(name: str) -> str:
 
 
 def hf_label_names(spec: str, label_column: str) -> list[str]:
-    """The names of a Hugging Face dataset's ``ClassLabel`` column, from its metadata."""
-    import datasets
+    """The names of a Hugging Face dataset's ``ClassLabel`` column (`explab.data.class_label_names`)."""
+    from explab.data import class_label_names
 
-    name, _, config = spec.removeprefix("hf:").partition(":")
-    try:
-        builder = datasets.load_dataset_builder(name, config or None)
-        feature = builder.info.features[label_column]
-    except Exception as err:  # hub errors come in many types
-        raise ExplabError(f"could not read the class names of {spec!r} ({type(err).__name__}): "
-                          "list them in the dataset's `classes` field (or a class file)") from None
-    names = getattr(feature, "names", None)
+    names = class_label_names(spec, label_column)
     if not names:
-        raise ExplabError(f"column {label_column!r} of {spec!r} is not a ClassLabel: list the class names in "
-                          "the dataset's `classes` field")
-    return list(names)
+        raise ExplabError(f"could not read ClassLabel names for column {label_column!r} of {spec!r} (no dataset "
+                          "metadata, or not a ClassLabel): list the class names in the dataset's `classes` field")
+    return names

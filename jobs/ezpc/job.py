@@ -20,7 +20,6 @@ For every (backbone, dataset) pair:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,10 +28,10 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from explab.config import JobConfig, Section
-from explab.embeddings import EmbedOptions, EncoderSpec, embed
+from explab.embeddings import EmbedOptions, embed
 from explab.errors import ConfigError
 from explab.job import Job
-from explab.models import ModelSpec
+from explab.models import EncoderSpec, ModelSpec
 from explab.runs import RunContext
 from explab.servers import ServerOptions
 from jobs.ezpc import concepts as vocab
@@ -193,13 +192,15 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
 
 
-def cache_root(config: Config, ctx: RunContext) -> Path | None:
-    """Where embeddings are cached: ``cache_dir``, $EXPLAB_CACHE, or ``cache/`` beside this run's runs dir."""
+def cache_root(config: Config, ctx: RunContext) -> Path:
+    """Where embeddings are cached: ``cache_dir``, else the pipeline's own (`explab.embeddings.cache_root`
+    of this run's runs folder: $EXPLAB_CACHE, or ``cache/`` beside the runs dir)."""
     if config.cache_dir:
         return Path(config.cache_dir).expanduser()
-    if os.environ.get("EXPLAB_CACHE"):
-        return None  # the pipeline's own default
-    return ctx.run_dir.parent.parent.resolve().parent / "cache" / "embeddings"
+    from explab.embeddings import cache_root as embeddings_cache
+    from explab.runs import runs_root_of
+
+    return embeddings_cache(runs_root_of(ctx.run_dir))
 
 
 def image_embeddings(backbone: EncoderSpec, ds: DatasetConfig, split: str, limit: int | None,
@@ -221,7 +222,7 @@ def display_images(ds: DatasetConfig, n: int, seed: int) -> dict[int, Any]:
     if n == 0:
         return {}
     from explab.data import load_dataset
-    from explab.embeddings import to_pil
+    from explab.images import to_pil
 
     kwargs = dict(ds.kwargs)
     if ds.spec.startswith("synthetic:"):

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from explab.config import Section
+from explab.data import class_label_names
 
 
 @dataclass
@@ -148,7 +149,7 @@ def embed_zeroshot(image_encoder: Any, text_encoder: Any, zs: Any, *, options: A
     images = embed(image_encoder, zs.data, modality="image", column=zs.image_column, keep=[zs.label_column],
                    split=zs.split, limit=zs.limit, options=options, seed=seed, **zs.kwargs)
     labels_raw = images.frame()[zs.label_column].to_numpy()
-    names = zs.class_names or _class_names(zs.data, zs.label_column)
+    names = zs.class_names or class_label_names(zs.data, zs.label_column)
     if names is None:
         names = sorted({str(v) for v in labels_raw})
     if labels_raw.dtype.kind in "iu":
@@ -168,19 +169,6 @@ def embed_zeroshot(image_encoder: Any, text_encoder: Any, zs: Any, *, options: A
     class_y = T.reshape(len(names), len(zs.templates), -1).mean(axis=1)
     return images.array(), labels, class_y.astype(np.float32), shown
 
-
-def _class_names(spec: str, column: str) -> list[str] | None:
-    """The ClassLabel names of a Hugging Face dataset's column (from its cached builder info)."""
-    if not spec.startswith("hf:"):
-        return None
-    try:
-        import datasets
-
-        name, _, config = spec.removeprefix("hf:").partition(":")
-        feature = datasets.load_dataset_builder(name, config or None).info.features[column]
-        return list(feature.names)
-    except Exception:  # no builder info, no ClassLabel: fall back to the label values
-        return None
 
 
 # ---------------------------------------------------------------- a tiny image-caption dataset

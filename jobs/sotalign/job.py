@@ -23,9 +23,10 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from explab.config import JobConfig, Section
-from explab.embeddings import EmbedOptions, EncoderSpec
+from explab.embeddings import EmbedOptions
 from explab.errors import ConfigError
 from explab.job import Job
+from explab.models import EncoderSpec
 from explab.runs import RunContext
 from jobs.sotalign import plots
 from jobs.sotalign.align import AlignConfig, train_alignment

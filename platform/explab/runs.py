@@ -46,6 +46,11 @@ def runs_root(runs_dir: str | Path | None = None) -> Path:
     return Path(runs_dir or os.environ.get("EXPLAB_RUNS_DIR", DEFAULT_RUNS_DIR)).expanduser()
 
 
+def runs_root_of(run_dir: str | Path) -> Path:
+    """The runs folder a run directory sits in: ``<runs-dir>/<job>/<run-id>`` → ``<runs-dir>``."""
+    return Path(run_dir).parent.parent
+
+
 def new_run_id() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 

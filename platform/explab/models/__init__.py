@@ -1,11 +1,13 @@
-"""Models: name one by `ModelSpec` (HF id, local dir, or ``tiny:<family>``) and load it with `load_model`."""
+"""Models: name one by `ModelSpec` (HF id, local dir, or ``tiny:<family>``) and load it with `load_model`;
+frozen encoders (`EncoderSpec` = a `ModelSpec` plus encoding options) load with `load_encoder`."""
 
+from explab.models.encoders import Encoder, EncoderSpec, load_encoder
 from explab.models.loaded import LoadedModel, resolve_device, resolve_dtype
 from explab.models.loader import load_model
 from explab.models.spec import ModelSpec
 from explab.models.tiny import TINY_FAMILIES, build_tiny, save_tiny
 
 __all__ = [
-    "TINY_FAMILIES", "LoadedModel", "ModelSpec", "build_tiny", "load_model", "resolve_device", "resolve_dtype",
-    "save_tiny",
+    "TINY_FAMILIES", "Encoder", "EncoderSpec", "LoadedModel", "ModelSpec", "build_tiny", "load_encoder",
+    "load_model", "resolve_device", "resolve_dtype", "save_tiny",
 ]
