@@ -170,34 +170,21 @@ def embed_zeroshot(image_encoder: Any, text_encoder: Any, zs: Any, *, options: A
     return images.array(), labels, class_y.astype(np.float32), shown
 
 
-
 # ---------------------------------------------------------------- a tiny image-caption dataset
 
 SHAPES = ("square", "circle", "triangle", "cross")
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+COLOURS = ("red", "green", "blue", "yellow")
 
 
 def shapes_rows(n: int = 64, seed: int = 0, size: int = 32, stream: int = 0) -> list[dict[str, Any]]:
     """``synthetic:sotalign_shapes``: coloured shapes with captions ("a red circle") and shape labels.
 
-    ``stream`` draws an independent set for the same seed (pairs, test pairs, unpaired sets).
+    Drawn by the platform's `explab.shapes.shape_rows` (four colours × `SHAPES`, balanced);
+    ``label`` is the shape's index in `SHAPES`. ``stream`` draws an independent set for the same
+    seed (pairs, test pairs, unpaired sets).
     """
-    rng = np.random.default_rng([seed, stream])
-    yy, xx = np.mgrid[0:size, 0:size]
-    rows = []
-    colours = list(COLOURS)
-    for i in range(n):
-        shape, colour = SHAPES[i % len(SHAPES)], colours[rng.integers(len(colours))]
-        cx, cy = rng.uniform(0.35, 0.65, size=2) * size
-        r = rng.uniform(0.18, 0.3) * size
-        dx, dy = xx - cx, yy - cy
-        mask = {"square": (abs(dx) < r) & (abs(dy) < r),
-                "circle": dx ** 2 + dy ** 2 < r ** 2,
-                "triangle": (dy > -r) & (dy < r) & (abs(dx) < (dy + r) / 2),
-                "cross": ((abs(dx) < r / 3) & (abs(dy) < r)) | ((abs(dy) < r / 3) & (abs(dx) < r))}[shape]
-        img = np.full((size, size, 3), 245, dtype=np.uint8)
-        img[mask] = COLOURS[colour]
-        img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
-        rows.append({"image": img, "caption": f"a {colour} {shape}", "label": SHAPES.index(shape)})
-    return rows
+    from explab.shapes import shape_rows
+
+    rows = shape_rows(n=n, seed=seed, stream=stream, size=size, colours=COLOURS, shapes=SHAPES)
+    return [{"image": r["image"], "caption": r["caption"], "label": r["shape_label"]} for r in rows]
 
