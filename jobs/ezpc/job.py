@@ -28,6 +28,7 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from explab.config import JobConfig, Section
+from explab.data import slug
 from explab.embeddings import EmbedOptions, embed
 from explab.errors import ConfigError
 from explab.job import Job
@@ -254,10 +255,6 @@ def train(C: np.ndarray, V: np.ndarray, T: np.ndarray, tc: TrainConfig, seed: in
 # ---- one (backbone, dataset) pair --------------------------------------------------------------
 def short_name(backbone: EncoderSpec) -> str:
     return backbone.name.removeprefix("open_clip:").removeprefix("hf-hub:")
-
-
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
 
 
 def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str], concepts: pd.DataFrame,
