@@ -60,16 +60,16 @@ from explab.config import Section
 from explab.data import Source, fingerprint, resolve_source, slug
 from explab.errors import ConfigError, ExplabError, user_error
 from explab.images import to_pil
-from explab.models.encoders import EncoderKind, EncoderSpec, Modality, load_encoder
+from explab.models.encoders import Encoder, EncoderKind, EncoderSpec, Modality, load_encoder
 
 FORMAT_VERSION = 2  # 2: the encoder is stored as an EncoderSpec holding a ModelSpec
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "jpeg", "pixel_values")
 TEXT_COLUMNS = ("text", "caption", "sentence", "prompt", "captions", "txt")
 
 __all__ = [
-    "EmbedOptions", "EmbeddingSet", "EncodeBatch", "EncoderSpec", "cache_root", "embed", "embed_array",
+    "EmbedOptions", "EmbeddingSet", "EncodeBatch", "Encoder", "EncoderSpec", "cache_root", "embed", "embed_array",
     "load_embeddings", "to_pil",
-]  # EncoderSpec (explab.models) and to_pil (explab.images) are re-exported: embed's argument types
+]  # Encoder, EncoderSpec (explab.models) and to_pil (explab.images) are re-exported: what embed works with
 
 
 # ---------------------------------------------------------------- options
