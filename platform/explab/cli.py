@@ -147,7 +147,7 @@ def servers_cmd(
 @app.command("demo")
 def demo_cmd(runs_dir: RunsDirOpt = None, address: AddressOpt = None,
              keep: Annotated[bool, typer.Option("--keep", help="keep the embedded cluster (and dashboard) up until Ctrl-C")] = False) -> None:
-    """Run a real job end to end on the embedded cluster with tiny models."""
+    """Run a paper job (polylogue, small) end to end on SmolLM2-135M-Instruct on the embedded cluster."""
     from explab.demo import run_demo
 
     run_demo(runs_dir=runs_dir, address=address, keep=keep, console=out)

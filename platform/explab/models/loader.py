@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from explab.errors import ModelError
+from explab.models.gguf import converted_checkpoint, gguf_path
 from explab.models.loaded import (  # noqa: F401 - LoadedModel and the resolvers stay importable from here
     KINDS,
     LoadedModel,
@@ -23,7 +24,10 @@ from explab.models.tiny import build_tiny
 
 
 def load_model(spec: ModelSpec | str | dict[str, Any]) -> LoadedModel:
-    """Load a model by ``tiny:<family>``, local directory, or Hugging Face hub id.
+    """Load a model by ``tiny:<family>``, GGUF checkpoint, local directory, or Hugging Face hub id.
+
+    A GGUF checkpoint (see `explab.models.gguf`) is converted once into the explab cache and loaded
+    from there; its ``source`` is ``gguf:<file>``.
 
     Raises ModelError (one line: what is wrong and how to fix it) for an unknown preset, a missing
     path, an unreachable hub id, or a model of another kind than ``spec.kind``. Loading leaves the
@@ -32,6 +36,11 @@ def load_model(spec: ModelSpec | str | dict[str, Any]) -> LoadedModel:
     spec = ModelSpec.of(spec)
     if spec.is_tiny:
         return build_tiny(spec)
+    gguf = gguf_path(spec)
+    if gguf is not None:
+        checkpoint = converted_checkpoint(gguf)
+        kind, config = _detect_local(checkpoint)
+        return _load(spec, str(checkpoint), kind, config, source=f"gguf:{gguf}")
     path = Path(spec.name).expanduser()
     if path.is_dir():
         kind, config = _detect_local(path)

@@ -13,7 +13,10 @@ Kind = Literal["auto", "causal_lm", "vlm", "clip", "vae"]
 
 
 class ModelSpec(BaseModel):
-    """A model named by Hugging Face id, local path, or ``tiny:<family>`` preset.
+    """A model named by Hugging Face id, local path, ``tiny:<family>`` preset, or GGUF checkpoint.
+
+    A GGUF checkpoint is a ``.gguf`` file path, a directory plus ``gguf_file``, or a packaged short
+    name such as ``smollm2-135m-instruct`` (see `explab.models.gguf`).
 
     ``tiny`` holds config overrides for a ``tiny:`` preset (e.g. ``{"num_hidden_layers": 6,
     "hidden_size": 512}``) so benchmarks can build a bigger random model of the same family.
@@ -21,7 +24,8 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(description="HF id, local directory, or tiny:<family>")
+    name: str = Field(description="HF id, local directory, tiny:<family>, .gguf file, or a packaged short name")
+    gguf_file: str | None = Field(default=None, description="the .gguf file inside the directory `name`")
     dtype: Dtype = "auto"
     revision: str | None = None
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"

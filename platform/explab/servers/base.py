@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any
 
+from explab.models.gguf import gguf_record
 from explab.models.spec import ModelSpec
 from explab.servers.batching import DynamicBatcher
 from explab.servers.options import ServerOptions
@@ -29,6 +30,7 @@ class ServerBase:
         start = time.perf_counter()
         self._load()  # each server kind loads its model and makes its batchers here
         self.load_time_s = time.perf_counter() - start
+        self.files = gguf_record(self.spec)  # a GGUF model's file and sha256, for the run manifest
         self.loads = 1
         self._metrics.model_loaded(self.load_time_s)
 
@@ -44,7 +46,8 @@ class ServerBase:
 
     async def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "model": self.spec.name, "backend": self.backend_name,
-                "load_time_s": round(self.load_time_s, 3), "pid": os.getpid(), **self._info()}
+                "load_time_s": round(self.load_time_s, 3), "pid": os.getpid(),
+                **self.files, **self._info()}
 
     async def stats(self) -> dict[str, Any]:
         batchers = {name: b.stats.as_dict() for name, b in vars(self).items() if isinstance(b, DynamicBatcher)}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from explab.errors import ModelError
+from explab.models.gguf import converted_checkpoint, gguf_path
 from explab.models.spec import ModelSpec
 from explab.servers.prompts import encode_request
 from explab.servers.types import Completion, GenerationRequest, GenerationResult, SamplingParams
@@ -134,9 +135,12 @@ class VLLMBackend:
     # ------------------------------------------------------------------ setup
 
     def _model_path(self) -> str:
-        """What vLLM loads: a saved ``tiny:`` preset, a local directory, or a hub id."""
+        """What vLLM loads: a saved ``tiny:`` preset, a converted GGUF checkpoint, a local directory, or a hub id."""
         if self.spec.is_tiny:
             return str(_saved_tiny(self.spec))
+        gguf = gguf_path(self.spec)
+        if gguf is not None:  # vLLM cannot read the .gguf file: serve the same weights converted once
+            return str(converted_checkpoint(gguf))
         path = Path(self.spec.name).expanduser()
         if path.is_dir():
             return str(path.resolve())
