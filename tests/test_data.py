@@ -59,3 +59,30 @@ def test_jobs_declare_their_synthetic_datasets_and_registering_a_job_again_is_ha
     assert {"mmlu_pro", "cot_arithmetic", "cot_logic", "ezpc_shapes", "sotalign_shapes"} <= set(declared)
     assert set(declared) <= set(synthetic_names())
     assert discover().keys() == jobs.keys()  # re-discovery re-registers the same functions without error
+
+
+def test_load_dataset_and_read_rows_give_the_same_rows_for_every_local_scheme(ray_local, tmp_path):
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from explab.data import read_rows, resolve_source
+
+    for label in ("cat", "dog"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((4, 4, 3), i * 50, np.uint8)).save(tmp_path / "imgs" / label / f"{i}.png")
+    pd.DataFrame({"a": range(5), "b": list("vwxyz")}).to_parquet(tmp_path / "t.parquet")
+    pd.DataFrame({"a": range(5), "b": list("vwxyz")}).to_json(tmp_path / "t.jsonl", orient="records", lines=True)
+    for spec, kwargs in [(f"imagefolder:{tmp_path / 'imgs'}", {}), (f"parquet:{tmp_path / 't.parquet'}", {}),
+                         (f"jsonl:{tmp_path / 't.jsonl'}", {}), ("synthetic:squares", {"n": 4})]:
+        rows = read_rows(spec, seed=1, limit=3, **kwargs)
+        through_ray = load_dataset(spec, seed=1, limit=3, **kwargs).take_all()
+        assert len(rows) == 3 and [dict(r) for r in through_ray] == rows, spec
+    assert [r["label"] for r in read_rows(f"imagefolder:{tmp_path / 'imgs'}")] == ["cat", "cat", "dog", "dog"]
+    # a source's key follows the files' contents (it keys the embedding cache)
+    before = resolve_source(f"parquet:{tmp_path / 't.parquet'}").key
+    st = (tmp_path / "t.parquet").stat()
+    os.utime(tmp_path / "t.parquet", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert resolve_source(f"parquet:{tmp_path / 't.parquet'}").key != before
