@@ -61,6 +61,7 @@ from explab.data import Source, fingerprint, resolve_source, slug
 from explab.errors import ConfigError, ExplabError, user_error
 from explab.images import to_pil
 from explab.models.encoders import Encoder, EncoderKind, EncoderSpec, Modality, load_encoder
+from explab.paths import cache_dir
 
 FORMAT_VERSION = 2  # 2: the encoder is stored as an EncoderSpec holding a ModelSpec
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "jpeg", "pixel_values")
@@ -139,11 +140,7 @@ def _pick_column(columns: Sequence[str], modality: Modality, column: str | None,
 
 def cache_root(runs_dir: str | Path | None = None) -> Path:
     """``$EXPLAB_CACHE/embeddings``, else ``<runs-dir>/../cache/embeddings``."""
-    if os.environ.get("EXPLAB_CACHE"):
-        return Path(os.environ["EXPLAB_CACHE"]).expanduser() / "embeddings"
-    from explab.runs import runs_root
-
-    return runs_root(runs_dir).resolve().parent / "cache" / "embeddings"
+    return cache_dir("embeddings", runs_dir)
 
 
 @dataclass(frozen=True)

@@ -33,22 +33,13 @@ from pydantic import BaseModel
 from explab import __version__, store
 from explab.config import dump_config
 from explab.errors import ExplabError
+from explab.paths import DEFAULT_RUNS_DIR, runs_root, runs_root_of  # noqa: F401 - importable from here
 from explab.telemetry import RunMetrics
 
-DEFAULT_RUNS_DIR = "runs"
 TRACKED_PACKAGES = (
     "torch", "torchvision", "transformers", "ray", "vllm", "open_clip_torch", "diffusers",
     "pot", "optuna", "datasets", "numpy", "pydantic",
 )
-
-
-def runs_root(runs_dir: str | Path | None = None) -> Path:
-    return Path(runs_dir or os.environ.get("EXPLAB_RUNS_DIR", DEFAULT_RUNS_DIR)).expanduser()
-
-
-def runs_root_of(run_dir: str | Path) -> Path:
-    """The runs folder a run directory sits in: ``<runs-dir>/<job>/<run-id>`` → ``<runs-dir>``."""
-    return Path(run_dir).parent.parent
 
 
 def new_run_id() -> str:

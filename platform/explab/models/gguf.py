@@ -119,7 +119,7 @@ def converted_checkpoint(file: Path) -> Path:
     convert once: the others wait on a lock file and reuse it. The checkpoint is written into a
     staging directory and renamed into place, so a crash leaves no half checkpoint.
     """
-    from explab.cache import cache_dir
+    from explab.paths import cache_dir
 
     sha = file_sha256(file)
     root = cache_dir("models")
