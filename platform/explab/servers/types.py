@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class SamplingParams(BaseModel):
@@ -41,7 +41,15 @@ class GenerationRequest(BaseModel):
     prompt: str | None = None
     assistant_prefix: str = ""
     params: SamplingParams = Field(default_factory=SamplingParams)
-    interventions: list[dict[str, Any]] = Field(default_factory=list)  # HookedModel only
+    # HookedModel only: spec objects or dicts, validated here and kept as plain dicts
+    interventions: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("interventions", mode="before")
+    @classmethod
+    def _specs(cls, value: Any) -> list[dict[str, Any]]:
+        from explab.interventions.specs import parse_interventions  # below servers; imported lazily
+
+        return [s.model_dump() for s in parse_interventions(value)]
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
