@@ -67,21 +67,35 @@ def test_mixed_forward_equals_each_row_alone() -> None:
     P = [5, 2, 6, 6, 3]  # prompt lengths: later positions count as generated (teacher forcing)
     per_row = [
         # captures at every point kind, steering at a second layer on the prompt
-        [*(Capture(point=p) for p in ALL_POINT_KINDS),
-         Steer(point=points.resid_post(1), vector=vec(1), alpha=3.0, positions="prompt")],
+        [
+            *(Capture(point=p) for p in ALL_POINT_KINDS),
+            Steer(point=points.resid_post(1), vector=vec(1), alpha=3.0, positions="prompt"),
+        ],
         # another layer, strength and position set; a capture before and after the steer at one point
-        [Capture(point=points.resid_post(0), name="before"),
-         Steer(point=points.resid_post(0), vector=vec(2), alpha=-2.0,
-               positions=Positions(kind="indices", indices=[0, -1])),
-         Capture(point=points.resid_post(0), positions="last")],
+        [
+            Capture(point=points.resid_post(0), name="before"),
+            Steer(
+                point=points.resid_post(0),
+                vector=vec(2),
+                alpha=-2.0,
+                positions=Positions(kind="indices", indices=[0, -1]),
+            ),
+            Capture(point=points.resid_post(0), positions="last"),
+        ],
         # projection on a span, steering on generated positions, at the same point
-        [ProjectOut(point=points.resid_post(1), direction=vec(3), positions=Positions(kind="span", start=1, end=5)),
-         Steer(point=points.resid_post(1), vector=vec(4), alpha=5.0, positions="generated"),
-         Capture(point=points.resid_post(1), positions="generated")],
+        [
+            ProjectOut(
+                point=points.resid_post(1), direction=vec(3), positions=Positions(kind="span", start=1, end=5)
+            ),
+            Steer(point=points.resid_post(1), vector=vec(4), alpha=5.0, positions="generated"),
+            Capture(point=points.resid_post(1), positions="generated"),
+        ],
         [],  # nothing at all
         # the same steer as row 0 but on every position, and a capture of it under another name
-        [Steer(point=points.resid_post(1), vector=vec(1), alpha=3.0),
-         Capture(point=points.mlp_out(2), name="mlp", positions="prompt")],
+        [
+            Steer(point=points.resid_post(1), vector=vec(1), alpha=3.0),
+            Capture(point=points.mlp_out(2), name="mlp", positions="prompt"),
+        ],
     ]
     with torch.no_grad():
         out, s = run_with_hooks(
@@ -117,7 +131,8 @@ def test_mixed_batch_with_shared_specs_and_gpt2() -> None:
         [ProjectOut(point=points.resid_pre(2), direction=vec(6))],
         [Steer(point=points.resid_post(2), vector=vec(8), positions="last"), Capture(point=points.FINAL)],
     ]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # GPT-2's positions are absolute: count from the first real token
+    # GPT-2's positions are absolute: count them from each row's first real token
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         out, s = run_with_hooks(
             model, {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, shared, per_row=per_row
@@ -131,13 +146,27 @@ def test_knockout_and_bidirectional_group_with_per_row_steering() -> None:
     model.set_attn_implementation("eager")  # the rows alone run eager too (the masks force it)
     ids, mask = padded_batch([9, 7, 8])
     for masks in (
-        [Knockout(layers=[0, 1], queries=Positions(kind="span", start=4), keys=Positions(kind="indices", indices=[1]))],
+        [
+            Knockout(
+                layers=[0, 1],
+                queries=Positions(kind="span", start=4),
+                keys=Positions(kind="indices", indices=[1]),
+            )
+        ],
         [Bidirectional(layers=[0], start=1, end=4)],
     ):
         per_row = [
-            [*masks, Steer(point=points.resid_post(0), vector=vec(1), alpha=2.0), Capture(point=points.attn_pattern(1))],
+            [
+                *masks,
+                Steer(point=points.resid_post(0), vector=vec(1), alpha=2.0),
+                Capture(point=points.attn_pattern(1)),
+            ],
             [*masks, Capture(point=points.resid_post(2), positions="last")],
-            [*masks, ProjectOut(point=points.mlp_out(1), direction=vec(2)), Capture(point=points.attn_pattern(1))],
+            [
+                *masks,
+                ProjectOut(point=points.mlp_out(1), direction=vec(2)),
+                Capture(point=points.attn_pattern(1)),
+            ],
         ]
         with torch.no_grad():
             out, s = run_with_hooks(model, {"input_ids": ids, "attention_mask": mask}, [], per_row=per_row)
@@ -160,18 +189,31 @@ def test_mixed_batch_needs_one_spec_list_per_row() -> None:
 def test_vision_points_per_row() -> None:
     model = tiny_llava()
     n_img = 16
-    ids = torch.cat([torch.tensor([[2, 5]]), torch.full((1, n_img), 47), torch.tensor([[7, 8, 9]])], 1).repeat(3, 1)
+    ids = torch.cat(
+        [torch.tensor([[2, 5]]), torch.full((1, n_img), 47), torch.tensor([[7, 8, 9]])], 1
+    ).repeat(3, 1)
     pix = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     per_row = [
         [Capture(point=points.vision_block(1)), Capture(point=points.resid_post(0))],
-        [Steer(point=points.vision_block(0), vector=vec(3, d=24), positions=Positions(kind="indices", indices=[0, 3])),
-         Capture(point=points.PROJECTOR)],
-        [Capture(point=points.PROJECTOR, positions="last"), Capture(point=points.vision_block(1), positions="last")],
+        [
+            Steer(
+                point=points.vision_block(0),
+                vector=vec(3, d=24),
+                positions=Positions(kind="indices", indices=[0, 3]),
+            ),
+            Capture(point=points.PROJECTOR),
+        ],
+        [
+            Capture(point=points.PROJECTOR, positions="last"),
+            Capture(point=points.vision_block(1), positions="last"),
+        ],
     ]
     with torch.no_grad():
         out, s = run_with_hooks(model, {"input_ids": ids, "pixel_values": pix}, [], per_row=per_row)
         for r, specs in enumerate(per_row):
-            ref, rs = run_with_hooks(model, {"input_ids": ids[r : r + 1], "pixel_values": pix[r : r + 1]}, specs)
+            ref, rs = run_with_hooks(
+                model, {"input_ids": ids[r : r + 1], "pixel_values": pix[r : r + 1]}, specs
+            )
             torch.testing.assert_close(out.logits[r], ref.logits[0], atol=1e-5, rtol=1e-5)
             for key in (sp.key for sp in specs if isinstance(sp, Capture)):
                 torch.testing.assert_close(s.captures[key][r], rs.captures[key][0], atol=1e-5, rtol=1e-5)
@@ -183,17 +225,32 @@ def test_mixed_decode_equals_each_prompt_alone() -> None:
     prompt, sp, _, _ = _first_with_break(model)  # a sample with a paragraph break
     v = [vec(i, 3.0) for i in range(4)]
     prompts = [prompt, *PROMPTS]
-    params = [sp, SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=0, max_tokens=9),
-              SamplingParams(temperature=0.8, max_tokens=10, seed=4, n=2)]
+    params = [
+        sp,
+        SamplingParams(temperature=0, max_tokens=12),
+        SamplingParams(temperature=0, max_tokens=9),
+        SamplingParams(temperature=0.8, max_tokens=10, seed=4, n=2),
+    ]
     per_prompt = [
-        [Steer(point=points.resid_post(0), vector=v[0], alpha=2.0, positions=Positions(kind="paragraph", paragraph=1)),
-         Capture(point=points.resid_post(0), name="after", per_step=True)],
-        [Steer(point=points.resid_post(1), vector=v[1], alpha=-1.0, positions="generated"),
-         Capture(point=points.EMBED, positions="generated")],
+        [
+            Steer(
+                point=points.resid_post(0),
+                vector=v[0],
+                alpha=2.0,
+                positions=Positions(kind="paragraph", paragraph=1),
+            ),
+            Capture(point=points.resid_post(0), name="after", per_step=True),
+        ],
+        [
+            Steer(point=points.resid_post(1), vector=v[1], alpha=-1.0, positions="generated"),
+            Capture(point=points.EMBED, positions="generated"),
+        ],
         [],
-        [Steer(point=points.resid_post(0), vector=v[3], positions="prompt"),
-         ProjectOut(point=points.resid_post(1), direction=v[2], positions="generated"),
-         Capture(point=points.mlp_out(1), per_step=True)],
+        [
+            Steer(point=points.resid_post(0), vector=v[3], positions="prompt"),
+            ProjectOut(point=points.resid_post(1), direction=v[2], positions="generated"),
+            Capture(point=points.mlp_out(1), per_step=True),
+        ],
     ]
     batched = decode(model, TOK, prompts, params, per_prompt=per_prompt)
     for p, prm, specs, got in zip(prompts, params, per_prompt, batched, strict=True):
@@ -208,7 +265,9 @@ def test_mixed_decode_equals_each_prompt_alone() -> None:
 
 
 def test_typed_constructors_fail_where_built_with_one_line() -> None:
-    assert points.resid_post(3) == "blocks.3.resid_post" and points.attn_pattern(-1) == "blocks.-1.attn.pattern"
+    assert (
+        points.resid_post(3) == "blocks.3.resid_post" and points.attn_pattern(-1) == "blocks.-1.attn.pattern"
+    )
     assert points.vision_block(0) == "vision.blocks.0" and points.text_block(2) == "text.blocks.2"
     bad = [
         lambda: Capture(point="blocks.0.resid_middle"),

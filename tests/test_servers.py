@@ -199,7 +199,8 @@ def test_mixed_interventions_run_as_one_batch_and_equal_each_row_alone(hooked):
         np.testing.assert_allclose(got.logits, alone.logits, atol=1e-4)
     plain = hooked.forward([ForwardRequest(text=texts[3], return_logits="last")])[0]
     np.testing.assert_allclose(batched[3].logits, plain.logits, atol=1e-5)
-    assert not np.allclose(batched[0].logits, hooked.forward([{"text": texts[0], "return_logits": "last"}])[0].logits)
+    unsteered = hooked.forward([{"text": texts[0], "return_logits": "last"}])[0]
+    assert not np.allclose(batched[0].logits, unsteered.logits)
 
 
 def test_concurrent_steering_sweep_shares_batches_and_equals_alone(hooked):

@@ -158,8 +158,8 @@ class SoftPromptModel:
         """Interventions that make the activation at each placeholder position equal to the prefix."""
         base = self.embed_activations(ids)[positions]
         delta = (prefix.detach().float().to(base.device) - base).cpu().numpy()
-        return [Steer(point=points.EMBED, vector=delta[i], positions=Positions(kind="indices", indices=[int(pos)]))
-                for i, pos in enumerate(positions)]
+        at = [Positions(kind="indices", indices=[int(p)]) for p in positions]
+        return [Steer(point=points.EMBED, vector=delta[i], positions=at[i]) for i in range(len(positions))]
 
     # ---- training ---------------------------------------------------------------------------
     def train(self, view: UserView, cfg: SoftPromptConfig, seed: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -339,7 +339,8 @@ class Session:
             self._handles.append(root.register_forward_hook(self._on_forward_end, always_call=True))
         for (_, kind), (module, site_list) in hooks.items():
             if kind == "pre":
-                h = module.register_forward_pre_hook(self._pre_hook(site_list), with_kwargs=True, prepend=True)
+                hook = self._pre_hook(site_list)
+                h = module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
             else:
                 h = module.register_forward_hook(self._post_hook(site_list), prepend=True)
             self._handles.append(h)
@@ -380,7 +381,9 @@ class Session:
             self._vec_op(pt, "project_out", vecs["project_out"]),
         )
 
-    def _vec_op(self, pt: HookPoint, kind: str, entries: dict[int, tuple[int, Steer | ProjectOut]]) -> _VecOp | None:
+    def _vec_op(
+        self, pt: HookPoint, kind: str, entries: dict[int, tuple[int, Steer | ProjectOut]]
+    ) -> _VecOp | None:
         if not entries:
             return None
         n = len(self.row_specs)
@@ -393,7 +396,9 @@ class Session:
                 vecs[r] = v / v.norm()
         sizes = {v.numel() for v in vecs.values()}
         if len(sizes) > 1:
-            raise ExplabError(f"{kind} at {pt.name!r}: rows give vectors of sizes {sorted(sizes)}: give one size")
+            raise ExplabError(
+                f"{kind} at {pt.name!r}: rows give vectors of sizes {sorted(sizes)}: give one size"
+            )
         first = next(iter(vecs.values()))
         if len(vecs) == n and all(torch.equal(v, first) for v in vecs.values()):
             vec = first
@@ -524,7 +529,12 @@ class Session:
         return self._on_device[key]
 
     def _selection(
-        self, groups: list[tuple[Positions, Tensor | None]], lay: Layout, pos: Tensor, valid: Tensor, name: str
+        self,
+        groups: list[tuple[Positions, Tensor | None]],
+        lay: Layout,
+        pos: Tensor,
+        valid: Tensor,
+        name: str,
     ) -> Tensor:
         """(B, q) bool: the positions each row's own set selects (rows without one: none)."""
         sel: Tensor | None = None
@@ -548,6 +558,13 @@ class Session:
         is_pattern = pt.index == 1
         b, q = x.shape[0], x.shape[2] if is_pattern else x.shape[1]
         tower_row0: dict[str, int] = {}
+        n_rows = len(self.row_specs)
+        changes = any(st.steer or st.project for st in site.stages)
+        if self.per_row and b != n_rows and (pt.stream == "lm" or changes):
+            raise ExplabError(
+                f"{pt.name!r}: per-row interventions were given for {n_rows} rows but the batch has {b}: "
+                "give one spec list per row (one image per row at tower points)"
+            )
         if pt.stream == "lm":
             lay = self._lm_layout(b, q, x.device)
             pos = lay.positions(lay.past, q)
@@ -565,11 +582,6 @@ class Session:
                 if op is None:
                     continue
                 sel = self._selection(op.groups, lay, pos, lay.real, pt.name)
-                if op.vec.ndim == 2 and op.vec.shape[0] != b:
-                    raise ExplabError(
-                        f"{op.kind} at {pt.name!r}: per-row vectors for {op.vec.shape[0]} rows but the batch "
-                        f"has {b}: give one spec list per row"
-                    )
                 n = sel.sum(1) if self.per_row else sel.sum().reshape(1)
                 op.counts = n if op.counts is None else op.counts + n
                 v = op.vector(x)
@@ -740,9 +752,10 @@ def run_with_hooks(
     per_row: Sequence[Sequence[Spec | Mapping[str, Any]]] | None = None,
     **forward_kwargs: Any,
 ) -> tuple[Any, Session]:
-    """One forward pass of ``model`` with ``specs`` (and ``per_row`` specs): returns (model output, session)."""
+    """One forward pass of ``model`` with ``specs`` (and ``per_row`` specs): returns (output, session)."""
     kwargs = {"input_ids": inputs} if isinstance(inputs, Tensor) else dict(inputs)
-    with intervene(model, specs, tokenizer=tokenizer, prompt_lengths=prompt_lengths, per_row=per_row) as session:
+    opts = {"tokenizer": tokenizer, "prompt_lengths": prompt_lengths, "per_row": per_row}
+    with intervene(model, specs, **opts) as session:
         out = model(**kwargs, **forward_kwargs)
     return out, session
 

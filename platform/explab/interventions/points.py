@@ -134,7 +134,9 @@ def check_point_name(name: str) -> str:
     Only the form is checked (a layer index may still be out of range for a given model).
     """
     if not isinstance(name, str):
-        raise ExplabError(f"hook point {name!r} is not a string: build names with explab.interventions.points")
+        raise ExplabError(
+            f"hook point {name!r} is not a string: build names with explab.interventions.points"
+        )
     if name in _NAMED or _BLOCK_RE.match(name) or _TOWER_RE.match(name):
         return name
     raise ExplabError(

@@ -243,7 +243,9 @@ def parse_intervention(
 def parse_interventions(items: Any) -> list[Capture | Steer | ProjectOut | Knockout | Bidirectional]:
     """Validate a list of spec dicts/objects."""
     if isinstance(items, (dict, _Spec)):
-        raise ExplabError(f"interventions must be a list of specs, got one {type(items).__name__}: wrap it in [...]")
+        raise ExplabError(
+            f"interventions must be a list of specs, got one {type(items).__name__}: wrap it in [...]"
+        )
     return [parse_intervention(d) for d in (items or ())]
 
 

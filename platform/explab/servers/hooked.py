@@ -193,10 +193,12 @@ class HookedModel(ServerBase):
             inputs = self._padded(seqs)
         lengths = [r.prompt_length if r.prompt_length is not None else len(s) for r, s in zip(requests, seqs, strict=True)]
         keep = {}  # without "all" logits, skip the LM head on every other position (B x T x vocab)
-        if all(r.return_logits != "all" for r in requests) and "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+        if (all(r.return_logits != "all" for r in requests)
+                and "logits_to_keep" in inspect.signature(self.model.forward).parameters):
             keep["logits_to_keep"] = 1
         per_row = [r.interventions for r in requests]
-        with intervene(self.model, per_row=per_row, tokenizer=self.tokenizer, prompt_lengths=lengths) as session:
+        opts = {"per_row": per_row, "tokenizer": self.tokenizer, "prompt_lengths": lengths}
+        with intervene(self.model, **opts) as session:
             out = self.model(**inputs, **keep)
         captures, positions = session.captures, session.capture_positions
         width = inputs["input_ids"].shape[1]
