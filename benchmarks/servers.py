@@ -6,11 +6,19 @@
    this process.
 2. Generation: 8 concurrent callers send single greedy chat requests to the shared Generator
    (transformers backend); baseline: ``model.generate`` on left-padded batches of 8.
+3. Mixed interventions (a steering sweep through the shared HookedModel): 8 concurrent callers send
+   single greedy steered generation requests (``alpha * v`` added at ``blocks.{layer}.resid_post`` on
+   generated positions); "mixed": each caller has its own alpha and layer, so every batch carries
+   different interventions per row; "homogeneous": the same callers with one shared setting.
+   Target: mixed >= 0.9 of homogeneous throughput. Also the same for steered forward passes with a
+   capture (each caller its own layer and alpha).
 
-The model is a random Llama big enough that the model dominates (default 6 layers, 512 wide).
-Target: ratio >= 0.8.
+The default model is a random Llama big enough that the model dominates (``tiny:llama`` with 6
+layers, 512 wide; ``--layers``/``--hidden`` change it); ``--model`` takes any model spec name
+(e.g. ``smollm2-135m-instruct``). Target for 1-2: ratio >= 0.8.
 
-    python benchmarks/servers.py [--layers 6 --hidden 512 --requests 64 --tokens 64 --new-tokens 32]
+    python benchmarks/servers.py [--model tiny:llama --layers 6 --hidden 512 --requests 64 --tokens 64
+                                  --new-tokens 32 --workloads capture,generate,mixed]
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import torch
 
 
 def _spec(args: argparse.Namespace) -> dict:
+    if args.model != "tiny:llama":
+        return {"name": args.model}
     return {"name": "tiny:llama", "tiny": {
         "num_hidden_layers": args.layers, "hidden_size": args.hidden, "intermediate_size": args.hidden * 11 // 4,
         "num_attention_heads": args.hidden // 64, "num_key_value_heads": args.hidden // 64,
@@ -54,8 +64,11 @@ def _concurrent(n_callers: int, work: list, call) -> float:
 
 
 def bench_capture(args: argparse.Namespace, loaded, hooked) -> dict:
+    from explab.interventions import Capture, points
+
     tok, model = loaded.tokenizer, loaded.model
-    point = f"blocks.{args.layers // 2}.resid_post"
+    mid = hooked.describe()["n_layers"] // 2
+    point = points.resid_post(mid)
     texts = _texts(args.requests, args.tokens)
     batches = [texts[i:i + 8] for i in range(0, len(texts), 8)]
 
@@ -65,11 +78,11 @@ def bench_capture(args: argparse.Namespace, loaded, hooked) -> dict:
         for batch in batches:
             enc = tok(batch, return_tensors="pt", padding=True)
             enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            hs = model(**enc, output_hidden_states=True).hidden_states[args.layers // 2 + 1]
+            hs = model(**enc, output_hidden_states=True).hidden_states[mid + 1]
             [hs[i, enc["attention_mask"][i].bool()].numpy() for i in range(len(batch))]
         return time.perf_counter() - start
 
-    capture = [{"type": "capture", "point": point}]
+    capture = [Capture(point=point)]
     served = lambda: _concurrent(8, texts, lambda t: hooked.forward([{"text": t, "interventions": capture}]))  # noqa: E731
     bare(), served()  # warm up both
     t_bare = min(bare() for _ in range(args.repeats))
@@ -117,8 +130,89 @@ def bench_generate(args: argparse.Namespace, loaded, generator) -> dict:
             "ratio": (n_served / t_served) / (n_bare / t_bare)}
 
 
+def _batching(hooked) -> tuple[int, int]:
+    stats = hooked.stats()["batching"]["batcher"]
+    return stats["requests"], stats["batches"]
+
+
+def bench_mixed(args: argparse.Namespace, loaded, hooked) -> dict:
+    """Steered generation and steered forward passes: per-caller settings vs one shared setting."""
+    from explab.interventions import Capture, Steer, points
+    from explab.servers import GenerationRequest, SamplingParams
+
+    n_layers = hooked.describe()["n_layers"]
+    d = loaded.model.get_input_embeddings().weight.shape[1]
+    g = torch.Generator().manual_seed(3)
+    unit = torch.randn(d, generator=g)
+    unit = (unit / unit.norm()).tolist()
+    scale = float(loaded.model.get_input_embeddings().weight.float().norm(dim=1).mean())  # a token's norm
+    alphas = [scale * a for a in (-2.0, -1.0, -0.5, -0.25, 0.25, 0.5, 1.0, 2.0)]
+    mixed = [(i % n_layers, alphas[i]) for i in range(8)]  # caller i: its own layer and strength
+    shared = [(n_layers // 2, alphas[-1])] * 8
+    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens)
+    questions = _texts(args.requests, args.tokens // 3, seed=2)
+    texts = _texts(args.requests, args.tokens, seed=4)
+
+    def gen_call(setting):
+        layer, alpha = setting
+        steer = Steer(point=points.resid_post(layer), vector=unit, alpha=alpha, positions="generated")
+
+        def call(q):
+            request = GenerationRequest(messages=[{"role": "user", "content": q}], params=params,
+                                        interventions=[steer])
+            counts.append(len(hooked.generate([request])[0].completions[0].token_ids))
+        return call
+
+    def fwd_call(setting):
+        layer, alpha = setting
+        specs = [Steer(point=points.resid_post(layer), vector=unit, alpha=alpha),
+                 Capture(point=points.resid_post(n_layers - 1), positions="last")]
+        return lambda t: hooked.forward([{"text": t, "interventions": specs}])
+
+    counts: list[int] = []
+
+    def run(settings, make, work) -> tuple[float, int, float]:
+        """(seconds, tokens generated, mean batch size) of one pass: caller i runs with settings[i]."""
+        counts.clear()
+        calls = [make(s) for s in settings]
+        chunks = [work[i::8] for i in range(8)]
+        r0, b0 = _batching(hooked)
+        start = time.perf_counter()
+        threads = [threading.Thread(target=lambda c=c, k=k: [k(x) for x in c])
+                   for c, k in zip(chunks, calls, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        r1, b1 = _batching(hooked)
+        return seconds, sum(counts), (r1 - r0) / max(b1 - b0, 1)
+
+    report = {}
+    workloads = (("steered_generation", gen_call, questions), ("steered_forward", fwd_call, texts))
+    for name, make, work in workloads:
+        run(mixed, make, work), run(shared, make, work)  # warm up both
+        best = {}
+        for label, settings in (("homogeneous", shared), ("mixed", mixed)):
+            best[label] = min((run(settings, make, work) for _ in range(args.repeats)), key=lambda x: x[0])
+        row = {}
+        for label, (seconds, tokens, batch) in best.items():
+            row[f"{label}_seq_per_s"] = len(work) / seconds
+            if tokens:
+                row[f"{label}_tok_per_s"] = tokens / seconds
+            row[f"{label}_mean_batch"] = batch
+        row["ratio"] = best["homogeneous"][0] / best["mixed"][0] if not best["mixed"][1] else (
+            (best["mixed"][1] / best["mixed"][0]) / (best["homogeneous"][1] / best["homogeneous"][0]))
+        report[name] = row
+    report["settings"] = {"mixed": [{"layer": la, "alpha": round(a, 3)} for la, a in mixed],
+                          "homogeneous": {"layer": shared[0][0], "alpha": round(shared[0][1], 3)}}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny:llama", help="any model spec name (default: random Llama)")
+    parser.add_argument("--workloads", default="capture,generate,mixed")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--requests", type=int, default=64)
@@ -137,16 +231,20 @@ def main() -> None:
     spec = _spec(args)
     loaded = load_model(spec)
     opts = {"max_batch": args.max_batch, "max_wait_ms": 10}
+    workloads = set(args.workloads.split(","))
     hooked = get_server("hooked", spec, opts)
-    generator = get_server("generator", spec, {**opts, "backend": "transformers"})
-    report = {
-        "model": f"random Llama {args.layers} layers x {args.hidden}",
-        "threads": torch.get_num_threads(),
-        "hooked_capture": bench_capture(args, loaded, hooked),
-        "generation": bench_generate(args, loaded, generator),
-        "hooked_batching": hooked.stats()["batching"]["batcher"],
-        "generator_batching": generator.stats()["batching"]["batcher"],
-    }
+    model = f"random Llama {args.layers} layers x {args.hidden}" if args.model == "tiny:llama" else args.model
+    report: dict = {"model": model, "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()}
+    if "capture" in workloads:
+        report["hooked_capture"] = bench_capture(args, loaded, hooked)
+    if "generate" in workloads:
+        generator = get_server("generator", spec, {**opts, "backend": "transformers"})
+        report["generation"] = bench_generate(args, loaded, generator)
+        report["generator_batching"] = generator.stats()["batching"]["batcher"]
+    if "mixed" in workloads:
+        report["mixed_interventions"] = bench_mixed(args, loaded, hooked)
+    report["hooked_batching"] = hooked.stats()["batching"]["batcher"]
+    report["load_avg_end"] = os.getloadavg()
     print(json.dumps(report, indent=2))
 
 

@@ -32,19 +32,24 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
-    """The explab modules ``path`` imports anywhere in it (``from explab import x`` names explab.x)."""
+    """The explab modules ``path`` imports anywhere in it (``from explab import x`` names explab.x, and
+    ``from explab.a import b`` names the submodule explab.a.b when b is one)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "explab":
             if node.module == "explab":
                 found |= {f"explab.{a.name}" for a in node.names if a.name != "__version__"}
             else:
-                found.add(node.module)
+                subs = {f"{node.module}.{a.name}" for a in node.names} & _FILES
+                found |= subs
+                if len(subs) < len(node.names):  # names defined in the module itself
+                    found.add(node.module)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "explab"}
     return found
 
 
+_FILES = {_module_name(p) for p in PLATFORM.rglob("*.py")}
 MODULES = {_module_name(p): p for p in sorted(PLATFORM.rglob("*.py"))}
 GRAPH = {name: _imports(path) for name, path in MODULES.items()}
 

@@ -5,9 +5,11 @@ import pytest
 import ray
 import torch
 
-from explab.errors import ModelError
+from explab.errors import ExplabError, ModelError
+from explab.interventions import Capture, Knockout, Positions, ProjectOut, Steer, points
 from explab.models import load_model
 from explab.servers import GenerationRequest, SamplingParams, get_server, list_servers, stop_server
+from explab.servers.hooked import ForwardRequest
 from explab.servers.prompts import encode_request
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
@@ -160,6 +162,102 @@ def test_hooked_generation_steers_and_captures_per_step(hooked):
     assert plain.completions[0].token_ids != steered.completions[0].token_ids
     # the first token is sampled from the prompt's last position, which "generated" does not touch
     assert plain.completions[0].token_ids[0] == steered.completions[0].token_ids[0]
+
+
+def _batch_counts(handle):
+    stats = handle.stats()["batching"]["batcher"]
+    return stats["requests"], stats["batches"]
+
+
+def test_mixed_interventions_run_as_one_batch_and_equal_each_row_alone(hooked):
+    rng = np.random.default_rng(1)
+    v = [rng.normal(size=64) for _ in range(4)]
+    texts = ["a", "a longer prompt here", "mid length", "x y z w v u t s r q p", "two words", "short"]
+    interventions = [  # every row different: layers, strengths, position sets, projections, captures
+        [Steer(point=points.resid_post(0), vector=v[0], alpha=4.0), Capture(point=points.resid_post(1))],
+        [Steer(point=points.resid_post(1), vector=v[1], alpha=-2.0, positions="last"),
+         Capture(point=points.mlp_out(0), positions=Positions(kind="indices", indices=[0, -1]))],
+        [ProjectOut(point=points.resid_pre(1), direction=v[2]), Capture(point=points.EMBED, name="e")],
+        [],
+        [Steer(point=points.attn_out(1), vector=v[3], positions=Positions(kind="span", start=2)),
+         Capture(point=points.FINAL)],
+        [Steer(point=points.resid_post(0), vector=v[0], alpha=1.0, positions="prompt")],
+    ]
+    requests = [ForwardRequest(text=t, interventions=iv, return_logits="last")
+                for t, iv in zip(texts, interventions, strict=True)]
+    r0, b0 = _batch_counts(hooked)
+    batched = hooked.forward(requests)
+    r1, b1 = _batch_counts(hooked)
+    assert (r1 - r0, b1 - b0) == (6, 1)  # six different settings, one batch
+    for request, got in zip(requests, batched, strict=True):
+        alone = hooked.forward([request])[0]
+        assert got.token_ids == alone.token_ids
+        assert set(got.captures) == {s.key for s in request.interventions if isinstance(s, Capture)}
+        for key, value in alone.captures.items():
+            np.testing.assert_allclose(got.captures[key], value, atol=1e-5)
+            np.testing.assert_array_equal(got.capture_positions[key], alone.capture_positions[key])
+        np.testing.assert_allclose(got.logits, alone.logits, atol=1e-4)
+    plain = hooked.forward([ForwardRequest(text=texts[3], return_logits="last")])[0]
+    np.testing.assert_allclose(batched[3].logits, plain.logits, atol=1e-5)
+    unsteered = hooked.forward([{"text": texts[0], "return_logits": "last"}])[0]
+    assert not np.allclose(batched[0].logits, unsteered.logits)
+
+
+def test_concurrent_steering_sweep_shares_batches_and_equals_alone(hooked):
+    vector = np.random.default_rng(0).normal(size=64)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    settings = [(layer, alpha) for layer in (0, 1) for alpha in (-8.0, -2.0, 4.0, 12.0)]
+    requests = [chat("Hi there", params=params, interventions=[
+        Steer(point=points.resid_post(layer), vector=vector, alpha=alpha, positions="generated"),
+        *([Capture(point=points.resid_post(1), per_step=True)] if alpha > 0 else []),
+    ]) for layer, alpha in settings]
+    r0, b0 = _batch_counts(hooked)
+    refs = [hooked.generate_async([r]) for r in requests]  # eight concurrent callers, one request each
+    results = [ray.get(ref)[0] for ref in refs]
+    r1, b1 = _batch_counts(hooked)
+    assert (r1 - r0) / (b1 - b0) > 1  # different interventions, shared batches
+    tokens = set()
+    for request, got in zip(requests, results, strict=True):
+        alone = hooked.generate([request])[0]
+        assert got.completions[0].token_ids == alone.completions[0].token_ids
+        assert got.captures[0].keys() == alone.captures[0].keys()
+        for key, value in alone.captures[0].items():
+            np.testing.assert_allclose(got.captures[0][key], value, atol=1e-4)
+        tokens.add(tuple(got.completions[0].token_ids))
+    assert len(tokens) > 1  # the settings really differ
+
+
+def test_knockout_rows_run_in_their_own_batch(hooked):
+    knock = Knockout(queries=Positions(kind="span", start=3), keys=Positions(kind="indices", indices=[1]))
+    requests = [ForwardRequest(text=t, interventions=iv, return_logits="last") for t, iv in [
+        ("knock me out please", [knock, Capture(point=points.resid_post(1))]),
+        ("and me as well, please", [knock, Steer(point=points.resid_post(0), vector=[0.5] * 64)]),
+        ("leave me alone", [Capture(point=points.resid_post(1))]),
+    ]]
+    r0, b0 = _batch_counts(hooked)
+    batched = hooked.forward(requests)
+    r1, b1 = _batch_counts(hooked)
+    assert (r1 - r0, b1 - b0) == (3, 2)  # the two knockout rows together, the plain row apart
+    for request, got in zip(requests, batched, strict=True):
+        alone = hooked.forward([request])[0]
+        np.testing.assert_allclose(got.logits, alone.logits, atol=1e-4)
+        for key, value in alone.captures.items():
+            np.testing.assert_allclose(got.captures[key], value, atol=1e-5)
+
+
+def test_requests_take_spec_objects_and_reject_bad_specs_where_built():
+    steer = Steer(point=points.resid_post(0), vector=np.ones(4), alpha=2.0)
+    request = chat("Hi", interventions=[steer, {"type": "capture", "point": "embed"}])
+    assert request.interventions[0] == steer.model_dump()  # plain data on the wire
+    assert request.interventions[1]["type"] == "capture"
+    forward = ForwardRequest(text="hi", interventions=[steer.model_dump()])
+    assert forward.interventions == [steer]
+    for bad in ([{"type": "capture", "point": "blocks.0.resid"}], [{"type": "steer", "point": "embed"}]):
+        with pytest.raises(ExplabError) as err:
+            ForwardRequest(text="hi", interventions=bad)
+        assert "\n" not in str(err.value)
+        with pytest.raises(ExplabError):
+            chat("Hi", interventions=bad)
 
 
 def test_unknown_model_is_a_clear_error(ray_local):

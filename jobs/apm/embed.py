@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from explab.config import Section
 from explab.errors import ConfigError
+from explab.interventions import Capture, PointName
 from explab.models import EncoderSpec, ModelSpec, load_encoder
 from explab.servers import ServerOptions
 
@@ -29,7 +30,7 @@ class EmbedderConfig(Section):
     kind: Literal["hashing", "hooked", "sentence_transformers"] = "hashing"
     dim: int = Field(1024, ge=16)  # hashing only
     model: ModelSpec | None = None  # hooked / sentence_transformers
-    point: str = "final"  # hooked: the hook point whose activations are pooled
+    point: PointName = "final"  # hooked: the hook point whose activations are pooled
     pooling: Literal["mean", "last"] = "mean"
     server: ServerOptions = ServerOptions()
 
@@ -73,7 +74,7 @@ class HookedEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, 1), dtype=np.float32)
-        capture = [{"type": "capture", "point": self.point}]
+        capture = [Capture(point=self.point)]
         results = self.handle.forward([{"text": t or " ", "interventions": capture} for t in texts])
         acts = [np.asarray(r.captures[self.point], dtype=np.float32) for r in results]
         pooled = np.stack([a.mean(axis=0) if self.pooling == "mean" else a[-1] for a in acts])

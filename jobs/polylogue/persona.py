@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from explab.errors import ConfigError, ExplabError
+from explab.interventions import Capture, points
 from jobs.polylogue.catalog import load_trait, system_prompt
 
 POLARITIES = ("pos", "neg")
@@ -75,8 +76,8 @@ def activation_batch(batch: pd.DataFrame, *, hooked: Any, n_layers: int,
     ``extra`` maps a polarity to interventions active while its responses are read (before the
     captures), e.g. a planted direction in a test.
     """
-    points = [f"blocks.{i}.resid_post" for i in range(n_layers)]
-    captures = [{"type": "capture", "point": p, "positions": "generated"} for p in points]
+    names = [points.resid_post(i) for i in range(n_layers)]
+    captures = [Capture(point=p, positions="generated") for p in names]
     requests = []
     for r in batch.itertuples(index=False):
         prompt, response = [int(t) for t in r.prompt_ids], [int(t) for t in r.response_ids]
@@ -87,7 +88,7 @@ def activation_batch(batch: pd.DataFrame, *, hooked: Any, n_layers: int,
     for r, result in zip(batch.itertuples(index=False), results, strict=True):
         if len(r.response_ids) == 0:
             continue  # an empty response has no response tokens to average
-        mean = np.concatenate([result.captures[p][0] for p in points]).astype(np.float64)
+        mean = np.concatenate([result.captures[p][0] for p in names]).astype(np.float64)
         acc = sums.setdefault((r.trait, r.polarity), [np.zeros_like(mean), 0])
         acc[0] += mean
         acc[1] += 1

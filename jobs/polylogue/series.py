@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from explab.interventions import Capture, points
 from jobs.polylogue.data import extract_answer, question_prompt
 from jobs.polylogue.persona import response_tokens
 
 
 def point(layer: int) -> str:
-    return f"blocks.{layer}.resid_post"
+    return points.resid_post(layer)
 
 
 def alignment(states: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +48,7 @@ def series_batch(batch: pd.DataFrame, *, generator: Any, hooked: Any, layers: li
                  "params": {**params, "seed": seed + int(r.position)}} for r in rows]
     results = generator.generate(requests)
     responses = [response_tokens(res.completions[0]) for res in results]
-    captures = [{"type": "capture", "point": point(layer), "positions": "generated"} for layer in layers]
+    captures = [Capture(point=point(layer), positions="generated") for layer in layers]
     forwards = hooked.forward([{"token_ids": list(res.prompt_token_ids) + resp, "prompt_length": len(res.prompt_token_ids),
                                 "interventions": captures} for res, resp in zip(results, responses, strict=True)])
     paragraphs = hooked.paragraphs(responses)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from explab.interventions import paragraph_index
+from explab.interventions import Positions, Steer, paragraph_index, points
 from jobs.polylogue.data import extract_answer, question_prompt
 
 
@@ -24,10 +24,10 @@ def direction(vector: np.ndarray, mode: str) -> np.ndarray:
     return vector / np.linalg.norm(vector) if mode == "unit" else vector
 
 
-def steer_spec(vector: np.ndarray, layer: int, stage: int, alpha: float) -> dict[str, Any]:
+def steer_spec(vector: np.ndarray, layer: int, stage: int, alpha: float) -> Steer:
     """Add ``alpha * vector`` at ``blocks.{layer}.resid_post`` on the tokens of paragraph ``stage``."""
-    return {"type": "steer", "point": f"blocks.{layer}.resid_post", "vector": [float(x) for x in vector],
-            "alpha": float(alpha), "positions": {"kind": "paragraph", "paragraph": int(stage)}}
+    return Steer(point=points.resid_post(int(layer)), vector=vector, alpha=float(alpha),
+                 positions=Positions(kind="paragraph", paragraph=int(stage)))
 
 
 def settings(traits: list[str], stages: list[int], alphas: list[float]) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from explab.config import JobConfig
+from explab.interventions import Capture, Steer, points
 from explab.job import Job
 from explab.models import ModelSpec
 from explab.runs import RunContext
@@ -57,7 +58,7 @@ class Config(JobConfig):
 
 def contrastive_direction(hooked: Any, point: str, positive: list[str], negative: list[str]) -> np.ndarray:
     """Mean over texts of the token-mean activation at ``point``: positive minus negative."""
-    capture = [{"type": "capture", "point": point}]
+    capture = [Capture(point=point)]
     results = hooked.forward([{"text": t, "interventions": capture} for t in positive + negative])
     means = np.stack([r.captures[point].mean(axis=0) for r in results])
     return means[: len(positive)].mean(axis=0) - means[len(positive):].mean(axis=0)
@@ -66,10 +67,9 @@ def contrastive_direction(hooked: Any, point: str, positive: list[str], negative
 def steered_batch(batch: dict[str, np.ndarray], *, hooked: Any, steer_point: str, read_point: str,
                   unit: list[float], alpha: float, max_tokens: int) -> dict[str, np.ndarray]:
     """A Ray Data batch function: generate each question with steering, read the projection."""
-    interventions = [{"type": "capture", "point": read_point, "per_step": True}]
+    interventions: list[Capture | Steer] = [Capture(point=read_point, per_step=True)]
     if alpha != 0.0:
-        interventions.append({"type": "steer", "point": steer_point, "vector": unit, "alpha": alpha,
-                              "positions": "generated"})
+        interventions.append(Steer(point=steer_point, vector=unit, alpha=alpha, positions="generated"))
     requests = [{"messages": [{"role": "user", "content": q}], "interventions": interventions,
                  "params": {"temperature": 0.0, "max_tokens": max_tokens}} for q in batch["question"]]
     results = hooked.generate(requests)
@@ -93,8 +93,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
 
     hooked = ctx.model(config.model, "hooked", config.server)
     n_layers = hooked.describe()["n_layers"]
-    steer_point = f"blocks.{config.layer}.resid_post"
-    read_point = f"blocks.{config.readout_layer % n_layers}.resid_post"
+    steer_point = points.resid_post(config.layer)
+    read_point = points.resid_post(config.readout_layer % n_layers)
 
     direction = contrastive_direction(hooked, steer_point, config.positive, config.negative)
     unit = direction / np.linalg.norm(direction)

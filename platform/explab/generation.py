@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class SamplingParams(BaseModel):
@@ -44,7 +44,16 @@ class GenerationRequest(BaseModel):
     prompt: str | None = None
     assistant_prefix: str = ""
     params: SamplingParams = Field(default_factory=SamplingParams)
-    interventions: list[dict[str, Any]] = Field(default_factory=list)  # HookedModel only
+    # HookedModel only: spec objects (explab.interventions) or dicts, kept as plain dicts on the wire;
+    # the server's handle validates them where the request is built (see `explab.servers.as_requests`)
+    interventions: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("interventions", mode="before")
+    @classmethod
+    def _plain(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [v.model_dump() if isinstance(v, BaseModel) else v for v in value]
+        return value
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:

@@ -29,6 +29,7 @@ from pydantic import Field
 
 from explab.config import Section
 from explab.errors import ExplabError
+from explab.interventions import Positions, Steer, points
 from explab.models import ModelSpec, load_model
 from explab.seeds import rng_for
 from explab.servers import GenerationRequest, ServerOptions, encode_request, render_prompt
@@ -151,12 +152,12 @@ class SoftPromptModel:
         reps = -(-self.length // len(ids))
         return acts.repeat(reps, 1)[: self.length].clone()
 
-    def steer_specs(self, prefix: torch.Tensor, ids: list[int], positions: list[int]) -> list[dict[str, Any]]:
+    def steer_specs(self, prefix: torch.Tensor, ids: list[int], positions: list[int]) -> list[Steer]:
         """Interventions that make the activation at each placeholder position equal to the prefix."""
         base = self.embed_activations(ids)[positions]
         delta = (prefix.detach().float().to(base.device) - base).cpu().numpy()
-        return [{"type": "steer", "point": "embed", "vector": delta[i].tolist(), "alpha": 1.0,
-                 "positions": {"kind": "indices", "indices": [pos]}} for i, pos in enumerate(positions)]
+        at = [Positions(kind="indices", indices=[int(p)]) for p in positions]
+        return [Steer(point=points.EMBED, vector=delta[i], positions=at[i]) for i in range(len(positions))]
 
     # ---- training ---------------------------------------------------------------------------
     def train(self, view: UserView, cfg: SoftPromptConfig, seed: int) -> tuple[torch.Tensor, dict[str, float]]:

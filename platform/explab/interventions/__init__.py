@@ -1,8 +1,10 @@
 """Interventions on PyTorch models: named hook points, plain-data specs, one hook mechanism, one decode loop.
 
-Pure PyTorch (no Ray). See :mod:`.points` for point names, :mod:`.specs` for position semantics.
+Pure PyTorch (no Ray). See :mod:`.points` for point names (and the helpers that build them:
+``points.resid_post(3)``), :mod:`.specs` for the typed specs and position semantics.
 """
 
+from explab.interventions import points
 from explab.interventions.decode import DecodeOutput, decode, row_generator, sample_token
 from explab.interventions.hooks import Session, intervene, paragraph_index, run_with_hooks
 from explab.interventions.points import HookPoint, list_points, n_layers, resolve_arch, resolve_point
@@ -10,10 +12,13 @@ from explab.interventions.specs import (
     Bidirectional,
     Capture,
     Intervention,
+    Interventions,
     Knockout,
+    PointName,
     Positions,
     ProjectOut,
     Steer,
+    batch_key,
     parse_intervention,
     parse_interventions,
 )
@@ -24,11 +29,14 @@ __all__ = [
     "DecodeOutput",
     "HookPoint",
     "Intervention",
+    "Interventions",
     "Knockout",
+    "PointName",
     "Positions",
     "ProjectOut",
     "Session",
     "Steer",
+    "batch_key",
     "decode",
     "intervene",
     "list_points",
@@ -36,6 +44,7 @@ __all__ = [
     "paragraph_index",
     "parse_intervention",
     "parse_interventions",
+    "points",
     "resolve_arch",
     "resolve_point",
     "row_generator",

@@ -90,12 +90,15 @@ def decode(
     params: SamplingParams | Sequence[SamplingParams],
     specs: Sequence[Spec | Mapping[str, Any]] = (),
     *,
+    per_prompt: Sequence[Sequence[Spec | Mapping[str, Any]]] | None = None,
     extra_inputs: Mapping[str, Any] | None = None,
 ) -> list[DecodeOutput]:
     """Generate for ``prompts`` (token ids) with per-prompt ``params`` and ``specs`` active at every step.
 
-    ``extra_inputs`` (e.g. ``pixel_values``) go to the prefill forward as given; they must match the
-    rows after ``n``-expansion.
+    ``per_prompt`` (one list per prompt) adds each prompt's own specs to the shared ``specs``; all
+    prompts still decode as one batch (see ``per_row`` of :func:`~explab.interventions.intervene`),
+    and each prompt's result equals decoding it alone with its specs. ``extra_inputs`` (e.g.
+    ``pixel_values``) go to the prefill forward as given; they must match the rows after ``n``-expansion.
     """
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
@@ -106,6 +109,11 @@ def decode(
     if any(len(p) == 0 for p in prompts):
         raise ExplabError("decode: an empty prompt: give at least one token (e.g. BOS)")
     specs = parse_interventions(list(specs))
+    if per_prompt is not None and len(per_prompt) != len(prompts):
+        raise ExplabError(
+            f"decode: {len(prompts)} prompts but {len(per_prompt)} per_prompt spec lists: give one per prompt"
+        )
+    own = [parse_interventions(list(p)) for p in per_prompt] if per_prompt is not None else None
     device = next(model.parameters()).device
     rows = [(i, j) for i, p in enumerate(params) for j in range(p.n)]
     plist = [params[i] for i, _ in rows]
@@ -135,7 +143,8 @@ def decode(
     out_lp: list[list[float]] = [[] for _ in range(R)]
     texts = [""] * R
     finish: list[str | None] = [None] * R
-    with intervene(model, specs, tokenizer=tokenizer) as session:
+    per_row = [own[i] for i, _ in rows] if own is not None else None
+    with intervene(model, specs, tokenizer=tokenizer, per_row=per_row) as session:
         out = model(
             input_ids=ids,
             attention_mask=mask,
@@ -177,9 +186,11 @@ def decode(
                 **keep1,
             )
         caps, cpos = session.captures, session.capture_positions
-    per_step = {s.key for s in specs if isinstance(s, Capture) and s.per_step}
     results = [DecodeOutput(list(prompts[i]), []) for i in range(len(prompts))]
     for r, (i, _) in enumerate(rows):
+        row_specs = [*specs, *(own[i] if own is not None else ())]
+        asked = [s for s in row_specs if isinstance(s, Capture)]
+        per_step = {s.key for s in asked if s.per_step}
         g, limit = len(out_ids[r]), len(prompts[i]) + len(out_ids[r]) - 1
         comp = Completion(
             text=texts[r],
@@ -189,7 +200,8 @@ def decode(
         )
         results[i].completions.append(comp)
         row_caps, row_pos = {}, {}
-        for key, vals in caps.items():
+        for key in (s.key for s in asked):
+            vals = caps[key]
             if len(vals) != R:
                 raise ExplabError(
                     f"decode: capture {key!r} got {len(vals)} rows for {R} sequences: use one image per row"

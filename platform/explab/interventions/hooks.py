@@ -105,24 +105,60 @@ def select(p: Positions, lay: Layout, pos: Tensor, valid: Tensor) -> Tensor:
 
 
 @dataclass
-class _PointOp:
-    idx: int
-    spec: Capture | Steer | ProjectOut
-    point: HookPoint
-    vec: Tensor | None = None  # float32 master copy (steer vector or unit direction)
+class _VecOp:
+    """Steering (``kind`` "steer") or projection ("project_out") of one stage, for every row at once.
+
+    ``vec`` (float32) is ``(d,)`` when every row has the same vector, else ``(R, d)``: row ``r``'s
+    ``alpha * vector`` (or unit direction), zero where row ``r`` has none. ``groups`` pairs each
+    distinct position set with the rows that use it (None: every row). ``owner[r]`` is the index of
+    row ``r``'s spec in its list (-1: none); ``counts`` the modified (row, position) pairs so far.
+    """
+
+    kind: str
+    name: str
+    vec: Tensor
+    groups: list[tuple[Positions, Tensor | None]]
+    owner: list[int]
+    counts: Tensor | None = None
     cache: dict[tuple[Any, Any], Tensor] = field(default_factory=dict)
 
     def vector(self, like: Tensor) -> Tensor:
-        assert self.vec is not None
-        if self.vec.numel() != like.shape[-1]:
+        """The vector(s) on ``like``'s device and dtype, shaped to broadcast over ``(B, q, d)``."""
+        if self.vec.shape[-1] != like.shape[-1]:
             raise ExplabError(
-                f"{self.spec.type} at {self.point.name!r}: vector has {self.vec.numel()} entries but the activation "
+                f"{self.kind} at {self.name!r}: vector has {self.vec.shape[-1]} entries but the activation "
                 f"has size {like.shape[-1]}: give a vector of that size"
             )
         key = (like.device, like.dtype)
         if key not in self.cache:
-            self.cache[key] = self.vec.to(device=like.device, dtype=like.dtype)
+            v = self.vec.to(device=like.device, dtype=like.dtype)
+            self.cache[key] = v[:, None, :] if v.ndim == 2 else v
         return self.cache[key]
+
+
+@dataclass
+class _CaptureOp:
+    """The captures written to ``key`` in one stage: each position set with the rows that asked."""
+
+    key: str
+    groups: list[tuple[Positions, Tensor | None]]
+
+
+@dataclass
+class _Stage:
+    """The ``k``-th spec of every row at one hook site; a row has at most one, so the parts commute."""
+
+    captures: list[_CaptureOp]
+    steer: _VecOp | None
+    project: _VecOp | None
+
+
+@dataclass
+class _Site:
+    """One tensor the hooks act on (module, pre/post, tuple index), with its stages in order."""
+
+    point: HookPoint
+    stages: list[_Stage]
 
 
 class Session:
@@ -133,7 +169,16 @@ class Session:
     ``per_step`` captures: one entry per forward pass, the newest position). Attention patterns are
     ``(n, heads, S)`` with key axis = sequence position (pads dropped; zero beyond the query).
     ``capture_positions[key]`` gives the sequence position of each entry. ``n_applied[i]`` counts
-    the (row, position) activations spec ``i`` modified.
+    the (row, position) activations shared spec ``i`` modified; ``row_n_applied[r][i]`` the same for
+    spec ``i`` of row ``r``'s list (``specs`` then that row's ``per_row`` specs).
+
+    With ``per_row`` (one spec list per row of every batch), each row gets the shared ``specs`` plus
+    its own. Specs at one hook site run in list order per row; the ``k``-th specs of all rows form a
+    stage that runs as one batched operation: steering adds one ``(B, d)`` matrix (zero rows where a
+    row has none), projection uses a ``(B, d)`` matrix of unit directions, position sets are resolved
+    once per distinct set and masked to their rows, and a capture records only the rows that asked
+    for it (the others read as empty). Knockout and bidirectional masks must be the same for every
+    row (run rows with different ones in separate batches: :func:`~explab.interventions.specs.batch_key`).
     """
 
     def __init__(
@@ -142,12 +187,21 @@ class Session:
         specs: Sequence[Spec | Mapping[str, Any]],
         tokenizer: Any = None,
         prompt_lengths: Sequence[int] | None = None,
+        per_row: Sequence[Sequence[Spec | Mapping[str, Any]]] | None = None,
     ) -> None:
         self.model = model
         self.specs: list[Spec] = parse_interventions(list(specs))
+        self.per_row = per_row is not None
+        if per_row is not None and not len(per_row):
+            raise ExplabError("per_row is empty: give one spec list per row of the batch")
+        # one virtual row standing for every row when there are no per-row specs
+        self.row_specs: list[list[Spec]] = (
+            [[*self.specs, *parse_interventions(list(r))] for r in per_row]
+            if per_row is not None
+            else [self.specs]
+        )
         self.tokenizer = tokenizer
         self.prompt_lengths = list(prompt_lengths) if prompt_lengths is not None else None
-        self.n_applied = [0] * len(self.specs)
         self.layout: Layout | None = None
         self.generated_ids: list[list[int]] = []
         self._para: list[list[int]] = []
@@ -155,10 +209,12 @@ class Session:
         self._tower_rows: dict[str, int] = {}
         self._chunks: dict[str, dict[int, list[Tensor]]] = {}
         self._cpos: dict[str, dict[int, list[Tensor]]] = {}
+        self._vec_ops: list[_VecOp] = []
+        self._on_device: dict[tuple[int, Any], Tensor] = {}
         self._owner: nn.Module | None = None
         self._handles: list[Any] = []
         self._attn_restore: Callable[[], None] | None = None
-        self._track_para = any(_uses_paragraph(s) for s in self.specs)
+        self._track_para = any(_uses_paragraph(s) for row in self.row_specs for s in row)
         if self._track_para and tokenizer is None:
             raise ExplabError(
                 "a 'paragraph' position set needs the text: pass tokenizer= to intervene()/decode()"
@@ -174,6 +230,22 @@ class Session:
     def capture_positions(self) -> dict[str, list[Tensor]]:
         return {k: self._rows(k, self._cpos) for k in self._cpos}
 
+    @property
+    def row_n_applied(self) -> list[list[int]]:
+        out = [[0] * len(row) for row in self.row_specs]
+        for op in self._vec_ops:
+            if op.counts is None:
+                continue
+            for r, (i, n) in enumerate(zip(op.owner, op.counts.tolist(), strict=True)):
+                if i >= 0:
+                    out[r][i] += int(n)
+        return out
+
+    @property
+    def n_applied(self) -> list[int]:
+        rows = self.row_n_applied
+        return [sum(row[i] for row in rows) for i in range(len(self.specs))]
+
     def _rows(self, key: str, store: dict[str, dict[int, list[Tensor]]]) -> list[Tensor]:
         rows = store[key]
         n = self._tower_rows[key] if key in self._tower_rows else self._n_rows
@@ -183,62 +255,77 @@ class Session:
 
     def reset(self) -> None:
         """Forget captures, counts and sequences (the hooks stay)."""
-        self._chunks.clear()
-        self._cpos.clear()
+        for store in (self._chunks, self._cpos):
+            for rows in store.values():
+                rows.clear()
         self._tower_rows.clear()
         self._n_rows = 0
-        self.n_applied = [0] * len(self.specs)
+        for op in self._vec_ops:
+            op.counts = None
         self.layout = None
 
     # -- installation ----------------------------------------------------------------------------
     def _install(self) -> None:
         model, arch = self.model, resolve_arch(self.model)
         self.arch = arch
-        groups: dict[tuple[int, str], tuple[nn.Module, list[_PointOp]]] = {}
+        rows = self.row_specs
+        mask_lists = [[s for s in row if isinstance(s, (Knockout, Bidirectional))] for row in rows]
+        if any(m != mask_lists[0] for m in mask_lists[1:]):
+            raise ExplabError(
+                "knockout/bidirectional specs differ between rows of one batch: run rows with different "
+                "attention masks in separate batches (group them by explab.interventions.batch_key)"
+            )
         masks: dict[int, list[Knockout | Bidirectional]] = {}
-        keys: set[str] = set()
+        for s in mask_lists[0]:
+            if arch.layers is None:
+                raise ExplabError(f"{s.type}: {type(model).__name__} has no language-model attention layers")
+            n = len(arch.layers)
+            for li in s.layers if s.layers is not None else range(n):
+                masks.setdefault(_layer_index(li, n, f"{s.type}.layers"), []).append(s)
+        needs_eager = bool(mask_lists[0])
         d_model = _embed_dim(model)
-        needs_eager = False
-        for i, s in enumerate(self.specs):
-            if isinstance(s, (Knockout, Bidirectional)):
-                if arch.layers is None:
-                    raise ExplabError(
-                        f"{s.type}: {type(model).__name__} has no language-model attention layers"
-                    )
-                n = len(arch.layers)
-                for li in s.layers if s.layers is not None else range(n):
-                    masks.setdefault(_layer_index(li, n, f"{s.type}.layers"), []).append(s)
-                needs_eager = True
-                continue
-            pt = resolve_point(model, s.point, arch)
-            op = _PointOp(i, s, pt)
-            if pt.index == 1:  # attention pattern
-                if not isinstance(s, Capture):
-                    raise ExplabError(f"{s.type} at {s.point!r}: attention patterns can only be captured")
-                needs_eager = True
-            if isinstance(s, Capture):
-                if s.key in keys:
-                    raise ExplabError(f"two captures write to {s.key!r}: give them distinct `name`s")
-                keys.add(s.key)
-                self._chunks[s.key], self._cpos[s.key] = {}, {}
-            else:
-                raw = s.vector if isinstance(s, Steer) else s.direction
-                vec = torch.tensor(raw, dtype=torch.float32)
-                if pt.stream == "lm" and d_model is not None and vec.numel() != d_model:
-                    raise ExplabError(
-                        f"{s.type} at {s.point!r}: vector has {vec.numel()} entries but the model's hidden size "
-                        f"is {d_model}: give a vector of that size"
-                    )
-                if isinstance(s, ProjectOut):
-                    if float(vec.norm()) == 0.0:
-                        raise ExplabError(f"project_out at {s.point!r}: the direction is all zeros")
-                    vec = vec / vec.norm()
+        resolved: dict[str, HookPoint] = {}
+        key_site: dict[str, tuple[int, str, int]] = {}
+        # site -> (point, per row: [(index in the row's list, spec)] in order)
+        sites: dict[tuple[int, str, int], tuple[HookPoint, list[list[tuple[int, Spec]]]]] = {}
+        for r, row in enumerate(rows):
+            keys: set[str] = set()
+            for i, s in enumerate(row):
+                if isinstance(s, (Knockout, Bidirectional)):
+                    continue
+                if s.point not in resolved:
+                    resolved[s.point] = resolve_point(model, s.point, arch)
+                pt = resolved[s.point]
+                sid = (id(pt.module), pt.kind, pt.index)
+                if pt.index == 1:  # attention pattern
+                    if not isinstance(s, Capture):
+                        raise ExplabError(f"{s.type} at {s.point!r}: attention patterns can only be captured")
+                    needs_eager = True
+                if isinstance(s, Capture):
+                    if s.key in keys:
+                        raise ExplabError(f"two captures write to {s.key!r}: give them distinct `name`s")
+                    if key_site.setdefault(s.key, sid) != sid:
+                        raise ExplabError(
+                            f"capture name {s.key!r} names two different points: give them distinct `name`s"
+                        )
+                    keys.add(s.key)
+                    self._chunks.setdefault(s.key, {})
+                    self._cpos.setdefault(s.key, {})
                 else:
-                    vec = vec * s.alpha
-                op.vec = vec
-            groups.setdefault((id(pt.module), pt.kind), (pt.module, []))[1].append(op)
+                    size = len(s.vector if isinstance(s, Steer) else s.direction)
+                    if pt.stream == "lm" and d_model is not None and size != d_model:
+                        raise ExplabError(
+                            f"{s.type} at {s.point!r}: vector has {size} entries but the model's hidden size "
+                            f"is {d_model}: give a vector of that size"
+                        )
+                sites.setdefault(sid, (pt, [[] for _ in rows]))[1][r].append((i, s))
         if needs_eager:
             self._attn_restore = _force_eager(model)
+        hooks: dict[tuple[int, str], tuple[nn.Module, list[_Site]]] = {}
+        for pt, per in sites.values():
+            depth = max(len(p) for p in per)
+            stages = [self._stage(pt, [p[k] if k < len(p) else None for p in per]) for k in range(depth)]
+            hooks.setdefault((id(pt.module), pt.kind), (pt.module, []))[1].append(_Site(pt, stages))
         # track the layout of every forward: on the model, and on the LM's own root as a fallback
         roots = [model]
         if arch.layers is not None:
@@ -250,15 +337,80 @@ class Session:
                 root.register_forward_pre_hook(self._on_forward, with_kwargs=True, prepend=True)
             )
             self._handles.append(root.register_forward_hook(self._on_forward_end, always_call=True))
-        for (_, kind), (module, ops) in groups.items():
+        for (_, kind), (module, site_list) in hooks.items():
             if kind == "pre":
-                h = module.register_forward_pre_hook(self._pre_hook(ops), with_kwargs=True, prepend=True)
+                hook = self._pre_hook(site_list)
+                h = module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
             else:
-                h = module.register_forward_hook(self._post_hook(ops), prepend=True)
+                h = module.register_forward_hook(self._post_hook(site_list), prepend=True)
             self._handles.append(h)
         for li, ms in masks.items():
             attn = attention_module(model, li, arch)
             self._handles.append(attn.register_forward_pre_hook(self._mask_hook(ms), with_kwargs=True))
+
+    def _row_groups(self, entries: dict[int, Positions]) -> list[tuple[Positions, Tensor | None]]:
+        """Distinct position sets of ``entries`` (row -> set), each with its rows (None: every row)."""
+        n = len(self.row_specs)
+        by: dict[str, tuple[Positions, list[int]]] = {}
+        for r, p in entries.items():
+            by.setdefault(p.model_dump_json(), (p, []))[1].append(r)
+        out: list[tuple[Positions, Tensor | None]] = []
+        for p, rs in by.values():
+            if len(rs) == n:
+                out.append((p, None))
+            else:
+                m = torch.zeros(n, dtype=torch.bool)
+                m[rs] = True
+                out.append((p, m))
+        return out
+
+    def _stage(self, pt: HookPoint, entries: list[tuple[int, Spec] | None]) -> _Stage:
+        caps: dict[str, dict[int, Positions]] = {}
+        vecs: dict[str, dict[int, tuple[int, Steer | ProjectOut]]] = {"steer": {}, "project_out": {}}
+        for r, e in enumerate(entries):
+            if e is None:
+                continue
+            i, s = e
+            if isinstance(s, Capture):
+                caps.setdefault(s.key, {})[r] = Positions(kind="last") if s.per_step else s.positions
+            elif isinstance(s, (Steer, ProjectOut)):
+                vecs[s.type][r] = (i, s)
+        return _Stage(
+            [_CaptureOp(k, self._row_groups(v)) for k, v in caps.items()],
+            self._vec_op(pt, "steer", vecs["steer"]),
+            self._vec_op(pt, "project_out", vecs["project_out"]),
+        )
+
+    def _vec_op(
+        self, pt: HookPoint, kind: str, entries: dict[int, tuple[int, Steer | ProjectOut]]
+    ) -> _VecOp | None:
+        if not entries:
+            return None
+        n = len(self.row_specs)
+        vecs: dict[int, Tensor] = {}
+        for r, (_, s) in entries.items():
+            if isinstance(s, Steer):
+                vecs[r] = torch.tensor(s.vector, dtype=torch.float32) * s.alpha
+            else:
+                v = torch.tensor(s.direction, dtype=torch.float32)
+                vecs[r] = v / v.norm()
+        sizes = {v.numel() for v in vecs.values()}
+        if len(sizes) > 1:
+            raise ExplabError(
+                f"{kind} at {pt.name!r}: rows give vectors of sizes {sorted(sizes)}: give one size"
+            )
+        first = next(iter(vecs.values()))
+        if len(vecs) == n and all(torch.equal(v, first) for v in vecs.values()):
+            vec = first
+        else:
+            vec = torch.zeros(n, first.numel())
+            for r, v in vecs.items():
+                vec[r] = v
+        owner = [entries[r][0] if r in entries else -1 for r in range(n)]
+        groups = self._row_groups({r: s.positions for r, (_, s) in entries.items()})
+        op = _VecOp(kind, pt.name, vec, groups, owner)
+        self._vec_ops.append(op)
+        return op
 
     def close(self) -> None:
         for h in self._handles:
@@ -341,27 +493,27 @@ class Session:
         return _plain_layout(b, q, device, row0)
 
     # -- point hooks -----------------------------------------------------------------------------
-    def _pre_hook(self, ops: list[_PointOp]) -> Callable[..., Any]:
+    def _pre_hook(self, sites: list[_Site]) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             x = args[0] if args else kwargs["hidden_states"]
-            for op in ops:
-                x = self._apply(op, x)
+            for site in sites:
+                x = self._run_site(site, x)
             if args:
                 return (x, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": x}
 
         return hook
 
-    def _post_hook(self, ops: list[_PointOp]) -> Callable[..., Any]:
+    def _post_hook(self, sites: list[_Site]) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            for op in ops:
-                i = op.point.index
+            for site in sites:
+                i = site.point.index
                 x = output if isinstance(output, Tensor) else output[i]
                 if x is None:
                     raise ExplabError(
-                        f"{op.point.name!r}: the module returned no tensor here (attention not eager?)"
+                        f"{site.point.name!r}: the module returned no tensor here (attention not eager?)"
                     )
-                y = self._apply(op, x)
+                y = self._run_site(site, x)
                 if y is not x:
                     output = (
                         y if isinstance(output, Tensor) else type(output)((*output[:i], y, *output[i + 1 :]))
@@ -370,52 +522,105 @@ class Session:
 
         return hook
 
-    def _apply(self, op: _PointOp, x: Tensor) -> Tensor:
-        pt, spec = op.point, op.spec
+    def _on(self, t: Tensor, device: torch.device) -> Tensor:
+        key = (id(t), device)
+        if key not in self._on_device:
+            self._on_device[key] = t.to(device)
+        return self._on_device[key]
+
+    def _selection(
+        self,
+        groups: list[tuple[Positions, Tensor | None]],
+        lay: Layout,
+        pos: Tensor,
+        valid: Tensor,
+        name: str,
+    ) -> Tensor:
+        """(B, q) bool: the positions each row's own set selects (rows without one: none)."""
+        sel: Tensor | None = None
+        for p, rows in groups:
+            s = select(p, lay, pos, valid)
+            if rows is not None:
+                if rows.shape[0] != s.shape[0]:
+                    raise ExplabError(
+                        f"{name!r}: per-row interventions were given for {rows.shape[0]} rows but the batch "
+                        f"has {s.shape[0]}: give one spec list per row (one image per row at tower points)"
+                    )
+                s = s & self._on(rows, s.device)[:, None]
+            sel = s if sel is None else sel | s
+        assert sel is not None
+        return sel
+
+    def _run_site(self, site: _Site, x: Tensor) -> Tensor:
+        pt = site.point
         if pt.seq_first:
             x = x.transpose(0, 1)
         is_pattern = pt.index == 1
         b, q = x.shape[0], x.shape[2] if is_pattern else x.shape[1]
+        tower_row0: dict[str, int] = {}
+        n_rows = len(self.row_specs)
+        changes = any(st.steer or st.project for st in site.stages)
+        if self.per_row and b != n_rows and (pt.stream == "lm" or changes):
+            raise ExplabError(
+                f"{pt.name!r}: per-row interventions were given for {n_rows} rows but the batch has {b}: "
+                "give one spec list per row (one image per row at tower points)"
+            )
         if pt.stream == "lm":
             lay = self._lm_layout(b, q, x.device)
-            pos, valid = lay.positions(lay.past, q), lay.real
+            pos = lay.positions(lay.past, q)
         else:
-            row0 = self._tower_rows.get(spec.key, 0) if isinstance(spec, Capture) else 0
-            if isinstance(spec, Capture):
-                self._tower_rows[spec.key] = row0 + b
-            lay = _plain_layout(b, q, x.device, row0)
-            pos, valid = lay.positions(0, q), lay.real
-        if isinstance(spec, Capture):
-            sel = select(Positions(kind="last") if spec.per_step else spec.positions, lay, pos, valid)
-            self._record(spec.key, x, sel, pos, lay, is_pattern)
-            return x.transpose(0, 1) if pt.seq_first else x
-        sel = select(spec.positions, lay, pos, valid)
-        self.n_applied[op.idx] += int(sel.sum())
-        v = op.vector(x)
-        if isinstance(spec, Steer):
-            y = torch.where(sel[..., None], x + v, x)
-        else:
-            y = torch.where(sel[..., None], x - (x @ v)[..., None] * v, x)
-        return y.transpose(0, 1) if pt.seq_first else y
+            lay = _plain_layout(b, q, x.device, 0)
+            pos = lay.positions(0, q)
+        for st in site.stages:
+            for cap in st.captures:
+                sel = self._selection(cap.groups, lay, pos, lay.real, pt.name)
+                row0 = lay.row0
+                if pt.stream != "lm":
+                    row0 = tower_row0.setdefault(cap.key, self._tower_rows.get(cap.key, 0))
+                self._record(cap.key, x, sel, pos, lay, is_pattern, row0)
+            for op in (st.steer, st.project):
+                if op is None:
+                    continue
+                sel = self._selection(op.groups, lay, pos, lay.real, pt.name)
+                n = sel.sum(1) if self.per_row else sel.sum().reshape(1)
+                op.counts = n if op.counts is None else op.counts + n
+                v = op.vector(x)
+                if op.kind == "steer":
+                    x = torch.where(sel[..., None], x + v, x)
+                else:
+                    x = torch.where(sel[..., None], x - (x * v).sum(-1, keepdim=True) * v, x)
+        for key, row0 in tower_row0.items():
+            self._tower_rows[key] = row0 + b
+        return x.transpose(0, 1) if pt.seq_first else x
 
-    def _record(self, key: str, x: Tensor, sel: Tensor, pos: Tensor, lay: Layout, pattern: bool) -> None:
-        xd, sel_c, pos_c = x.detach(), sel.cpu(), pos.cpu()
-        for b in range(xd.shape[0]):
-            if not bool(sel_c[b].any()):
+    def _record(
+        self, key: str, x: Tensor, sel: Tensor, pos: Tensor, lay: Layout, pattern: bool, row0: int
+    ) -> None:
+        counts = sel.sum(1).tolist()
+        if not any(counts):
+            return
+        xd = x.detach()
+        chunks, pos_c = self._chunks.setdefault(key, {}), self._cpos.setdefault(key, {})
+        if not pattern:  # one gather and one copy for the whole batch, then split per row
+            vals, where = xd[sel].cpu().split(counts), pos[sel].cpu().split(counts)
+            for b, n in enumerate(counts):
+                if n:
+                    chunks.setdefault(row0 + b, []).append(vals[b])
+                    pos_c.setdefault(row0 + b, []).append(where[b])
+            return
+        for b, n in enumerate(counts):
+            if not n:
                 continue
-            if pattern:  # (H, q, kv) -> (n, H, S), key axis = sequence position
-                w = xd[b][:, sel[b]].transpose(0, 1)
-                kv = w.shape[-1]
-                kpos = torch.arange(lay.past + lay.q - kv, lay.past + lay.q, device=w.device) - lay.pad[b]
-                keep = kpos >= 0
-                w = w[..., keep]
-                first = int(kpos[keep][0]) if bool(keep.any()) else 0
-                val = F.pad(w, (first, 0)).cpu() if first > 0 else w.cpu()
-            else:
-                val = xd[b][sel[b]].cpu()
-            r = lay.row0 + b
-            self._chunks[key].setdefault(r, []).append(val)
-            self._cpos[key].setdefault(r, []).append(pos_c[b][sel_c[b]])
+            # (H, q, kv) -> (n, H, S), key axis = sequence position
+            w = xd[b][:, sel[b]].transpose(0, 1)
+            kv = w.shape[-1]
+            kpos = torch.arange(lay.past + lay.q - kv, lay.past + lay.q, device=w.device) - lay.pad[b]
+            keep = kpos >= 0
+            w = w[..., keep]
+            first = int(kpos[keep][0]) if bool(keep.any()) else 0
+            val = F.pad(w, (first, 0)).cpu() if first > 0 else w.cpu()
+            chunks.setdefault(row0 + b, []).append(val)
+            pos_c.setdefault(row0 + b, []).append(pos[b][sel[b]].cpu())
 
     # -- attention masks -------------------------------------------------------------------------
     def _mask_hook(self, specs: list[Knockout | Bidirectional]) -> Callable[..., Any]:
@@ -519,15 +724,18 @@ def intervene(
     *,
     tokenizer: Any = None,
     prompt_lengths: Sequence[int] | None = None,
+    per_row: Sequence[Sequence[Spec | Mapping[str, Any]]] | None = None,
 ) -> Iterator[Session]:
     """Run ``model`` with ``specs`` active inside the block; yields the :class:`Session`.
 
     ``prompt_lengths`` (one per row of the next batch) marks positions ``>= P`` as generated even in
     a single forward (teacher forcing); by default ``P`` is the row's real-token count at the prefill.
     ``tokenizer`` is needed for ``paragraph`` positions. Knockout, bidirectional and attention-pattern
-    specs switch the model to eager attention for the block.
+    specs switch the model to eager attention for the block. ``per_row`` (one list per row of every
+    batch) adds row-specific specs to the shared ``specs``: one batch, different interventions per row
+    (see :class:`Session`); each row's results equal running it alone with its specs.
     """
-    session = Session(model, specs, tokenizer, prompt_lengths)
+    session = Session(model, specs, tokenizer, prompt_lengths, per_row)
     try:
         yield session
     finally:
@@ -541,11 +749,13 @@ def run_with_hooks(
     *,
     tokenizer: Any = None,
     prompt_lengths: Sequence[int] | None = None,
+    per_row: Sequence[Sequence[Spec | Mapping[str, Any]]] | None = None,
     **forward_kwargs: Any,
 ) -> tuple[Any, Session]:
-    """One forward pass of ``model`` with ``specs``: returns (model output, session)."""
+    """One forward pass of ``model`` with ``specs`` (and ``per_row`` specs): returns (output, session)."""
     kwargs = {"input_ids": inputs} if isinstance(inputs, Tensor) else dict(inputs)
-    with intervene(model, specs, tokenizer=tokenizer, prompt_lengths=prompt_lengths) as session:
+    opts = {"tokenizer": tokenizer, "prompt_lengths": prompt_lengths, "per_row": per_row}
+    with intervene(model, specs, **opts) as session:
         out = model(**kwargs, **forward_kwargs)
     return out, session
 

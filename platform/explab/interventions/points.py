@@ -19,10 +19,15 @@ Vision-language models and CLIP towers: ``projector`` (LLaVA ``multi_modal_proje
 ``vision.blocks.{i}`` (output of vision-tower encoder layer ``i``; HF vision towers and open_clip
 ``visual.transformer.resblocks``), ``text.blocks.{i}`` (output of text-tower layer ``i`` of a
 dual-encoder CLIP model, open_clip or HF ``CLIPModel``).
+
+Jobs build names with the helpers below (``resid_post(3)`` -> ``"blocks.3.resid_post"``), in the
+spirit of TransformerLens's ``get_act_name``; :func:`check_point_name` validates a name's form
+without a model (specs call it where they are built; the model-specific check is :func:`resolve_point`).
 """
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -65,6 +70,79 @@ _MLP_ATTRS = ("mlp", "feed_forward", "ffn")
 _SUBPOINTS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "attn.pattern")
 _BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.(resid_pre|resid_post|attn_out|mlp_out|attn\.pattern)$")
 _TOWER_RE = re.compile(r"^(vision|text)\.blocks\.(-?\d+)$")
+_NAMED = ("embed", "final", "projector")
+
+EMBED = "embed"
+FINAL = "final"
+PROJECTOR = "projector"
+
+
+def _index(i: int, helper: str) -> int:
+    if isinstance(i, bool):
+        raise ExplabError(f"points.{helper}({i!r}): the block index must be an int, e.g. {helper}(0)")
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise ExplabError(
+            f"points.{helper}({i!r}): the block index must be an int, e.g. {helper}(0)"
+        ) from None
+
+
+def resid_pre(i: int) -> str:
+    """``blocks.{i}.resid_pre``: the residual stream entering decoder block ``i``."""
+    return f"blocks.{_index(i, 'resid_pre')}.resid_pre"
+
+
+def resid_post(i: int) -> str:
+    """``blocks.{i}.resid_post``: the residual stream leaving decoder block ``i``."""
+    return f"blocks.{_index(i, 'resid_post')}.resid_post"
+
+
+def attn_out(i: int) -> str:
+    """``blocks.{i}.attn_out``: what the attention of block ``i`` adds to the stream."""
+    return f"blocks.{_index(i, 'attn_out')}.attn_out"
+
+
+def mlp_out(i: int) -> str:
+    """``blocks.{i}.mlp_out``: what the MLP of block ``i`` adds to the stream."""
+    return f"blocks.{_index(i, 'mlp_out')}.mlp_out"
+
+
+def attn_pattern(i: int) -> str:
+    """``blocks.{i}.attn.pattern``: attention probabilities of block ``i`` (capture only)."""
+    return f"blocks.{_index(i, 'attn_pattern')}.attn.pattern"
+
+
+def vision_block(i: int) -> str:
+    """``vision.blocks.{i}``: output of vision-tower layer ``i``."""
+    return f"vision.blocks.{_index(i, 'vision_block')}"
+
+
+def text_block(i: int) -> str:
+    """``text.blocks.{i}``: output of text-tower layer ``i`` (dual-encoder CLIP)."""
+    return f"text.blocks.{_index(i, 'text_block')}"
+
+
+def is_attention_pattern(name: str) -> bool:
+    """Whether ``name`` is an attention-pattern point (capture only; needs eager attention)."""
+    return name.endswith(".attn.pattern")
+
+
+def check_point_name(name: str) -> str:
+    """``name`` if it has the form of a hook point name, else a one-line :class:`ExplabError`.
+
+    Only the form is checked (a layer index may still be out of range for a given model).
+    """
+    if not isinstance(name, str):
+        raise ExplabError(
+            f"hook point {name!r} is not a string: build names with explab.interventions.points"
+        )
+    if name in _NAMED or _BLOCK_RE.match(name) or _TOWER_RE.match(name):
+        return name
+    raise ExplabError(
+        f"unknown hook point {name!r}: use {', '.join(_NAMED)}, blocks.{{i}}.{{{'|'.join(_SUBPOINTS)}}}, "
+        "vision.blocks.{i} or text.blocks.{i} (helpers: points.resid_post(i), points.attn_out(i), ...)"
+    )
 
 
 @dataclass(frozen=True)

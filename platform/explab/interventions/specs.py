@@ -7,18 +7,80 @@ the row's first forward pass (the prefill), unless ``prompt_lengths`` is given t
 (e.g. to mark a teacher-forced response as "generated"). In a single forward pass every token is
 prompt. Tower points (``vision.*``, ``text.*``, ``projector``) have no padding and no generated part:
 position ``j`` is simply token ``j`` of the tower's sequence.
+
+Specs are validated where they are built: ``Steer(point=points.resid_post(3), vector=v, alpha=4)``
+with a malformed point name, an empty or non-finite vector or a bad position set raises one
+:class:`~explab.errors.ExplabError` line there, not later inside a server actor. Vectors may be given
+as lists, tensors or arrays; they are stored as plain lists of floats, so a spec stays plain data
+(``model_dump()`` is JSON; request objects take spec objects or such dicts).
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from explab.errors import ExplabError
+from explab.interventions.points import check_point_name, is_attention_pattern
 
 
-class Positions(BaseModel):
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(str(p) for p in e['loc'])}: {msg}" if e["loc"] else msg
+
+
+class _Strict(BaseModel):
+    """Frozen, no extra fields; building one with bad values raises a one-line :class:`ExplabError`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ExplabError(f"bad {type(self).__name__}: {_one_line(err)}") from None
+
+
+def _float_list(value: Any) -> Any:
+    """Accept a list, a tensor or an array (anything with ``tolist``) of numbers; check it is usable."""
+    if hasattr(value, "tolist") and not isinstance(value, list):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("give a non-empty 1-D list (or tensor/array) of floats")
+    if any(isinstance(x, (list, tuple)) for x in value):
+        raise ValueError("give a 1-D vector, not a nested list")
+    out = [float(x) for x in value]
+    if not all(math.isfinite(x) for x in out):
+        raise ValueError("the vector has NaN or infinite entries")
+    return out
+
+
+def _point(value: Any) -> str:
+    try:
+        return check_point_name(value)
+    except ExplabError as err:
+        raise ValueError(str(err)) from None
+
+
+PointName = Annotated[str, BeforeValidator(_point)]
+Vector = Annotated[list[float], BeforeValidator(_float_list)]
+
+
+class Positions(_Strict):
     """A set of token positions, resolved for each row and each forward pass.
 
     - ``all``: every real position.
@@ -40,8 +102,6 @@ class Positions(BaseModel):
 
     A bare string is accepted for kinds without arguments: ``positions: prompt``.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["all", "prompt", "generated", "last", "indices", "span", "paragraph"] = "all"
     indices: list[int] | None = None
@@ -65,8 +125,8 @@ class Positions(BaseModel):
         return self
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class _Spec(_Strict):
+    pass
 
 
 class Capture(_Spec):
@@ -78,7 +138,7 @@ class Capture(_Spec):
     """
 
     type: Literal["capture"] = "capture"
-    point: str
+    point: PointName
     positions: Positions = Field(default_factory=Positions)
     per_step: bool = False
     name: str | None = None
@@ -100,9 +160,9 @@ class Steer(_Spec):
     """Add ``alpha * vector`` to the activation at ``point`` on the positions in ``positions``."""
 
     type: Literal["steer"] = "steer"
-    point: str
-    vector: list[float]
-    alpha: float = 1.0
+    point: PointName
+    vector: Vector
+    alpha: float = Field(1.0, allow_inf_nan=False)
     positions: Positions = Field(default_factory=Positions)
 
 
@@ -110,9 +170,16 @@ class ProjectOut(_Spec):
     """Remove the component along the unit vector ``direction`` (x -> x - (x.u) u) at ``point``."""
 
     type: Literal["project_out"] = "project_out"
-    point: str
-    direction: list[float]
+    point: PointName
+    direction: Vector
     positions: Positions = Field(default_factory=Positions)
+
+    @field_validator("direction")
+    @classmethod
+    def _nonzero(cls, value: list[float]) -> list[float]:
+        if not any(value):
+            raise ValueError("the direction is all zeros: give a non-zero direction")
+        return value
 
 
 class Knockout(_Spec):
@@ -166,11 +233,34 @@ def parse_intervention(
     except ValidationError as err:
         e = err.errors()[0]
         where = ".".join(str(p) for p in e["loc"]) or "spec"
+        shown = repr(data) if len(repr(data)) <= 160 else repr(data)[:157] + "..."
         raise ExplabError(
-            f"bad intervention spec {data!r}: {where}: {e['msg']} (type is one of {', '.join(KINDS)})"
+            f"bad intervention spec {shown}: {where}: {e['msg'].removeprefix('Value error, ')} "
+            f"(type is one of {', '.join(KINDS)})"
         ) from None
 
 
 def parse_interventions(items: Any) -> list[Capture | Steer | ProjectOut | Knockout | Bidirectional]:
     """Validate a list of spec dicts/objects."""
+    if isinstance(items, (dict, _Spec)):
+        raise ExplabError(
+            f"interventions must be a list of specs, got one {type(items).__name__}: wrap it in [...]"
+        )
     return [parse_intervention(d) for d in (items or ())]
+
+
+# A request field holding interventions: takes spec objects or dicts, validated when the request is built.
+Interventions = Annotated[list[Intervention], BeforeValidator(parse_interventions)]
+
+
+def batch_key(specs: Sequence[Any]) -> str:
+    """What rows of one batch must share: their knockout/bidirectional masks and eager attention.
+
+    Everything else (captures, steering, projections, position sets) may differ per row of a batch
+    (see ``per_row`` of :func:`explab.interventions.intervene`). Two requests whose ``batch_key``
+    are equal can run in one batched call.
+    """
+    parsed = parse_interventions(specs)
+    masks = [s.model_dump(mode="json") for s in parsed if isinstance(s, (Knockout, Bidirectional))]
+    eager = bool(masks) or any(isinstance(s, Capture) and is_attention_pattern(s.point) for s in parsed)
+    return json.dumps([masks, eager], sort_keys=True) if masks or eager else ""

@@ -1,21 +1,24 @@
 """`HookedModel`: one PyTorch model behind a shared Ray actor, with interventions on every call.
 
-- ``forward(requests)``: one batched forward pass per group of requests with the same
+- ``forward(requests)``: one batched forward pass for concurrent requests, each row with its own
   interventions; returns captured activations as numpy arrays (and optionally logits);
-- ``generate(requests)``: token-by-token generation (`explab.interventions.decode`) with
-  interventions active at every step and per-step captures;
+- ``generate(requests)``: token-by-token generation (`explab.interventions.decode`) with each
+  request's interventions active at every step and per-step captures;
 - ``score(prompt, continuations)``: per-token logprobs of each continuation after the prompt;
 - ``paragraphs(token_ids)``: the paragraph index of every token of generated token sequences, as
   the ``paragraph`` position set counts it.
 
 Requests from concurrent callers are merged by the dynamic batcher; a batched result equals the
-unbatched one (left padding with explicit position ids).
+unbatched one (left padding with explicit position ids). One batch carries different interventions
+per row (steering vectors, strengths, layers, position sets, captures, projections: the ``per_row``
+specs of `explab.interventions.intervene`); only requests whose attention changes differ
+(knockout, bidirectional masks, attention-pattern captures, which switch to eager attention: see
+`explab.interventions.batch_key`) run in separate batches.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Any, Literal
 
 import numpy as np
@@ -24,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from explab.errors import ExplabError
+from explab.interventions.specs import Capture, Interventions, batch_key
 from explab.models import load_model
 from explab.servers.base import ServerBase
 from explab.servers.prompts import encode_request
@@ -38,7 +42,8 @@ class ForwardRequest(BaseModel):
     for the interventions' position sets (teacher-forced responses); default: all are prompt.
     ``capture_reduce="mean"`` returns each capture averaged over its captured positions (one row,
     NaN when none was captured; ``capture_positions`` still lists them), so a caller that needs a
-    mean over many layers and tokens does not ship every position back.
+    mean over many layers and tokens does not ship every position back. ``interventions`` takes spec
+    objects (``Capture(point=points.resid_post(3))``) or their dicts, validated here.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -48,7 +53,7 @@ class ForwardRequest(BaseModel):
     assistant_prefix: str = ""
     token_ids: list[int] | None = None
     images: list[Any] | None = None
-    interventions: list[dict[str, Any]] = Field(default_factory=list)
+    interventions: Interventions = Field(default_factory=list)
     prompt_length: int | None = None
     return_logits: Literal["none", "last", "all"] = "none"
     add_special_tokens: bool = True
@@ -91,8 +96,8 @@ def as_forward_requests(requests: Any) -> list[ForwardRequest]:
     return out
 
 
-def _key(interventions: list[dict[str, Any]]) -> str:
-    return json.dumps(interventions, sort_keys=True, default=str)
+def _captured(interventions: list[Any]) -> list[str]:
+    return [s.key for s in interventions if isinstance(s, Capture)]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -118,11 +123,13 @@ class HookedModel(ServerBase):
 
     # --- public methods (each request becomes one batcher item: (op, request, group)) --------
     async def forward(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
-        items = [("forward", r, (_key(r.interventions), r.images is not None, r.return_logits)) for r in requests]
+        # rows of one batch may differ in everything but their attention masks (and the LM head's width)
+        items = [("forward", r, (batch_key(r.interventions), r.images is not None, r.return_logits == "all"))
+                 for r in requests]
         return await self.batcher.submit_many(items)
 
     async def generate(self, requests: list[GenerationRequest]) -> list[HookedGeneration]:
-        return await self.batcher.submit_many([("generate", r, _key(r.interventions)) for r in requests])
+        return await self.batcher.submit_many([("generate", r, batch_key(r.interventions)) for r in requests])
 
     async def score(self, prompt: str | list[dict[str, str]], continuations: list[str]) -> list[list[float]]:
         if isinstance(prompt, str):
@@ -186,9 +193,12 @@ class HookedModel(ServerBase):
             inputs = self._padded(seqs)
         lengths = [r.prompt_length if r.prompt_length is not None else len(s) for r, s in zip(requests, seqs, strict=True)]
         keep = {}  # without "all" logits, skip the LM head on every other position (B x T x vocab)
-        if requests[0].return_logits != "all" and "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+        if (all(r.return_logits != "all" for r in requests)
+                and "logits_to_keep" in inspect.signature(self.model.forward).parameters):
             keep["logits_to_keep"] = 1
-        with intervene(self.model, requests[0].interventions, tokenizer=self.tokenizer, prompt_lengths=lengths) as session:
+        per_row = [r.interventions for r in requests]
+        opts = {"per_row": per_row, "tokenizer": self.tokenizer, "prompt_lengths": lengths}
+        with intervene(self.model, **opts) as session:
             out = self.model(**inputs, **keep)
         captures, positions = session.captures, session.capture_positions
         width = inputs["input_ids"].shape[1]
@@ -199,14 +209,15 @@ class HookedModel(ServerBase):
                 logits = _np(out.logits[row, -1])
             elif r.return_logits == "all":
                 logits = _np(out.logits[row, width - len(seq):])
+            asked = _captured(r.interventions)  # only this row's captures
             if r.capture_reduce == "mean":
-                row_caps = {k: _np(v[row].float().mean(0, keepdim=True)) for k, v in captures.items()}
+                row_caps = {k: _np(captures[k][row].float().mean(0, keepdim=True)) for k in asked}
             else:
-                row_caps = {k: _np(v[row]) for k, v in captures.items()}
+                row_caps = {k: _np(captures[k][row]) for k in asked}
             results.append(ForwardResult(
                 token_ids=seq,
                 captures=row_caps,
-                capture_positions={k: _np(v[row]) for k, v in positions.items()},
+                capture_positions={k: _np(positions[k][row]) for k in asked},
                 logits=logits,
             ))
         return results
@@ -234,7 +245,8 @@ class HookedModel(ServerBase):
         from explab.interventions.decode import decode
 
         prompts = [encode_request(self.tokenizer, r) for r in requests]
-        outputs = decode(self.model, self.tokenizer, prompts, [r.params for r in requests], requests[0].interventions)
+        outputs = decode(self.model, self.tokenizer, prompts, [r.params for r in requests],
+                         per_prompt=[r.interventions for r in requests])
         self._metrics.tokens(sum(len(c.token_ids) for o in outputs for c in o.completions))
         return [HookedGeneration(prompt_token_ids=p, completions=o.completions,
                                  captures=[{k: _np(v) for k, v in caps.items()} for caps in o.captures])
