@@ -186,6 +186,36 @@ class Session:
     def capture_positions(self) -> dict[str, list[Tensor]]:
         return {k: self._rows(k, self._cpos) for k in self._cpos}
 
+    def grids(self, key: str) -> list[list[Tensor]]:
+        """Capture ``key`` as spatial grids: per captured row, a list of (H_t, W_t, ...) tensors.
+
+        For a tower point (``vision.blocks.{i}``, ``projector``, captured at ``all`` positions) a row
+        is a tower input (an image or tile; Qwen-VL: every image of the batch); for a language-model
+        point captured at ``Positions(kind="image")`` a row is a sequence, with one grid per image
+        (LLaVA-NeXT: base and high-res view). See :mod:`explab.interventions.grids`. Needs the
+        captures of one batch (call :meth:`reset` between batches).
+        """
+        from explab.interventions.grids import grid_layouts
+
+        spec = next((s for s in self.specs if isinstance(s, Capture) and s.key == key), None)
+        if spec is None:
+            raise ExplabError(f"no capture named {key!r}: grids come from one of {sorted(self._chunks)}")
+        stream = resolve_point(self.model, spec.point, self.arch).stream
+        want = "all" if stream == "tower" else "image"
+        if spec.positions != Positions(kind=want) or spec.per_step:  # type: ignore[arg-type]
+            raise ExplabError(
+                f"grids of {key!r}: capture {spec.point!r} at positions {want!r} (every image token, "
+                "in order) to lay it out as a grid"
+            )
+        if len(self.vision_inputs) != 1:
+            raise ExplabError(
+                f"grids of {key!r}: the session saw {len(self.vision_inputs)} batches: "
+                "take grids after each batch and call reset() between them"
+            )
+        rows = self.captures[key]
+        layouts = grid_layouts(self.model, spec.point, [r.shape[0] for r in rows], self.vision_inputs[0])
+        return [[g.take(r) for g in gs] for r, gs in zip(rows, layouts, strict=True)]
+
     def _rows(self, key: str, store: dict[str, dict[int, list[Tensor]]]) -> list[Tensor]:
         rows = store[key]
         n = self._tower_rows[key] if key in self._tower_rows else self._n_rows
