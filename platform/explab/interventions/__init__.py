@@ -4,7 +4,8 @@ Pure PyTorch (no Ray). See :mod:`.points` for point names, :mod:`.specs` for pos
 """
 
 from explab.interventions.decode import DecodeOutput, decode, row_generator, sample_token
-from explab.interventions.hooks import Session, intervene, paragraph_index, run_with_hooks
+from explab.interventions.grids import ImageGrid, grid_layouts
+from explab.interventions.hooks import Session, image_token_id, intervene, paragraph_index, run_with_hooks
 from explab.interventions.points import HookPoint, list_points, n_layers, resolve_arch, resolve_point
 from explab.interventions.specs import (
     Bidirectional,
@@ -23,6 +24,7 @@ __all__ = [
     "Capture",
     "DecodeOutput",
     "HookPoint",
+    "ImageGrid",
     "Intervention",
     "Knockout",
     "Positions",
@@ -30,6 +32,8 @@ __all__ = [
     "Session",
     "Steer",
     "decode",
+    "grid_layouts",
+    "image_token_id",
     "intervene",
     "list_points",
     "n_layers",
