@@ -6,7 +6,8 @@ Pure PyTorch (no Ray). See :mod:`.points` for point names (and the helpers that 
 
 from explab.interventions import points
 from explab.interventions.decode import DecodeOutput, decode, row_generator, sample_token
-from explab.interventions.hooks import Session, intervene, paragraph_index, run_with_hooks
+from explab.interventions.grids import ImageGrid, grid_layouts
+from explab.interventions.hooks import Session, image_token_id, intervene, paragraph_index, run_with_hooks
 from explab.interventions.points import HookPoint, list_points, n_layers, resolve_arch, resolve_point
 from explab.interventions.specs import (
     Bidirectional,
@@ -28,6 +29,7 @@ __all__ = [
     "Capture",
     "DecodeOutput",
     "HookPoint",
+    "ImageGrid",
     "Intervention",
     "Interventions",
     "Knockout",
@@ -38,6 +40,8 @@ __all__ = [
     "Steer",
     "batch_key",
     "decode",
+    "grid_layouts",
+    "image_token_id",
     "intervene",
     "list_points",
     "n_layers",

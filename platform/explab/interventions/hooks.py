@@ -60,6 +60,7 @@ class Layout:
     key_real: Tensor | None  # (B, past+q) non-pad columns of the whole sequence (from the 2D mask)
     para: Tensor  # (B, G) paragraph index of generated position j; -1 where unknown
     row0: int  # global index of row 0 in Session.captures
+    image: Tensor | None = None  # (B, S) ordinal of the image token at sequence position s; -1: none
 
     def positions(self, start_col: int, n: int) -> Tensor:
         """(B, n) sequence positions of tensor columns [start_col, start_col+n); negative: padding."""
@@ -96,6 +97,15 @@ def select(p: Positions, lay: Layout, pos: Tensor, valid: Tensor) -> Tensor:
     if k == "span":
         end = resolve(p.end) if p.end is not None else torch.full_like(P, 2**62)
         return valid & (pos >= resolve(p.start or 0)) & (pos < end)
+    if k == "image":
+        if lay.image is None or lay.image.shape[1] == 0:
+            return torch.zeros_like(valid)
+        n = lay.image.shape[1]
+        ordinal = lay.image.gather(1, pos.clamp(0, n - 1)).masked_fill((pos < 0) | (pos >= n), -1)
+        if p.indices is None:
+            return valid & (ordinal >= 0)
+        wanted = torch.tensor(p.indices, dtype=ordinal.dtype, device=ordinal.device)
+        return valid & (ordinal >= 0) & (ordinal[..., None] == wanted).any(-1)
     # paragraph
     g = pos - P
     if lay.para.shape[1] == 0:
@@ -214,6 +224,8 @@ class Session:
         self._owner: nn.Module | None = None
         self._handles: list[Any] = []
         self._attn_restore: Callable[[], None] | None = None
+        self.image_token_id = image_token_id(model)
+        self.vision_inputs: list[dict[str, Tensor]] = []  # per batch: pixel_values, image_sizes, ...
         self._track_para = any(_uses_paragraph(s) for row in self.row_specs for s in row)
         if self._track_para and tokenizer is None:
             raise ExplabError(
@@ -246,6 +258,36 @@ class Session:
         rows = self.row_n_applied
         return [sum(row[i] for row in rows) for i in range(len(self.specs))]
 
+    def grids(self, key: str) -> list[list[Tensor]]:
+        """Capture ``key`` as spatial grids: per captured row, a list of (H_t, W_t, ...) tensors.
+
+        For a tower point (``vision.blocks.{i}``, ``projector``, captured at ``all`` positions) a row
+        is a tower input (an image or tile; Qwen-VL: every image of the batch); for a language-model
+        point captured at ``Positions(kind="image")`` a row is a sequence, with one grid per image
+        (LLaVA-NeXT: base and high-res view). See :mod:`explab.interventions.grids`. Needs the
+        captures of one batch (call :meth:`reset` between batches).
+        """
+        from explab.interventions.grids import grid_layouts
+
+        spec = next((s for row in self.row_specs for s in row if isinstance(s, Capture) and s.key == key), None)
+        if spec is None:
+            raise ExplabError(f"no capture named {key!r}: grids come from one of {sorted(self._chunks)}")
+        stream = resolve_point(self.model, spec.point, self.arch).stream
+        want = "all" if stream == "tower" else "image"
+        if spec.positions != Positions(kind=want) or spec.per_step:  # type: ignore[arg-type]
+            raise ExplabError(
+                f"grids of {key!r}: capture {spec.point!r} at positions {want!r} (every image token, "
+                "in order) to lay it out as a grid"
+            )
+        if len(self.vision_inputs) != 1:
+            raise ExplabError(
+                f"grids of {key!r}: the session saw {len(self.vision_inputs)} batches: "
+                "take grids after each batch and call reset() between them"
+            )
+        rows = self.captures[key]
+        layouts = grid_layouts(self.model, spec.point, [r.shape[0] for r in rows], self.vision_inputs[0])
+        return [[g.take(r) for g in gs] for r, gs in zip(rows, layouts, strict=True)]
+
     def _rows(self, key: str, store: dict[str, dict[int, list[Tensor]]]) -> list[Tensor]:
         rows = store[key]
         n = self._tower_rows[key] if key in self._tower_rows else self._n_rows
@@ -263,6 +305,7 @@ class Session:
         for op in self._vec_ops:
             op.counts = None
         self.layout = None
+        self.vision_inputs.clear()
 
     # -- installation ----------------------------------------------------------------------------
     def _install(self) -> None:
@@ -282,7 +325,7 @@ class Session:
             n = len(arch.layers)
             for li in s.layers if s.layers is not None else range(n):
                 masks.setdefault(_layer_index(li, n, f"{s.type}.layers"), []).append(s)
-        needs_eager = bool(mask_lists[0])
+        needs_eager = False  # knockout/bidirectional pass float 4-D masks: eager and sdpa agree
         d_model = _embed_dim(model)
         resolved: dict[str, HookPoint] = {}
         key_site: dict[str, tuple[int, str, int]] = {}
@@ -296,6 +339,11 @@ class Session:
                 if s.point not in resolved:
                     resolved[s.point] = resolve_point(model, s.point, arch)
                 pt = resolved[s.point]
+                if pt.stream == "tower" and s.positions.kind == "image":
+                    raise ExplabError(
+                        f"{s.type} at {s.point!r}: positions 'image' select image tokens in the language model; "
+                        "every token of a tower point is an image token: use positions 'all' or 'indices'"
+                    )
                 sid = (id(pt.module), pt.kind, pt.index)
                 if pt.index == 1:  # attention pattern
                     if not isinstance(s, Capture):
@@ -460,9 +508,29 @@ class Session:
             plen, row0 = lay.prompt_len, lay.row0
         para = torch.full((b, 0), -1, dtype=torch.long, device=dev) if new or lay is None else lay.para
         lay = Layout(past, q, pad, plen, real, key_real, para, row0)
+        lay.image = self._image_ordinals(ids, lay, None if new else self.layout)
+        if new:
+            self.vision_inputs.append({k: kwargs[k] for k in VISION_INPUTS if isinstance(kwargs.get(k), Tensor)})
         if ids is not None:
             self._track_generated(ids, lay)
         self.layout = lay
+
+    def _image_ordinals(self, ids: Tensor | None, lay: Layout, prev: Layout | None) -> Tensor | None:
+        """(B, past+q): the ordinal of each image token among its row's image tokens (-1: not one)."""
+        if ids is None or self.image_token_id is None:
+            return prev.image if prev is not None else None
+        is_img = (ids == self.image_token_id) & lay.real
+        ordinal = (is_img.long().cumsum(1) - 1).masked_fill(~is_img, -1)
+        pos = lay.positions(lay.past, lay.q)
+        width = lay.past + lay.q
+        out = torch.full((ids.shape[0], width), -1, dtype=torch.long, device=ids.device)
+        if prev is not None and prev.image is not None:
+            out[:, : prev.image.shape[1]] = prev.image[:, :width]
+            ordinal = torch.where(is_img, ordinal + (out.amax(1, keepdim=True) + 1), ordinal)
+        keep = is_img & (pos >= 0)
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(pos)
+        out[rows[keep], pos[keep]] = ordinal[keep]
+        return out
 
     def _on_forward_end(self, module: nn.Module, args: Any, output: Any) -> None:
         if module is self._owner:
@@ -552,6 +620,8 @@ class Session:
         return sel
 
     def _run_site(self, site: _Site, x: Tensor) -> Tensor:
+        if x.ndim == 2 and site.point.stream == "tower":  # a packed (tokens, D) tower: Qwen2-VL's ViT
+            return self._run_site(site, x[None])[0]
         pt = site.point
         if pt.seq_first:
             x = x.transpose(0, 1)
@@ -624,6 +694,13 @@ class Session:
 
     # -- attention masks -------------------------------------------------------------------------
     def _mask_hook(self, specs: list[Knockout | Bidirectional]) -> Callable[..., Any]:
+        """Rewrite the layer's attention mask as an additive float 4-D mask (0 / finfo.min).
+
+        Always float: transformers' eager attention adds the mask to the scores, so a boolean 4-D mask
+        would add 1/0 and let future tokens through; sdpa takes the float mask as it is. The layer's
+        own mask (None when sdpa runs causal, boolean or float otherwise) is converted first.
+        """
+
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             hidden = args[0] if args else kwargs["hidden_states"]
             b, q = hidden.shape[:2]
@@ -633,41 +710,61 @@ class Session:
             qpos, kpos = lay.positions(lay.past, q), lay.positions(lay.past + q - kv, kv)
             qvalid = lay.real
             kvalid = lay.key_real[:, -kv:] if lay.key_real is not None else kpos >= 0
-            neg = torch.finfo(hidden.dtype).min
-            if not isinstance(mask, Tensor):
-                allowed = (kpos[:, None, :] <= qpos[:, :, None]) & kvalid[:, None, :]
-                mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
-                    ~allowed, neg
-                )
-                mask = mask[:, None]
-            mask = mask.expand(b, -1, q, kv)
+            mask = float_mask(mask, qpos, kpos, kvalid, hidden.dtype).expand(b, -1, q, kv)
+            neg = torch.finfo(mask.dtype).min
             for s in specs:
                 if isinstance(s, Knockout):
                     qs, ks = select(s.queries, lay, qpos, qvalid), select(s.keys, lay, kpos, kvalid)
                     mask = _block(mask, (qs[:, :, None] & ks[:, None, :])[:, None], neg)
                 else:
                     qs, ks = select(s.span, lay, qpos, qvalid), select(s.span, lay, kpos, kvalid)
-                    allow = (qs[:, :, None] & ks[:, None, :])[:, None]
-                    mask = mask | allow if mask.dtype == torch.bool else mask.masked_fill(allow, 0.0)
+                    mask = mask.masked_fill((qs[:, :, None] & ks[:, None, :])[:, None], 0.0)
             return args, {**kwargs, "attention_mask": mask}
 
         return hook
 
 
-def _block(mask: Tensor, block: Tensor, neg: float) -> Tensor:
+def float_mask(mask: Tensor | None, qpos: Tensor, kpos: Tensor, kvalid: Tensor, dtype: torch.dtype) -> Tensor:
+    """The additive float form (0 = attend, finfo.min = blocked) of a layer's attention mask.
+
+    ``mask``: None (causal over the real keys, built from the sequence positions ``qpos`` (B, q) and
+    ``kpos`` (B, kv) and the real keys ``kvalid``), a boolean mask (True = attend) or a float mask
+    (returned as is, in ``dtype``). The result is (B or 1, 1 or heads, q, kv).
+    """
+    neg = torch.finfo(dtype).min
+    if mask is None:
+        allowed = (kpos[:, None, :] <= qpos[:, :, None]) & kvalid[:, None, :]
+        return torch.zeros(allowed.shape, dtype=dtype, device=qpos.device).masked_fill(~allowed, neg)[:, None]
     if mask.dtype == torch.bool:
-        out = mask & ~block
-        dead = ~out.any(-1) & mask.any(-1)
+        out = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, neg)
     else:
-        out = mask.masked_fill(block, neg)
-        dead = (out <= neg / 2).all(-1) & ~(mask <= neg / 2).all(-1)
+        out = mask.to(dtype)
+    return out if out.ndim == 4 else out[:, None]
+
+
+def _block(mask: Tensor, block: Tensor, neg: float) -> Tensor:
+    """``mask`` (additive float) with the entries in ``block`` set to ``neg``."""
+    out = mask.masked_fill(block, neg)
+    dead = (out <= neg / 2).all(-1) & ~(mask <= neg / 2).all(-1)
     if bool(dead.any()):  # a query with no key left keeps attending to itself
         q, kv = mask.shape[-2], mask.shape[-1]
         eye = torch.zeros(q, kv, dtype=torch.bool, device=mask.device)
         eye[torch.arange(q), torch.arange(kv - q, kv)] = True
-        fix = dead[..., None] & eye
-        out = out | fix if mask.dtype == torch.bool else out.masked_fill(fix, 0.0)
+        out = out.masked_fill(dead[..., None] & eye, 0.0)
     return out
+
+
+VISION_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw")
+
+
+def image_token_id(model: nn.Module) -> int | None:
+    """The id of the token a vision-language model replaces by image features (None: not a VLM)."""
+    cfg = getattr(model, "config", None)
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _cat(chunks: list[Tensor]) -> Tensor:
@@ -730,10 +827,11 @@ def intervene(
 
     ``prompt_lengths`` (one per row of the next batch) marks positions ``>= P`` as generated even in
     a single forward (teacher forcing); by default ``P`` is the row's real-token count at the prefill.
-    ``tokenizer`` is needed for ``paragraph`` positions. Knockout, bidirectional and attention-pattern
-    specs switch the model to eager attention for the block. ``per_row`` (one list per row of every
-    batch) adds row-specific specs to the shared ``specs``: one batch, different interventions per row
-    (see :class:`Session`); each row's results equal running it alone with its specs.
+    ``tokenizer`` is needed for ``paragraph`` positions. Attention-pattern captures switch the model to
+    eager attention for the block; knockout and bidirectional specs keep the model's attention (they
+    pass additive float 4-D masks, which eager and sdpa apply alike). ``per_row`` (one list per row of
+    every batch) adds row-specific specs to the shared ``specs``: one batch, different interventions per
+    row (see :class:`Session`); each row's results equal running it alone with its specs.
     """
     session = Session(model, specs, tokenizer, prompt_lengths, per_row)
     try:

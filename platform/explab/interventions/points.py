@@ -15,7 +15,8 @@ model inside LLaVA-style VLMs):
   which :func:`explab.interventions.intervene` switches on by itself.
 - ``final``: output of the final norm (what the LM head reads).
 
-Vision-language models and CLIP towers: ``projector`` (LLaVA ``multi_modal_projector`` output),
+Vision-language models and CLIP towers: ``projector`` (LLaVA / LLaVA-NeXT / InternVL
+``multi_modal_projector`` output, Qwen2.5-VL ``visual.merger`` output),
 ``vision.blocks.{i}`` (output of vision-tower encoder layer ``i``; HF vision towers and open_clip
 ``visual.transformer.resblocks``), ``text.blocks.{i}`` (output of text-tower layer ``i`` of a
 dual-encoder CLIP model, open_clip or HF ``CLIPModel``).
@@ -52,6 +53,7 @@ _VISION_PATHS = (
     "model.vision_tower.vision_model.encoder.layers",
     "vision_tower.vision_model.encoder.layers",
     "vision_tower.encoder.layers",
+    "model.vision_tower.encoder.layer",  # InternViT
     "model.visual.blocks",
     "visual.blocks",
     "vision_model.encoder.layers",
@@ -63,6 +65,7 @@ _PROJECTOR_PATHS = (
     "multi_modal_projector",
     "model.mm_projector",
     "mm_projector",
+    "model.visual.merger",  # Qwen2-VL / Qwen2.5-VL: the 2x2 patch merger feeds the LLM
 )
 _NORM_ATTRS = ("norm", "ln_f", "final_layer_norm", "final_norm")
 _ATTN_ATTRS = ("self_attn", "attn", "attention", "self_attention")

@@ -99,11 +99,15 @@ class Positions(_Strict):
       leading whitespace ignored. So the token that completes a break opens the next paragraph, and
       steering paragraph ``k`` acts on every forward that samples a token of paragraph ``k``.
       Decided from the text decoded so far (needs a tokenizer).
+    - ``image``: the row's image tokens in a vision-language model (the positions holding the model's
+      image token id, e.g. LLaVA's ``<image>`` expanded by its processor); with ``indices``, only the
+      image tokens with those ordinals (0-based, counted over the row's image tokens in order, so
+      for one LLaVA image: raster index into the H_t x W_t grid). Only for language-model points.
 
     A bare string is accepted for kinds without arguments: ``positions: prompt``.
     """
 
-    kind: Literal["all", "prompt", "generated", "last", "indices", "span", "paragraph"] = "all"
+    kind: Literal["all", "prompt", "generated", "last", "indices", "span", "paragraph", "image"] = "all"
     indices: list[int] | None = None
     start: int | None = None
     end: int | None = None
@@ -120,6 +124,8 @@ class Positions(_Strict):
             raise ValueError("positions kind 'indices' needs a non-empty `indices` list")
         if self.kind == "span" and self.start is None:
             raise ValueError("positions kind 'span' needs `start` (and optionally `end`)")
+        if self.kind == "image" and self.indices is not None and min(self.indices, default=0) < 0:
+            raise ValueError("positions kind 'image' counts image tokens from 0: give `indices` >= 0")
         if self.kind == "paragraph" and self.paragraph is None:
             raise ValueError("positions kind 'paragraph' needs `paragraph` (0-based index)")
         return self
@@ -197,23 +203,30 @@ class Knockout(_Spec):
 class Bidirectional(_Spec):
     """In ``layers`` (None: all), tokens at positions ``[start, end)`` attend to each other fully.
 
-    Everything else stays causal. With a KV cache, a token only sees span tokens that exist when it
-    is processed (in practice: put the span inside the prompt, e.g. the image tokens of a VLM).
+    ``image=True`` instead makes each row's image tokens (``Positions(kind="image")``) attend to each
+    other fully. Everything else stays causal. With a KV cache, a token only sees span tokens that
+    exist when it is processed (in practice: put the span inside the prompt, e.g. the image tokens).
     """
 
     type: Literal["bidirectional"] = "bidirectional"
     layers: list[int] | None = None
-    start: int
-    end: int
+    start: int | None = None
+    end: int | None = None
+    image: bool = False
 
     @model_validator(mode="after")
     def _order(self) -> Bidirectional:
-        if self.end <= self.start:
-            raise ValueError("bidirectional span needs start < end")
+        if self.image:
+            if self.start is not None or self.end is not None:
+                raise ValueError("bidirectional: give either image=true or start/end, not both")
+        elif self.start is None or self.end is None or self.end <= self.start:
+            raise ValueError("bidirectional span needs start < end (or image: true for the image tokens)")
         return self
 
     @property
     def span(self) -> Positions:
+        if self.image:
+            return Positions(kind="image")
         return Positions(kind="span", start=self.start, end=self.end)
 
 

@@ -19,6 +19,7 @@ import torch
 from explab.errors import ModelError
 from explab.models.loaded import LoadedModel, finish, resolve_device, resolve_dtype, vae_processor
 from explab.models.spec import ModelSpec
+from explab.models.tiny_vlm import internvl, llava_next, qwen2_5_vl
 from explab.models.tokenizer import IMAGE_TOKEN, ROLE_TOKENS, byte_tokenizer
 
 SEED = 0
@@ -205,11 +206,25 @@ def _vae(overrides: dict[str, Any]) -> Built:
     return model, None, vae_processor(model)
 
 
+def _vlm(build: Callable[[dict[str, Any], Any], Built]) -> Callable[[dict[str, Any]], Built]:
+    """A :mod:`explab.models.tiny_vlm` builder with this module's config merging and stop tokens."""
+
+    def builder(overrides: dict[str, Any]) -> Built:
+        model, tok, processor = build(overrides, _hf_config)
+        _stop_at_turn_end(model, tok)
+        return model, tok, processor
+
+    return builder
+
+
 _BUILDERS: dict[str, tuple[str, Callable[[dict[str, Any]], Built]]] = {
     "llama": ("causal_lm", _llama),
     "qwen": ("causal_lm", _qwen),
     "gpt2": ("causal_lm", _gpt2),
     "llava": ("vlm", _llava),
+    "llava_next": ("vlm", _vlm(llava_next)),
+    "qwen2_5_vl": ("vlm", _vlm(qwen2_5_vl)),
+    "internvl": ("vlm", _vlm(internvl)),
     "clip": ("clip", _clip),
     "vae": ("vae", _vae),
 }

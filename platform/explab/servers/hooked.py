@@ -44,6 +44,10 @@ class ForwardRequest(BaseModel):
     NaN when none was captured; ``capture_positions`` still lists them), so a caller that needs a
     mean over many layers and tokens does not ship every position back. ``interventions`` takes spec
     objects (``Capture(point=points.resid_post(3))``) or their dicts, validated here.
+    ``grids``: capture keys to return also as spatial image grids (``ForwardResult.grids``, see
+    ``Session.grids``): tower points captured at ``all`` positions, language-model points at
+    ``Positions(kind="image")``. Such a request runs in a forward pass of its own, so every tower row
+    (image or tile) belongs to it.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
@@ -58,6 +62,7 @@ class ForwardRequest(BaseModel):
     return_logits: Literal["none", "last", "all"] = "none"
     add_special_tokens: bool = True
     capture_reduce: Literal["none", "mean"] = "none"
+    grids: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_input(self) -> ForwardRequest:
@@ -73,6 +78,7 @@ class ForwardResult(BaseModel):
     captures: dict[str, Any]  # key -> np.ndarray (positions × ...)
     capture_positions: dict[str, Any]  # key -> np.ndarray of sequence positions
     logits: Any | None = None  # np.ndarray: (V,) for "last", (T, V) for "all"
+    grids: dict[str, list[Any]] = Field(default_factory=dict)  # key -> [np.ndarray (H_t, W_t, D)] per image
 
 
 class HookedGeneration(GenerationResult):
@@ -123,9 +129,10 @@ class HookedModel(ServerBase):
 
     # --- public methods (each request becomes one batcher item: (op, request, group)) --------
     async def forward(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
-        # rows of one batch may differ in everything but their attention masks (and the LM head's width)
-        items = [("forward", r, (batch_key(r.interventions), r.images is not None, r.return_logits == "all"))
-                 for r in requests]
+        # rows of one batch may differ in everything but their attention masks (and the LM head's width);
+        # a request that asks for image grids runs alone (every tower row of the pass is its own)
+        items = [("forward", r, (batch_key(r.interventions), r.images is not None, r.return_logits == "all",
+                                 id(r) if r.grids else None)) for r in requests]
         return await self.batcher.submit_many(items)
 
     async def generate(self, requests: list[GenerationRequest]) -> list[HookedGeneration]:
@@ -219,8 +226,19 @@ class HookedModel(ServerBase):
                 captures=row_caps,
                 capture_positions={k: _np(positions[k][row]) for k in asked},
                 logits=logits,
+                grids={k: [_np(g) for g in self._grids(session, k, row)] for k in r.grids},
             ))
         return results
+
+    def _grids(self, session: Any, key: str, row: int) -> list[torch.Tensor]:
+        """The grids of capture ``key`` for request ``row`` (a grid request is alone in its batch)."""
+        from explab.interventions import resolve_point
+
+        rows = session.grids(key)
+        point = next(s.point for s in session.specs if getattr(s, "key", None) == key)
+        if resolve_point(self.model, point).stream == "tower":
+            return [g for gs in rows for g in gs]  # tower rows are the request's images / tiles
+        return rows[row]
 
     def _vision_inputs(self, requests: list[ForwardRequest]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
         processor = self.loaded.processor
@@ -234,7 +252,8 @@ class HookedModel(ServerBase):
         images = [img for r in requests for img in (r.images or [])]
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
         mask = inputs["attention_mask"]
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if not hasattr(getattr(self.model, "model", None), "get_rope_index"):  # M-RoPE finds its own
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         seqs = [row[m.bool()].tolist() for row, m in zip(inputs["input_ids"], mask, strict=True)]
         inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         if "pixel_values" in inputs:
