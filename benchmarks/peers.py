@@ -66,7 +66,10 @@ def prompts(tok: Any, n: int, length: int, seed: int = 0) -> list[tuple[str, lis
             out.append((text, ids))
             if len(out) == n:
                 return out
-    raise RuntimeError(f"could not build {n} prompts of {length} tokens that re-encode exactly")
+    from explab.errors import ExplabError
+
+    raise ExplabError(f"could not build {n} prompts of {length} tokens that re-encode exactly: "
+                      "give a smaller --tokens")
 
 
 def _useful(tokens: list[int], eos: set[int]) -> list[int]:
