@@ -78,3 +78,21 @@ def test_a_failing_batch_fails_its_callers_and_the_server_goes_on():
     result, batcher = asyncio.run(main())
     assert result == "good"
     assert batcher.stats.errors == 1
+
+
+def test_a_batch_function_raising_stop_iteration_fails_its_callers_and_the_batcher_keeps_serving():
+    """A bare ``next()`` running dry inside a batch must reach the callers as an error, not stall them
+    (asyncio cannot put StopIteration on a future), and later batches still run."""
+
+    def run(items):
+        if items[0] == "bad":
+            next(iter([]))
+        return [x.upper() for x in items]
+
+    async def main():
+        batcher = DynamicBatcher(run, max_batch=1, max_wait_ms=1)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(batcher.submit("bad"), timeout=10)
+        return await asyncio.wait_for(batcher.submit("ok"), timeout=10)
+
+    assert asyncio.run(main()) == "OK"

@@ -103,7 +103,7 @@ class DynamicBatcher:
         items = [item for item, _, _ in entries]
         ok = False
         try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, items)
+            results = await loop.run_in_executor(self._executor, _no_stop_iteration, self._run_batch, items)
             if len(results) != len(items):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
             ok = True
@@ -126,3 +126,13 @@ class DynamicBatcher:
             for (_, future, _), result in zip(entries, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+
+def _no_stop_iteration(run_batch: Callable[[list[Any]], list[Any]], items: list[Any]) -> list[Any]:
+    """``run_batch(items)``, with a stray StopIteration (a bare ``next()`` that ran dry) re-raised as a
+    RuntimeError: asyncio cannot set StopIteration on a future, and the batcher's loop would stall
+    with every caller of the batch waiting forever."""
+    try:
+        return run_batch(items)
+    except StopIteration as err:
+        raise RuntimeError(f"batch function raised StopIteration: {err!r}") from err

@@ -235,7 +235,7 @@ class HookedModel(ServerBase):
         from explab.interventions import resolve_point
 
         rows = session.grids(key)
-        point = next(s.point for s in session.specs if getattr(s, "key", None) == key)
+        point = next(s.point for s in session.row_specs[row] if getattr(s, "key", None) == key)
         if resolve_point(self.model, point).stream == "tower":
             return [g for gs in rows for g in gs]  # tower rows are the request's images / tiles
         return rows[row]
