@@ -20,6 +20,7 @@ import pandas as pd
 from explab.config import JobConfig
 from explab.job import Job
 from explab.models import ModelSpec
+from explab.models.checks import check_layers
 from explab.runs import RunContext
 from explab.servers import ServerOptions
 
@@ -93,6 +94,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
 
     hooked = ctx.model(config.model, "hooked", config.server)
     n_layers = hooked.describe()["n_layers"]
+    check_layers(config.layer, n_layers, "layer", config.model.name)
+    check_layers(config.readout_layer, n_layers, "readout_layer", config.model.name, negative=True)
     steer_point = f"blocks.{config.layer}.resid_post"
     read_point = f"blocks.{config.readout_layer % n_layers}.resid_post"
 
