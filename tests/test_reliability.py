@@ -118,7 +118,7 @@ def test_layers_are_checked_against_the_models_depth():
 
     check_layers([0, 3], 4)
     check_layers(-4, 4, negative=True)
-    with pytest.raises(ConfigError, match=r"field 'layer': layer 4 is outside 'tiny:llama', which has 4 blocks \(0..3\)"):
+    with pytest.raises(ConfigError, match=r"field 'layer': layer 4 out of range for 'tiny:llama', which has 4 blocks \(0..3\)"):
         check_layers(4, 4, "layer", "'tiny:llama'")
     with pytest.raises(ConfigError, match="field 'readout_layer'"):
         check_layers(-5, 4, "readout_layer", negative=True)
@@ -364,3 +364,75 @@ def test_a_failed_run_keeps_its_traceback_in_error_log_and_one_line_in_the_manif
     assert manifest["error"] == "ValueError: bad shapes" and manifest["error_log"] == "error.log"
     log = (run_dir / "error.log").read_text()
     assert "Traceback" in log and "in broken" in log and "second line" in log
+
+
+# ---- through a real local Ray ----------------------------------------------------------------------------
+def test_a_layer_past_the_models_depth_is_one_line_naming_the_field(tmp_path, ray_local, cli):
+    code, out, err = cli("run", "quickstart", "-c", "tiny", "--set", "layer=50", "--set", "alphas=[0]",
+                         "--set", "questions=[Hi]", "--runs-dir", str(tmp_path))
+    lines = [line for line in err.strip().splitlines() if line.strip() and "Ray dashboard" not in line]
+    assert code != 0 and len(lines) == 1, err
+    assert "field 'layer': layer 50 out of range for tiny:llama, which has" in lines[0] and "Traceback" not in err
+    run_dir = Path(out.strip().splitlines()[-1])
+    assert strict_json(run_dir / "manifest.json")["status"] == "failed" and (run_dir / "error.log").is_file()
+
+
+def test_an_error_raised_inside_a_server_actor_is_its_one_line(tmp_path, ray_local, capsys):
+    import typer
+
+    from explab.cli import _execute
+
+    def bad_point(config, ctx):
+        hooked = ctx.model("tiny:gpt2", "hooked")
+        hooked.forward([{"text": "Hi", "interventions": [{"type": "capture", "point": "blocks.99.resid_post"}]}])
+        return {}
+
+    with pytest.raises(typer.Exit) as info:
+        _execute(Job(name="badpoint", description="", config=Cfg, run=bad_point), Cfg(), str(tmp_path))
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert info.value.exit_code == 1 and len(lines) == 1 and "blocks.99" in lines[0], err
+    (run_dir,) = (tmp_path / "badpoint").iterdir()
+    assert f"traceback: {run_dir / 'error.log'}" in lines[0]
+    assert "Traceback" in (run_dir / "error.log").read_text()  # the actor's whole traceback is kept there
+
+
+def quadratic_spec(path: Path, **changes) -> Path:
+    spec = {"job": "quadratic", "base": {"config": "tiny", "overrides": ["steps=2"]},
+            "space": {"x": {"type": "uniform", "low": -5.0, "high": 5.0}},
+            "metric": "objective", "mode": "max", "num_samples": 6, "sampler": "random", "seed": 3, **changes}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_a_sweep_never_picks_a_trial_whose_metric_is_nan(tmp_path, ray_local):
+    from explab.sweep import run_sweep
+
+    spec = quadratic_spec(tmp_path / "nan.yaml", base={"config": "tiny", "overrides": ["steps=2", "nan_above_x=0.0"]})
+    sweep_dir = run_sweep(spec, tmp_path / "runs")
+    table = pd.read_parquet(sweep_dir / "trials.parquet")
+    diverged = table[table["param.x"] > 0.0]
+    assert len(diverged) >= 2 and (table["status"] == "completed").all()  # seed 3 draws some on each side
+    # the diverged trials (nearer the optimum at x=1.5) have no objective, not their last step's value
+    assert diverged["metric.objective"].isna().all() and table.loc[table["param.x"] <= 0, "metric.objective"].notna().all()
+    best = strict_json(sweep_dir / "best.json")
+    assert best["best"]["params"]["x"] <= 0.0
+    assert best["best"]["metrics"]["objective"] == table["metric.objective"].max()
+
+
+def test_a_sweep_metric_the_job_never_reports_is_an_error(tmp_path, ray_local, cli):
+    spec = quadratic_spec(tmp_path / "typo.yaml", metric="objectiv", num_samples=2)
+    code, _, err = cli("sweep", str(spec), "--runs-dir", str(tmp_path / "runs"))
+    lines = [line for line in err.strip().splitlines() if line.strip() and "Ray dashboard" not in line]
+    assert code != 0 and "no trial reported a finite value of metric 'objectiv'" in lines[-1], err
+    assert "the job reported: cost, distance, f, objective" in lines[-1]
+    (sweep_dir,) = (tmp_path / "runs" / "sweeps" / "quadratic").iterdir()
+    assert strict_json(sweep_dir / "manifest.json")["status"] == "failed"
+
+
+def test_a_trial_asking_for_more_cpus_than_any_node_has_is_refused_before_the_sweep_exists(tmp_path, ray_local, cli):
+    spec = quadratic_spec(tmp_path / "big.yaml", resources_per_trial={"cpu": 64})
+    code, _, err = cli("sweep", str(spec), "--runs-dir", str(tmp_path / "runs"))
+    lines = [line for line in err.strip().splitlines() if line.strip() and "Ray dashboard" not in line]
+    assert code != 0 and len(lines) == 1 and "asks for 64 CPUs, but the largest node has 4" in lines[0], err
+    assert not (tmp_path / "runs").exists()

@@ -62,6 +62,7 @@ FLUSH_ROWS = 1000  # step metrics buffered before they are appended as a part fi
 FLUSH_S = 2.0  # ... or after this many seconds, whichever comes first
 PARTIAL_SUFFIX = ".partial"  # a run directory being created: .<run-id>.partial
 SWEEPS_DIR = "sweeps"
+EPHEMERAL_MARKER = "/runtime_resources/"  # Ray unpacks a job's working dir (and deletes it) under here
 
 
 def runs_root(runs_dir: str | Path | None = None) -> Path:
@@ -72,6 +73,10 @@ def check_runs_dir(runs_dir: str | Path | None = None) -> Path:
     """The runs root, refused in one line when it cannot hold run directories (a file, or under one,
     or not writable); called before Ray starts so that bad input costs nothing."""
     root = runs_root(runs_dir)
+    absolute = root.resolve()
+    if EPHEMERAL_MARKER in absolute.as_posix() or any(part.startswith("_ray_pkg_") for part in absolute.parts):
+        raise ExplabError(f"runs dir {absolute} is inside Ray's temporary working-dir package, which Ray deletes: "
+                          "give a durable path with --runs-dir (or set EXPLAB_RUNS_DIR on the cluster)")
     for folder in (root, *root.parents):
         if folder.exists():
             if not folder.is_dir():

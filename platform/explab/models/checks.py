@@ -77,5 +77,5 @@ def check_layers(layers: int | Iterable[int], n_layers: int, field: str = "layer
     for layer in values:
         if not low <= int(layer) < n_layers:
             allowed = f"0..{n_layers - 1}" + (f", or {-n_layers}..-1 from the end" if negative else "")
-            raise ConfigError(f"field '{field}': layer {layer} is outside {model}, which has {n_layers} blocks "
+            raise ConfigError(f"field '{field}': layer {layer} out of range for {model}, which has {n_layers} blocks "
                               f"({allowed}): pick a layer in range")
