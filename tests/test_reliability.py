@@ -18,7 +18,7 @@ import yaml
 
 from explab import runs, store
 from explab.config import JobConfig
-from explab.errors import ConfigError, ModelError, one_line
+from explab.errors import ConfigError, ExplabError, ModelError, one_line
 from explab.job import Job
 from explab.runs import execute, list_runs, read_metrics
 
@@ -436,3 +436,90 @@ def test_a_trial_asking_for_more_cpus_than_any_node_has_is_refused_before_the_sw
     lines = [line for line in err.strip().splitlines() if line.strip() and "Ray dashboard" not in line]
     assert code != 0 and len(lines) == 1 and "asks for 64 CPUs, but the largest node has 4" in lines[0], err
     assert not (tmp_path / "runs").exists()
+
+
+# ---- submitting: what travels, where runs go, where the token goes -----------------------------------------
+def _git_project(root: Path) -> Path:
+    for name in ("jobs/demo/job.py", "platform/explab/__init__.py", "README.md", ".env", "keys/id_rsa"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "jobs", "platform", "README.md"], cwd=root, check=True)
+    (root / "jobs/demo/configs").mkdir()
+    (root / "jobs/demo/configs/mine.yaml").write_text("seed: 1\n")  # untracked, but the job's config
+    return root
+
+
+def test_submit_uploads_only_git_tracked_files_and_the_config(tmp_path):
+    from explab import jobs_api
+
+    root = _git_project(tmp_path)
+    files = jobs_api.upload_files(root, [root / "jobs/demo/configs/mine.yaml"])
+    assert files == ["README.md", "jobs/demo/configs/mine.yaml", "jobs/demo/job.py", "platform/explab/__init__.py"]
+    staged = jobs_api.stage(root, files, tmp_path / "staged")
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == files
+    assert jobs_api.summarize_upload(files) == "README.md, jobs/ (2), platform/ (1)"
+
+
+@pytest.mark.parametrize("secret", [".env", "deploy/id_ed25519", "certs/server.pem", "conf/credentials.json",
+                                    ".aws/config", "secrets.yaml"])
+def test_submit_refuses_a_tracked_file_that_looks_like_a_secret(secret, tmp_path):
+    from explab import jobs_api
+
+    root = _git_project(tmp_path)
+    (root / secret).parent.mkdir(parents=True, exist_ok=True)
+    (root / secret).write_text("hunter2\n")
+    subprocess.run(["git", "add", "-f", secret], cwd=root, check=True)
+    with pytest.raises(ExplabError, match=f"refusing to upload {secret}: it looks like a secret"):
+        jobs_api.upload_files(root)
+    assert not jobs_api.looks_secret("jobs/apm/tokenizer.py") and not jobs_api.looks_secret("jobs/x/keys.py")
+
+
+def test_a_submitted_run_defaults_to_a_durable_runs_dir_on_the_cluster(tmp_path):
+    from explab import jobs_api
+
+    entrypoint, metadata = jobs_api.build_run_entrypoint("quadratic", "tiny", root=ROOT)
+    # the cluster runs the entrypoint through a shell: EXPLAB_RUNS_DIR there, else ~/explab-runs
+    echo = entrypoint.replace("python -m explab.cli", "printf '%s\\n'", 1)
+    for env, expected in (({"HOME": str(tmp_path)}, f"{tmp_path}/explab-runs"),
+                          ({"HOME": str(tmp_path), "EXPLAB_RUNS_DIR": "/shared/runs"}, "/shared/runs")):
+        out = subprocess.run(["bash", "-c", echo], env=env, capture_output=True, text=True, check=True).stdout
+        assert out.split() == ["run", "quadratic", "-c", "tiny", "--runs-dir", expected]
+    assert metadata["explab_runs_dir"] == "${EXPLAB_RUNS_DIR:-$HOME/explab-runs}"
+
+
+def test_runs_inside_rays_temporary_package_are_refused(tmp_path):
+    from explab.runs import check_runs_dir
+
+    package = tmp_path / "session_1/runtime_resources/working_dir_files/_ray_pkg_0123abcd"
+    with pytest.raises(ExplabError, match="inside Ray's temporary working-dir package"):
+        check_runs_dir(package / "runs")
+    assert check_runs_dir(tmp_path / "runs") == tmp_path / "runs"
+
+
+def test_the_token_goes_only_over_https_or_to_a_loopback_address(monkeypatch):
+    from explab import jobs_api
+
+    monkeypatch.delenv("EXPLAB_ALLOW_PLAIN_TOKEN", raising=False)
+    for address in ("https://ray.example.org:8443", "http://127.0.0.1:8265", "http://localhost:8265",
+                    "http://[::1]:8265"):
+        assert jobs_api.token_may_travel(address), address
+    for address in ("http://10.0.0.5:8265", "http://ray.example.org:8265", "head:8265"):
+        assert not jobs_api.token_may_travel(address), address
+    monkeypatch.setenv("EXPLAB_ALLOW_PLAIN_TOKEN", "1")
+    assert jobs_api.token_may_travel("http://10.0.0.5:8265")
+
+
+def test_pull_brings_a_submitted_run_back(head_jobs, tmp_path, cli):
+    job_id, address = head_jobs.ids["quickstart"], head_jobs.head.address
+    code, out, err = cli("pull", job_id, "--address", address, "--runs-dir", str(tmp_path))
+    assert code == 0, err
+    local = Path(out.strip().splitlines()[-1])
+    (remote,) = [p for p in (head_jobs.runs_dir / "quickstart").iterdir()
+                 if json.loads((p / "manifest.json").read_text())["status"] == "completed"]
+    assert local == tmp_path / "quickstart" / remote.name
+    for name in ("manifest.json", "result.json", "config.yaml", "tables/steering.parquet",
+                 "plots/projection_vs_alpha.png", "metrics.parquet"):
+        assert (local / name).read_bytes() == (remote / name).read_bytes(), name
+    code, _, err = cli("pull", job_id, "--address", address, "--runs-dir", str(tmp_path))
+    assert code != 0 and "exists already" in err

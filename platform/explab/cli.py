@@ -282,6 +282,11 @@ def submit_cmd(
     else:
         submission = jobs_api.submit_run(job, config, overrides or [], runs_dir=runs_dir, address=address)
     err.print(f"[dim]submitted to {submission.address}: {submission.entrypoint}[/dim]", highlight=False, soft_wrap=True)
+    err.print(f"[dim]uploaded {len(submission.uploaded)} git-tracked files: "
+              f"{jobs_api.summarize_upload(submission.uploaded)}[/dim]", highlight=False, soft_wrap=True)
+    where = runs_dir or "$EXPLAB_RUNS_DIR (else ~/explab-runs)"
+    err.print(f"[dim]runs go to {where} on the cluster; bring one back with "
+              f"`explab pull {submission.job_id}`[/dim]", highlight=False, soft_wrap=True)
     out.print(f"dashboard: {submission.dashboard_url}", highlight=False, soft_wrap=True)
     if follow:
         state = jobs_api.follow_logs(submission.job_id, submission.address)
@@ -289,6 +294,18 @@ def submit_cmd(
         if state != "SUCCEEDED":
             raise typer.Exit(1)
     print(submission.job_id, flush=True)
+
+
+@app.command("pull")
+def pull_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab submit`")],
+             runs_dir: RunsDirOpt = None, address: JobsAddressOpt = None) -> None:
+    """Bring a finished submitted job's run (or sweep) directory back into the local runs dir."""
+    from explab.pull import pull
+
+    local, skipped = pull(job_id, address, runs_dir)
+    for name in skipped:
+        err.print(f"[yellow]left on the cluster (too large):[/yellow] {name}", highlight=False, soft_wrap=True)
+    print(local, flush=True)
 
 
 @app.command("status")
