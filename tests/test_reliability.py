@@ -113,6 +113,21 @@ def test_seed_out_of_range_is_a_config_error_for_every_job(seed):
             validate(job.config, {"seed": seed})
 
 
+@pytest.mark.parametrize("job, data, field", [
+    ("quickstart", {"alphas": []}, "alphas"), ("quickstart", {"questions": []}, "questions"),
+    ("quickstart", {"max_tokens": -1}, "max_tokens"), ("quickstart", {"batch_size": 0}, "batch_size"),
+    ("quickstart", {"layer": -2}, "layer"), ("sotalign", {"n_pairs": []}, "n_pairs"),
+    ("sotalign", {"n_pairs": [0]}, "n_pairs.0"), ("cot_robustness", {"timesteps": []}, "timesteps"),
+    ("quadratic", {"steps": -1}, "steps"),
+])
+def test_empty_lists_and_negative_budgets_are_config_errors(job, data, field):
+    from explab.config import validate
+    from explab.job import get_job
+
+    with pytest.raises(ConfigError, match=f"field '{field}'"):
+        validate(get_job(job).config, data)
+
+
 def test_layers_are_checked_against_the_models_depth():
     from explab.models.checks import check_layers
 

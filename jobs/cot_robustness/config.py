@@ -144,10 +144,10 @@ class Config(JobConfig):
                      question_field="problem", answer_field="answer", id_field="unique_id"),
     ]
     references: References = References()
-    timesteps: list[float] = [0.1, 0.3, 0.5, 0.7, 0.9]
+    timesteps: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
     timestep: float | None = None  # one τ instead of `timesteps` (what a sweep sets)
     min_steps: int = Field(2, ge=1)
-    interventions: list[str] = list(INTERVENTIONS)
+    interventions: list[str] = Field(default_factory=lambda: list(INTERVENTIONS), min_length=1)
     intervention: str | None = None  # one intervention instead of `interventions` (what a sweep sets)
     intervention_model: ModelSpec = ModelSpec(name=INSTRUCT)
     intervention_server: ServerOptions = ServerOptions()
