@@ -587,9 +587,13 @@ def list_runs(runs_dir: str | Path | None = None, job: str | None = None) -> lis
 def mark_crashed(runs_dir: str | Path | None = None, job: str | None = None) -> list[Path]:
     """Mark every run whose process is gone as ``crashed`` in its manifest (with the end time
     unknown), compact the metrics it flushed into ``metrics.parquet`` and remove leftover
-    temporary files; returns the runs marked."""
+    temporary files and half-created run directories; returns the runs marked."""
     marked = []
-    for run_dir in _run_dirs(runs_root(runs_dir), job):
+    root = runs_root(runs_dir)
+    for partial in root.glob(f"{job or '*'}/.*{PARTIAL_SUFFIX}"):  # a run killed while being created
+        if partial.is_dir() and time.time() - partial.stat().st_mtime > 60:
+            shutil.rmtree(partial, ignore_errors=True)
+    for run_dir in _run_dirs(root, job):
         info = read_run(run_dir)
         if info["status"] != "crashed" or info["manifest"].get("status") != "running":
             continue
