@@ -20,7 +20,7 @@ import pandas as pd
 import ray
 from pydantic import Field, model_validator
 
-from explab.config import JobConfig, Section
+from explab.config import JobConfig, Section, Seed
 from explab.errors import ConfigError
 from explab.job import Job
 from explab.models import ModelSpec
@@ -95,7 +95,7 @@ class MethodsConfig(Section):
 
 
 class Config(JobConfig):
-    seeds: list[int] = [0, 1, 2, 3, 4]  # one C per seed; significance is across these
+    seeds: list[Seed] = [0, 1, 2, 3, 4]  # one C per seed; significance is across these
     base_models: dict[str, RoleConfig] = {
         "llama-8b": RoleConfig(model=ModelSpec(name="meta-llama/Llama-3.1-8B-Instruct"), server=VLLM),
         "qwen-32b": RoleConfig(model=ModelSpec(name="Qwen/Qwen2.5-32B-Instruct"), server=VLLM),

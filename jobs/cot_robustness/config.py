@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from explab.config import JobConfig, Section
+from explab.config import JobConfig, Section, Seed
 from explab.models import ModelSpec
 from explab.servers import ServerOptions
 from jobs.cot_robustness.perturbations import INTERVENTIONS, LLM_INTERVENTIONS
@@ -19,7 +19,7 @@ class Decoding(Section):
     temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(2048, ge=1)
-    seed: int | None = None  # None: derived from the run's seed
+    seed: Seed | None = None  # None: derived from the run's seed
 
 
 class EvaluatedModel(Section):
@@ -71,7 +71,7 @@ class ParagraphPool(Section):
 
 
 class References(Section):
-    seed: int | None = PAPER_SEED  # sampling seed of the reference traces (None: the run's seed)
+    seed: Seed | None = PAPER_SEED  # sampling seed of the reference traces (None: the run's seed)
     keep_only_correct: bool = True  # the paper keeps only questions the model answered correctly
     require_closed_think: bool = False  # also drop traces whose think block never closed
     # Generate the trace in rounds of at most this many tokens, continuing from the text so far and
@@ -85,7 +85,7 @@ class Continuation(Section):
     temperature: float = Field(0.6, ge=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(32768, ge=1)
-    seed: int | None = None  # None: derived from the run's seed per trajectory
+    seed: Seed | None = None  # None: derived from the run's seed per trajectory
 
 
 class Judge(Section):
@@ -135,7 +135,7 @@ def _default_decoding() -> dict[str, Decoding]:
 
 
 class Config(JobConfig):
-    seed: int = PAPER_SEED
+    seed: Seed = PAPER_SEED
     models: list[EvaluatedModel] = [
         EvaluatedModel(model=ModelSpec(name="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"), size_b=1.5),
     ]
@@ -144,10 +144,10 @@ class Config(JobConfig):
                      question_field="problem", answer_field="answer", id_field="unique_id"),
     ]
     references: References = References()
-    timesteps: list[float] = [0.1, 0.3, 0.5, 0.7, 0.9]
+    timesteps: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
     timestep: float | None = None  # one τ instead of `timesteps` (what a sweep sets)
     min_steps: int = Field(2, ge=1)
-    interventions: list[str] = list(INTERVENTIONS)
+    interventions: list[str] = Field(default_factory=lambda: list(INTERVENTIONS), min_length=1)
     intervention: str | None = None  # one intervention instead of `interventions` (what a sweep sets)
     intervention_model: ModelSpec = ModelSpec(name=INSTRUCT)
     intervention_server: ServerOptions = ServerOptions()

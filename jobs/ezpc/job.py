@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from explab.config import JobConfig, Section
+from explab.config import JobConfig, Section, Seed
 from explab.data import slug
 from explab.embeddings import EmbedOptions, embed
 from explab.errors import ConfigError
@@ -60,7 +60,7 @@ class DatasetConfig(Section):
 class ConceptConfig(Section):
     source: Literal["file", "llm"] = "file"
     size: int | None = Field(None, ge=1)  # vocabulary-size ablation: a seeded random subset of this many
-    subset_seed: int = 1234
+    subset_seed: Seed = 1234
     template: str = "a photo of {}"  # how a concept phrase is embedded (the authors' prompt)
     max_class_similarity: float | None = Field(None, gt=-1.0, le=1.0)  # drop concepts this close to a class name
     # the LLM path
@@ -87,7 +87,7 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     seen_ratio: float = Field(0.8, gt=0.0, le=1.0)  # classes whose train images train A (the rest: unseen)
-    split_seed: int = 42
+    split_seed: Seed = 42
     top_k: int = Field(10, ge=1)  # concepts per explanation
     faithfulness_k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10])
     explain_images: int = Field(4, ge=0)  # test images drawn as bar charts

@@ -30,6 +30,7 @@ class Config(JobConfig):
     transient: float = 10.0  # how far below f the first step starts
     sleep_s: float = Field(0.0, ge=0.0)  # wall time per step (to make a trial last)
     fail_above_x: float | None = None  # raise when x is above this (tests a failing trial)
+    nan_above_x: float | None = None  # return a NaN objective when x is above this (tests a diverged trial)
 
 
 def objective(x: float, y: float, x0: float, y0: float) -> float:
@@ -47,6 +48,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
         if config.sleep_s:
             time.sleep(config.sleep_s)
     final = f + config.noise * ctx.rng.standard_normal()
+    if config.nan_above_x is not None and config.x > config.nan_above_x:
+        final = math.nan  # as a diverged run reports it: the platform must record it as missing
     distance = math.hypot(config.x - config.x0, config.y - config.y0)
     cost = abs(config.x) + abs(config.y)  # a second objective that pulls towards the origin (Pareto demos)
     return {"objective": final, "distance": distance, "f": f, "cost": cost}

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from explab.config import JobConfig
 from explab.interventions import Capture, Steer, points
 from explab.job import Job
-from explab.models import ModelSpec
+from explab.models import ModelSpec, check_layers
 from explab.runs import RunContext
 from explab.servers import ServerOptions
 
@@ -28,32 +29,32 @@ from explab.servers import ServerOptions
 class Config(JobConfig):
     model: ModelSpec = ModelSpec(name="tiny:llama")
     server: ServerOptions = ServerOptions()
-    layer: int = 0
+    layer: int = Field(0, ge=0)
     readout_layer: int = -1  # where the effect is read (-1: the last block)
-    positive: list[str] = [
+    positive: list[str] = Field(min_length=1, default=[
         "I am completely certain of this answer.",
         "Without any doubt, the result is correct.",
         "I know exactly what the answer is.",
         "This is definitely true, I am sure.",
-    ]
-    negative: list[str] = [
+    ])
+    negative: list[str] = Field(min_length=1, default=[
         "I am not sure about this answer at all.",
         "Maybe the result is wrong, I doubt it.",
         "I really do not know what the answer is.",
         "This might be false, I am unsure.",
-    ]
-    questions: list[str] = [
+    ])
+    questions: list[str] = Field(min_length=1, default=[
         "What is the capital of France?",
         "How many legs does a spider have?",
         "Why is the sky blue?",
         "What is 12 times 12?",
         "Who wrote Hamlet?",
         "What is the boiling point of water?",
-    ]
-    alphas: list[float] = [-8.0, -4.0, 0.0, 4.0, 8.0]
+    ])
+    alphas: list[float] = Field([-8.0, -4.0, 0.0, 4.0, 8.0], min_length=1)
     alpha: float | None = None  # one steering strength (a sweep's field): replaces alphas with [0, alpha]
-    max_tokens: int = 16
-    batch_size: int = 3
+    max_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(3, ge=1)
 
 
 def contrastive_direction(hooked: Any, point: str, positive: list[str], negative: list[str]) -> np.ndarray:
@@ -93,6 +94,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
 
     hooked = ctx.model(config.model, "hooked", config.server)
     n_layers = hooked.describe()["n_layers"]
+    check_layers(config.layer, n_layers, "layer", config.model.name)
+    check_layers(config.readout_layer, n_layers, "readout_layer", config.model.name, negative=True)
     steer_point = points.resid_post(config.layer)
     read_point = points.resid_post(config.readout_layer % n_layers)
 

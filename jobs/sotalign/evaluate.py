@@ -13,6 +13,8 @@ def normalize(Z: np.ndarray) -> np.ndarray:
 def recall_at(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
     """Row i's correct column is i: the fraction of rows whose correct column ranks in the top k."""
     sim = np.asarray(sim)
+    if not np.isfinite(sim).all():  # diverged embeddings: NaN compares false and would rank first
+        return {k: float("nan") for k in ks}
     correct = np.diag(sim)[:, None]
     rank = (sim > correct).sum(axis=1)  # ties count in the query's favour
     return {k: float((rank < k).mean()) for k in ks}
@@ -29,5 +31,8 @@ def retrieval(img: np.ndarray, txt: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)
 
 def zero_shot(img: np.ndarray, class_txt: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of assigning each image to the most similar class-prompt embedding."""
-    pred = (normalize(img) @ normalize(class_txt).T).argmax(axis=1)
+    sim = normalize(img) @ normalize(class_txt).T
+    if not np.isfinite(sim).all():  # argmax would pick the first NaN: undefined, not a prediction
+        return float("nan")
+    pred = sim.argmax(axis=1)
     return float((pred == np.asarray(labels)).mean())

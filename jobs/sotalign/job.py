@@ -16,7 +16,7 @@ encoders through the cached Ray Data embedding pipeline (``source: embeddings``,
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -71,7 +71,7 @@ class ZeroShot(Section):
     label_column: str = "label"
     limit: int | None = None
     class_names: list[str] | None = None  # default: the dataset's ClassLabel names (Hugging Face)
-    templates: list[str] = ["a photo of a {}."]
+    templates: list[str] = Field(["a photo of a {}."], min_length=1)
     first_synonym: bool = True  # "tench, Tinca tinca" → "tench"
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -87,9 +87,9 @@ class Config(JobConfig):
     unpaired_images: Source | None = None
     unpaired_texts: Source | None = None
     zeroshot: ZeroShot | None = None
-    n_pairs: list[int] = [100, 1000, 10000]
+    n_pairs: list[Annotated[int, Field(ge=1)]] = Field([100, 1000, 10000], min_length=1)
     n_unpaired: list[int | None] = [None]  # unpaired images and texts used by `full` (None: all)
-    methods: list[Method] = ["teacher", "pairs", "full"]
+    methods: list[Method] = Field(["teacher", "pairs", "full"], min_length=1)
     teacher: TeacherConfig = TeacherConfig()
     align: AlignConfig = AlignConfig()
     save_models: bool = True  # f, g of the last `full` model and the teacher as safetensors

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from explab.errors import ExplabError
+from explab.errors import ExplabError, Terminated, one_line
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="explab: explainable-ML experiments on Ray (jobs, shared model servers, sweeps).")
@@ -60,28 +59,64 @@ def run_cmd(
     from explab import runtime
     from explab.config import load_config
     from explab.job import get_job
+    from explab.models.checks import preflight
+    from explab.runs import check_runs_dir
 
     spec = get_job(job)
     cfg = load_config(spec.config, spec.config_path(config), overrides or [])
+    preflight(cfg)  # unknown tiny: families, missing model directories: before Ray starts
+    check_runs_dir(runs_dir)
     info = runtime.init(address)
     if info.dashboard_url:
         err.print(f"[dim]Ray dashboard: {info.dashboard_url}[/dim]")
     run_dir, result = _execute(spec, cfg, runs_dir)
     if result:
         out.print(_table(f"{job} result", [{"metric": k, "value": v} for k, v in result.items()]))
+    _note_invalid(run_dir)
     print(run_dir, flush=True)
 
 
 def _execute(spec: Any, cfg: Any, runs_dir: str | None) -> tuple[Path, dict]:
-    from explab.runs import execute
+    """Run the job; a failure is one line on stderr (the traceback is in the run's error.log) and
+    the run directory on stdout; Ctrl-C / SIGTERM end the run as ``stopped``, equally quietly."""
+    from explab.runs import ERROR_LOG, execute
 
     try:
         return execute(spec, cfg, runs_dir)
-    except ExplabError:
-        raise
-    except Exception as error:  # a job failure: keep the traceback, the run dir says failed
-        traceback.print_exc()
-        raise typer.Exit(_fail(f"run of {spec.name} failed: {type(error).__name__}: {error}")) from None
+    except KeyboardInterrupt as error:
+        run_dir = getattr(error, "explab_run_dir", None)
+        err.print(f"[yellow]stopped:[/yellow] run of {spec.name} marked stopped"
+                  + (f": {run_dir}" if run_dir else ""), highlight=False, soft_wrap=True)
+        if run_dir:
+            print(run_dir, flush=True)
+        raise typer.Exit(143 if isinstance(error, Terminated) else 130) from None
+    except Exception as error:  # noqa: BLE001 - a job failure: one line here, the traceback in error.log
+        run_dir = getattr(error, "explab_run_dir", None)
+        where = f" (traceback: {Path(run_dir) / ERROR_LOG})" if run_dir else ""
+        message = one_line(error)
+        if not isinstance(_cause(error), ExplabError):
+            message = f"run of {spec.name} failed: {message}"
+        code = _fail(message + where)
+        if run_dir:
+            print(run_dir, flush=True)
+        raise typer.Exit(code) from None
+
+
+def _cause(error: BaseException) -> BaseException:
+    from explab.errors import root_cause
+
+    return root_cause(error)
+
+
+def _note_invalid(run_dir: Path) -> None:
+    """Name the metrics a run reported as NaN/inf (recorded as missing)."""
+    try:
+        invalid = json.loads((Path(run_dir) / "manifest.json").read_text()).get("invalid_metrics") or {}
+    except (OSError, ValueError):
+        return
+    for name, where in invalid.items():
+        err.print(f"[yellow]note:[/yellow] metric {name!r} was {where}: recorded as missing", highlight=False,
+                  soft_wrap=True)
 
 
 def _fail(message: str) -> int:
@@ -91,10 +126,15 @@ def _fail(message: str) -> int:
 
 @app.command("runs")
 def runs_cmd(job: Annotated[str | None, typer.Argument(help="only this job's runs")] = None,
-             runs_dir: RunsDirOpt = None) -> None:
-    """List runs."""
-    from explab.runs import list_runs
+             runs_dir: RunsDirOpt = None,
+             clean: Annotated[bool, typer.Option("--clean", help="mark runs whose process died as crashed in their "
+                                                 "manifests, and remove leftover temporary files")] = False) -> None:
+    """List runs (a run whose process died reads as crashed, a damaged one as damaged)."""
+    from explab.runs import list_runs, mark_crashed
 
+    if clean:
+        for run_dir in mark_crashed(runs_dir, job):
+            err.print(f"marked crashed: {run_dir}", highlight=False, soft_wrap=True)
     out.print(_table("runs", list_runs(runs_dir, job)))
 
 
@@ -102,25 +142,46 @@ def runs_cmd(job: Annotated[str | None, typer.Argument(help="only this job's run
 def show_cmd(run: Annotated[str, typer.Argument(help="run directory, job/run-id, or run id (prefix)")],
              runs_dir: RunsDirOpt = None,
              rows: Annotated[int, typer.Option(help="rows to print per table")] = 10) -> None:
-    """Print a run's config, manifest summary, final metrics and tables."""
+    """Print a run's config, manifest summary, final metrics and tables; names what is damaged."""
     import pandas as pd
 
-    from explab.runs import resolve_run
+    from explab import store
+    from explab.runs import FINISHED, METRICS_FILE, read_metrics, read_run, resolve_run
 
     path = resolve_run(run, runs_dir)
-    manifest = json.loads((path / "manifest.json").read_text())
-    out.print(f"[bold]{manifest['job']}[/bold] {manifest['run_id']}  status={manifest['status']}  "
-              f"seed={manifest['seed']}  commit={manifest.get('git_commit')}")
+    info = read_run(path)
+    manifest = info["manifest"]
+    if info["status"] in FINISHED:
+        store.remove_temporaries(path)
+    out.print(f"[bold]{manifest.get('job', path.parent.name)}[/bold] {manifest.get('run_id', path.name)}  "
+              f"status={info['status']}  seed={manifest.get('seed')}  commit={manifest.get('git_commit')}")
     if manifest.get("error"):
-        out.print(f"[red]{manifest['error']}[/red]")
-    out.print((path / "config.yaml").read_text())
-    if (path / "result.json").is_file():
+        out.print(f"[red]{manifest['error']}[/red]", highlight=False)
+    damaged = dict(info["damaged"])
+    if (path / "config.yaml").is_file():
+        out.print((path / "config.yaml").read_text(errors="replace"), highlight=False)
+    if (path / "result.json").is_file() and "result.json" not in damaged:
         result = json.loads((path / "result.json").read_text())
-        out.print(_table("result", [{"metric": k, "value": v} for k, v in result.items()]))
-    for table in sorted(path.glob("tables/*.parquet")) + ([path / "metrics.parquet"] if (path / "metrics.parquet").is_file() else []):
-        frame = pd.read_parquet(table)
+        if isinstance(result, dict):
+            out.print(_table("result", [{"metric": k, "value": v} for k, v in result.items()]))
+    for table in sorted(path.glob("tables/*.parquet")):
+        try:
+            frame = pd.read_parquet(table)
+        except Exception as error:  # noqa: BLE001 - a truncated table: name it, show the rest
+            damaged[str(table.relative_to(path))] = f"unreadable ({type(error).__name__})"
+            continue
         out.print(f"[bold]{table.relative_to(path)}[/bold] ({len(frame)} rows)")
-        out.print(frame.head(rows).to_string(index=False))
+        out.print(frame.head(rows).to_string(index=False), highlight=False)
+    try:
+        frame = read_metrics(path)
+    except Exception as error:  # noqa: BLE001
+        damaged[METRICS_FILE] = f"unreadable ({type(error).__name__})"
+    else:
+        if len(frame):
+            out.print(f"[bold]{METRICS_FILE}[/bold] ({len(frame)} rows)")
+            out.print(frame.head(rows).to_string(index=False), highlight=False)
+    for name, what in damaged.items():
+        err.print(f"[yellow]damaged:[/yellow] {name} {what}", highlight=False, soft_wrap=True)
     print(path)
 
 
@@ -165,8 +226,10 @@ def sweep_cmd(
     Trials run in this Ray cluster and share its model servers. Outputs in the sweep directory:
     trials.parquet, best.json, plots/*.png, trials/<job>/<trial-id>/ (each trial's run).
     """
+    from explab.runs import check_runs_dir
     from explab.sweep import run_sweep
 
+    check_runs_dir(runs_dir)
     sweep_dir = run_sweep(spec, runs_dir, address, resume, progress=True)
     best = json.loads((sweep_dir / "best.json").read_text())
     manifest = json.loads((sweep_dir / "manifest.json").read_text())
@@ -219,6 +282,11 @@ def submit_cmd(
     else:
         submission = jobs_api.submit_run(job, config, overrides or [], runs_dir=runs_dir, address=address)
     err.print(f"[dim]submitted to {submission.address}: {submission.entrypoint}[/dim]", highlight=False, soft_wrap=True)
+    err.print(f"[dim]uploaded {len(submission.uploaded)} git-tracked files: "
+              f"{jobs_api.summarize_upload(submission.uploaded)}[/dim]", highlight=False, soft_wrap=True)
+    where = runs_dir or "$EXPLAB_RUNS_DIR (else ~/explab-runs)"
+    err.print(f"[dim]runs go to {where} on the cluster; bring one back with "
+              f"`explab pull {submission.job_id}`[/dim]", highlight=False, soft_wrap=True)
     out.print(f"dashboard: {submission.dashboard_url}", highlight=False, soft_wrap=True)
     if follow:
         state = jobs_api.follow_logs(submission.job_id, submission.address)
@@ -226,6 +294,18 @@ def submit_cmd(
         if state != "SUCCEEDED":
             raise typer.Exit(1)
     print(submission.job_id, flush=True)
+
+
+@app.command("pull")
+def pull_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab submit`")],
+             runs_dir: RunsDirOpt = None, address: JobsAddressOpt = None) -> None:
+    """Bring a finished submitted job's run (or sweep) directory back into the local runs dir."""
+    from explab.pull import pull
+
+    local, skipped = pull(job_id, address, runs_dir)
+    for name in skipped:
+        err.print(f"[yellow]left on the cluster (too large):[/yellow] {name}", highlight=False, soft_wrap=True)
+    print(local, flush=True)
 
 
 @app.command("status")
@@ -277,18 +357,23 @@ def stop_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab sub
 def main() -> None:
     try:
         code = app(standalone_mode=False)
-    except ExplabError as error:
-        sys.exit(_fail(str(error)))
+    except ExplabError as error:  # also a Ray error wrapping one: its own one line, not Ray's traceback
+        sys.exit(_fail(one_line(error)))
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:
         sys.exit(130)
+    except KeyboardInterrupt as error:
+        err.print("[yellow]stopped[/yellow]", highlight=False)
+        sys.exit(143 if isinstance(error, Terminated) else 130)
     except Exception as error:
         import click
 
         if isinstance(error, click.ClickException):
             error.show()
             sys.exit(error.exit_code)
+        if isinstance(_cause(error), ExplabError):
+            sys.exit(_fail(one_line(error)))
         raise
     sys.exit(code if isinstance(code, int) else 0)
 

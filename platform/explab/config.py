@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from explab.errors import ConfigError
+
+SEED_LIMIT = 2**32
+# A seed every RNG a job reaches accepts, with room for derived seeds: numpy's legacy seed and
+# Optuna's samplers take [0, 2**32); torch's manual_seed and numpy's default_rng take more.
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, description="an RNG seed in [0, 2**32)")]
 
 
 class Section(BaseModel):
@@ -28,7 +33,7 @@ class JobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    seed: int = 0
+    seed: Seed = 0
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -39,7 +44,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: check the path (-c/--config)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start} cannot be decoded): "
+                          "give a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror}): check the path and its "
+                          "permissions") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {path} is binary (it holds NUL bytes): give a YAML file")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

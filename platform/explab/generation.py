@@ -19,7 +19,7 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(64, ge=1)
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # torch and vLLM take any 63-bit seed
     stop: list[str] = Field(default_factory=list)
     logprobs: bool = False  # return the logprob of each sampled token
 

@@ -9,20 +9,33 @@ validated the config, ahead of any explab installed on its nodes).
 
 Addresses are the dashboard's HTTP address (``http://HOST:8265``): ``--address``, else
 ``RAY_ADDRESS`` when it is an http(s) URL, else ``http://127.0.0.1:8265``.
+
+What travels: only the files git tracks in the project (plus the job's config or sweep file),
+copied to a staging folder that becomes the working dir; a tracked file that looks like a secret
+(`SECRET_PATTERNS`) stops the submission. Runs go to a durable folder on the cluster
+(`CLUSTER_RUNS_DIR`: the cluster's ``EXPLAB_RUNS_DIR``, else ``~/explab-runs``), never into Ray's
+temporary working-dir package. The cluster token is sent only over https or to a loopback
+(tunnelled) address, unless ``EXPLAB_ALLOW_PLAIN_TOKEN=1``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fnmatch
 import getpass
+import ipaddress
 import json
 import os
 import secrets
 import shlex
+import shutil
 import socket
+import subprocess
+import tempfile
+import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +51,16 @@ EXCLUDES = [
     "*.tar", "*.tar.gz", "*.zip", "*.log",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Files that must never leave this machine (matched against each path's file name, and directories).
+SECRET_PATTERNS = (
+    ".env", ".env.*", "*.env", ".envrc", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key",
+    "*.p12", "*.pfx", "*.jks", "*.keystore", "*.kdbx", "credentials", "credentials.*", "*credentials*.json",
+    "service-account*.json", ".netrc", ".pypirc", ".npmrc", ".htpasswd", "auth_token", "*.token", "secrets.*",
+)
+SECRET_DIRS = (".ssh", ".aws", ".gnupg", ".azure", ".kube", ".docker", "gcloud")
+# Where a submitted job's runs go when --runs-dir is not given: expanded by the shell on the cluster.
+CLUSTER_RUNS_DIR = '"${EXPLAB_RUNS_DIR:-$HOME/explab-runs}"'
+PLAIN_TOKEN_ENV = "EXPLAB_ALLOW_PLAIN_TOKEN"
 
 
 @dataclass
@@ -45,6 +68,7 @@ class Submission:
     job_id: str
     address: str
     entrypoint: str
+    uploaded: list[str] = field(default_factory=list)  # project-relative paths that travelled
 
     @property
     def dashboard_url(self) -> str:
@@ -83,20 +107,40 @@ def _without_address_env() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _auth_headers() -> dict[str, str]:
+def _auth_headers(address: str | None = None) -> dict[str, str]:
     """The cluster token as a header when one is available locally (``RAY_AUTH_TOKEN``,
-    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), unless ``RAY_AUTH_MODE=disabled``."""
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), unless ``RAY_AUTH_MODE=disabled``; refused
+    (one line) for a plain-http address that is not loopback (see `token_may_travel`)."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
     try:
         from ray._raylet import AuthenticationTokenLoader
 
         loader = AuthenticationTokenLoader.instance()
-        if loader.has_token(ignore_auth_mode=True):
-            return dict(loader.get_token_for_http_header(ignore_auth_mode=True))
+        headers = dict(loader.get_token_for_http_header(ignore_auth_mode=True)) \
+            if loader.has_token(ignore_auth_mode=True) else {}
     except Exception:
-        pass
-    return {}
+        headers = {}
+    if headers and address is not None and not token_may_travel(address):
+        raise ExplabError(f"refusing to send the Ray auth token in clear text to {address}: use https, or an SSH "
+                          "tunnel to 127.0.0.1 (`ray dashboard cluster.yaml`), or set "
+                          f"{PLAIN_TOKEN_ENV}=1 to send it anyway")
+    return headers
+
+
+def token_may_travel(address: str) -> bool:
+    """Whether a secret may be sent to ``address``: https, a loopback host (a tunnel's local end),
+    or plain http when ``EXPLAB_ALLOW_PLAIN_TOKEN=1`` says so explicitly."""
+    parsed = urllib.parse.urlparse(address if "://" in address else f"http://{address}")
+    if parsed.scheme == "https" or os.environ.get(PLAIN_TOKEN_ENV) == "1":
+        return True
+    host = (parsed.hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _quiet_ray_client() -> None:
@@ -121,7 +165,7 @@ def client(address: str | None = None) -> Any:
     address = resolve_address(address)
     try:
         with _without_address_env():
-            return JobSubmissionClient(address, headers=_auth_headers() or None)
+            return JobSubmissionClient(address, headers=_auth_headers(address) or None)
     except ConnectionError:
         raise unreachable(address) from None
     except AuthenticationError:
@@ -179,10 +223,17 @@ def build_run_entrypoint(job: str, config: str | None = None, overrides: list[st
         args += ["-c", config if named else _relative(config_path, root, "config file")]
     for item in overrides or []:
         args += ["--set", item]
+    metadata = {"explab_job": job, "explab_config": config or "", "explab_overrides": json.dumps(overrides or []),
+                "explab_runs_dir": runs_dir or CLUSTER_RUNS_DIR.strip('"')}
+    return _with_runs_dir(args, runs_dir), metadata
+
+
+def _with_runs_dir(args: list[str], runs_dir: str | None, tail: list[str] | None = None) -> str:
+    """The entrypoint with ``--runs-dir``: the one given, else `CLUSTER_RUNS_DIR` (the shell that
+    runs the entrypoint on the cluster expands it), so runs never land in Ray's temporary package."""
     if runs_dir:
-        args += ["--runs-dir", runs_dir]
-    metadata = {"explab_job": job, "explab_config": config or "", "explab_overrides": json.dumps(overrides or [])}
-    return shlex.join(args), metadata
+        return shlex.join([*args, "--runs-dir", runs_dir, *(tail or [])])
+    return " ".join([shlex.join(args), "--runs-dir", CLUSTER_RUNS_DIR, *map(shlex.quote, tail or [])])
 
 
 def build_sweep_entrypoint(sweep: str, runs_dir: str | None = None, resume: bool = False, *,
@@ -205,11 +256,63 @@ def build_sweep_entrypoint(sweep: str, runs_dir: str | None = None, resume: bool
 
         get_job(job)
     args = ["python", "-m", "explab.cli", "sweep", _relative(path, root, "sweep file")]
-    if runs_dir:
-        args += ["--runs-dir", runs_dir]
-    if resume:
-        args.append("--resume")
-    return shlex.join(args), {"explab_sweep": _relative(path, root, "sweep file"), "explab_job": job}
+    return _with_runs_dir(args, runs_dir, ["--resume"] if resume else []), {"explab_sweep": _relative(path, root, "sweep file"), "explab_job": job,
+                                            "explab_runs_dir": runs_dir or CLUSTER_RUNS_DIR.strip('"')}
+
+
+def looks_secret(relative: str) -> bool:
+    """A path (relative to the project) whose name or folder marks it as a secret."""
+    parts = Path(relative).parts
+    name = parts[-1] if parts else relative
+    return any(fnmatch.fnmatch(name, p) for p in SECRET_PATTERNS) or any(d in SECRET_DIRS for d in parts[:-1])
+
+
+def _excluded(relative: str) -> bool:
+    parts = Path(relative).parts
+    return any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in EXCLUDES if "/" not in pattern)
+
+
+def upload_files(root: Path, extra: list[Path] | None = None) -> list[str]:
+    """What a submission uploads: the files git tracks under ``root`` (as they are in the work tree)
+    plus ``extra`` (the job's config or sweep file), minus `EXCLUDES`; one line and nothing
+    submitted when one of them looks like a secret or the project is not a git checkout."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached"], cwd=root, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ExplabError(f"explab submit uploads the files git tracks, and git failed in {root} ({error}): "
+                          "install git, or run it from the project's git checkout") from None
+    if out.returncode != 0:
+        raise ExplabError(f"explab submit uploads the files git tracks, but {root} is not a git checkout: "
+                          "run it from the project's git checkout (git init; git add the project)")
+    files = {f for f in out.stdout.decode().split("\0") if f}
+    for path in extra or []:
+        files.add(_relative(path, root, "file"))
+    chosen = sorted(f for f in files if (root / f).is_file() and not _excluded(f))
+    secret = [f for f in chosen if looks_secret(f)]
+    if secret:
+        raise ExplabError(f"refusing to upload {secret[0]}"
+                          + (f" (and {len(secret) - 1} more)" if len(secret) > 1 else "")
+                          + ": it looks like a secret (keys, tokens, .env): remove it from git "
+                          "(`git rm --cached`) and keep it out of the project")
+    return chosen
+
+
+def stage(root: Path, files: list[str], into: Path) -> Path:
+    """Copy ``files`` (relative to ``root``) into ``into``: the folder that is uploaded."""
+    for relative in files:
+        target = into / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / relative, target)
+    return into
+
+
+def summarize_upload(files: list[str]) -> str:
+    """``files`` grouped by top-level folder: "jobs/ (120), platform/ (15), README.md"."""
+    groups: dict[str, int] = {}
+    for f in files:
+        head = f.split("/", 1)[0] + ("/" if "/" in f else "")
+        groups[head] = groups.get(head, 0) + 1
+    return ", ".join(k if not k.endswith("/") else f"{k} ({n})" for k, n in sorted(groups.items()))
 
 
 def runtime_env(root: Path) -> dict[str, Any]:
@@ -227,8 +330,10 @@ def _submission_id(name: str) -> str:
 
 
 def submit(entrypoint: str, metadata: dict[str, Any], *, name: str, address: str | None = None,
-           root: Path | None = None) -> Submission:
+           root: Path | None = None, extra_files: list[Path] | None = None) -> Submission:
+    """Submit ``entrypoint`` with the project's git-tracked files (+ ``extra_files``) as its working dir."""
     root = root or project_root()
+    files = upload_files(root, extra_files)
     address = resolve_address(address)
     jobs_client = client(address)
     try:
@@ -236,19 +341,26 @@ def submit(entrypoint: str, metadata: dict[str, Any], *, name: str, address: str
     except Exception:
         user = "unknown"
     meta = {**{k: str(v) for k, v in metadata.items()}, "submitted_by": f"{user}@{socket.gethostname()}"}
-    try:
-        job_id = _call(address, lambda: jobs_client.submit_job(
-            entrypoint=entrypoint, submission_id=_submission_id(name), runtime_env=runtime_env(root), metadata=meta))
-    except RuntimeError as error:  # e.g. the upload of the working dir was refused
-        raise ExplabError(f"the Ray dashboard at {address} did not take the job: {error}") from None
-    return Submission(job_id=job_id, address=address, entrypoint=entrypoint)
+    with tempfile.TemporaryDirectory(prefix="explab-upload-") as folder:
+        staged = stage(root, files, Path(folder))
+        try:
+            job_id = _call(address, lambda: jobs_client.submit_job(
+                entrypoint=entrypoint, submission_id=_submission_id(name), runtime_env=runtime_env(staged),
+                metadata=meta))
+        except RuntimeError as error:  # e.g. the upload of the working dir was refused
+            raise ExplabError(f"the Ray dashboard at {address} did not take the job: {error}") from None
+    return Submission(job_id=job_id, address=address, entrypoint=entrypoint, uploaded=files)
 
 
 def submit_run(job: str, config: str | None = None, overrides: list[str] | None = None,
                runs_dir: str | None = None, address: str | None = None) -> Submission:
+    from explab.job import get_job
+
     root = project_root()
     entrypoint, metadata = build_run_entrypoint(job, config, overrides, runs_dir, root=root)
-    return submit(entrypoint, metadata, name=job, address=address, root=root)
+    config_path = get_job(job).config_path(config)
+    return submit(entrypoint, metadata, name=job, address=address, root=root,
+                  extra_files=[config_path] if config_path is not None else [])
 
 
 def submit_sweep(sweep: str, runs_dir: str | None = None, address: str | None = None,
@@ -256,7 +368,20 @@ def submit_sweep(sweep: str, runs_dir: str | None = None, address: str | None = 
     root = project_root()
     entrypoint, metadata = build_sweep_entrypoint(sweep, runs_dir, resume, root=root)
     name = metadata["explab_job"] or Path(sweep).resolve().parent.name
-    return submit(entrypoint, metadata, name=f"sweep-{name}", address=address, root=root)
+    extra = [Path(sweep)]
+    base = (read_sweep_base(Path(sweep)))
+    if base is not None:
+        extra.append(base)
+    return submit(entrypoint, metadata, name=f"sweep-{name}", address=address, root=root, extra_files=extra)
+
+
+def read_sweep_base(sweep: Path) -> Path | None:
+    """The sweep's base config file when it is a file (not a config name of the job)."""
+    from explab.sweep import _base_config_path, load_job, load_spec
+
+    spec = load_spec(sweep)
+    path = _base_config_path(load_job(spec.job), spec.base.config, sweep.parent)
+    return path if path is not None and path.is_file() else None
 
 
 # ---- watching ----------------------------------------------------------------------------------------

@@ -4,7 +4,17 @@
 seed, models, host, times, status), ``metrics.parquet`` (step metrics), ``result.json`` (final
 metrics), ``tables/*.parquet``, ``artifacts/*.safetensors`` and ``plots/*.png``. Every write is
 atomic; a failed run is marked failed in its manifest (stopped, when it was ended from outside)
-and keeps what it wrote.
+and keeps what it wrote, with the traceback in ``error.log``. A run directory appears whole (made
+under a hidden name with its config and manifest, then renamed). A run whose process died without
+ending it (SIGKILL, a lost node) reads as ``crashed``.
+
+Step metrics are appended in chunks (``metrics.parts/part-*.parquet``, one per `FLUSH_ROWS` rows
+or `FLUSH_S` seconds) and compacted into ``metrics.parquet`` when the run ends, so logging costs
+linear time and a killed run keeps every flushed row (`read_metrics` reads either form).
+
+A metric value that is not finite (NaN, ±inf) is recorded as missing: null in ``result.json`` and
+``metrics.parquet``, never reported to Tune or Ray metrics, and named in the manifest's
+``invalid_metrics``, so a diverged run can never rank first in a sweep.
 
 A run also reports to Ray metrics (`explab.telemetry.RunMetrics`): progress (``ctx.progress``), the
 values it logs and returns, and runs started/completed/failed with their durations.
@@ -14,14 +24,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform as _platform
 import random
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +45,7 @@ from pydantic import BaseModel
 
 from explab import __version__, store
 from explab.config import dump_config
-from explab.errors import ExplabError
+from explab.errors import ExplabError, one_line
 from explab.paths import DEFAULT_RUNS_DIR, runs_root, runs_root_of  # noqa: F401 - importable from here
 from explab.telemetry import RunMetrics
 
@@ -40,6 +53,36 @@ TRACKED_PACKAGES = (
     "torch", "torchvision", "transformers", "ray", "vllm", "open_clip_torch", "diffusers",
     "pot", "optuna", "datasets", "numpy", "pydantic",
 )
+
+
+METRICS_FILE = "metrics.parquet"
+METRICS_PARTS = "metrics.parts"
+ERROR_LOG = "error.log"
+FLUSH_ROWS = 1000  # step metrics buffered before they are appended as a part file ...
+FLUSH_S = 2.0  # ... or after this many seconds, whichever comes first
+PARTIAL_SUFFIX = ".partial"  # a run directory being created: .<run-id>.partial
+SWEEPS_DIR = "sweeps"
+EPHEMERAL_MARKER = "/runtime_resources/"  # Ray unpacks a job's working dir (and deletes it) under here
+
+
+def check_runs_dir(runs_dir: str | Path | None = None) -> Path:
+    """The runs root, refused in one line when it cannot hold run directories (a file, or under one,
+    or not writable); called before Ray starts so that bad input costs nothing."""
+    root = runs_root(runs_dir)
+    absolute = root.resolve()
+    if EPHEMERAL_MARKER in absolute.as_posix() or any(part.startswith("_ray_pkg_") for part in absolute.parts):
+        raise ExplabError(f"runs dir {absolute} is inside Ray's temporary working-dir package, which Ray deletes: "
+                          "give a durable path with --runs-dir (or set EXPLAB_RUNS_DIR on the cluster)")
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ExplabError(f"runs dir {root}: {folder} is a file, not a directory: "
+                                  "give a directory with --runs-dir (or EXPLAB_RUNS_DIR)")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ExplabError(f"runs dir {root}: {folder} is not writable: give a directory you can write to "
+                                  "with --runs-dir (or EXPLAB_RUNS_DIR)")
+            break
+    return root
 
 
 def new_run_id() -> str:
@@ -135,6 +178,59 @@ class Progress:
         self.close()
 
 
+class MetricsLog:
+    """A run's step metrics: kept in memory, appended to ``metrics.parts/`` in chunks, compacted
+    into ``metrics.parquet`` by `compact` (each row is written twice in all: linear in the steps)."""
+
+    def __init__(self, run_dir: Path, flush_rows: int | None = None, flush_s: float | None = None):
+        self.run_dir = run_dir
+        self.rows: list[dict[str, Any]] = []
+        self.flush_rows = FLUSH_ROWS if flush_rows is None else flush_rows
+        self.flush_s = FLUSH_S if flush_s is None else flush_s
+        self._pending: list[dict[str, Any]] = []
+        self._parts = 0
+        self._flushed_at = time.monotonic()
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self._pending.append(row)
+        if len(self._pending) >= self.flush_rows or time.monotonic() - self._flushed_at >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the buffered rows as the next part file."""
+        if self._pending:
+            part = self.run_dir / METRICS_PARTS / f"part-{self._parts:06d}.parquet"
+            store.write_parquet(part, self._pending)
+            self._parts += 1
+            self._pending = []
+        self._flushed_at = time.monotonic()
+
+    def compact(self) -> None:
+        """Write every row to ``metrics.parquet`` and drop the part files."""
+        if self.rows:
+            store.write_parquet(self.run_dir / METRICS_FILE, self.rows)
+        self._pending = []
+        shutil.rmtree(self.run_dir / METRICS_PARTS, ignore_errors=True)
+
+
+def read_metrics(run_dir: str | Path) -> Any:
+    """A run's step metrics as a DataFrame: ``metrics.parquet``, or for a run that never ended
+    (killed) the part files it flushed; unreadable parts (a write cut short) are skipped."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    if (run_dir / METRICS_FILE).is_file():
+        return pd.read_parquet(run_dir / METRICS_FILE)
+    frames = []
+    for part in sorted((run_dir / METRICS_PARTS).glob("part-*.parquet")):
+        try:
+            frames.append(pd.read_parquet(part))
+        except Exception:  # noqa: BLE001 - a damaged part: keep the rest
+            continue
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 class RunContext:
     """What a job's ``run(config, ctx)`` uses: seed, run directory, models, data, logging, outputs."""
 
@@ -146,7 +242,8 @@ class RunContext:
         self.seed: int = int(getattr(config, "seed", 0))
         self.rng = np.random.default_rng(self.seed)
         self._reporter = reporter
-        self._metrics: list[dict[str, Any]] = []
+        self._metrics = MetricsLog(run_dir)
+        self.invalid_metrics: dict[str, str] = {}  # metric -> where it first was not finite
         self._step = 0
         self._models: dict[str, dict[str, Any]] = {}
         self.manifest: dict[str, Any] = {}
@@ -178,12 +275,27 @@ class RunContext:
         if step is None:
             step = self._step
         self._step = step + 1
-        row = {"step": step, "time": time.time(), **{k: _scalar(v) for k, v in metrics.items()}}
+        values = self._finite(metrics, f"step {step}")
+        row = {"step": step, "time": time.time(), **values}
         self._metrics.append(row)
-        store.write_parquet(self.path("metrics.parquet"), self._metrics)
-        self.run_metrics.log({k: v for k, v in row.items() if k not in ("step", "time")})
+        valid = {k: v for k, v in values.items() if v is not None}
+        self.run_metrics.log(valid)
         if self._reporter is not None:
-            self._reporter({k: v for k, v in row.items() if k != "time"})
+            self._reporter({"step": step, **valid})
+
+    def _finite(self, metrics: dict[str, Any], where: str) -> dict[str, Any]:
+        """``metrics`` as plain scalars, non-finite ones as None (recorded in ``invalid_metrics``)."""
+        out = {}
+        for name, value in metrics.items():
+            value = _scalar(value)
+            if _non_finite(value):
+                if name not in self.invalid_metrics:
+                    self.invalid_metrics[name] = f"{value} at {where}"
+                    self.manifest["invalid_metrics"] = dict(self.invalid_metrics)
+                    self._write_manifest()
+                value = None
+            out[name] = value
+        return out
 
     def progress(self, total: int, description: str = "") -> Progress:
         """A progress tracker over ``total`` steps; call ``advance()`` after each one.
@@ -200,7 +312,7 @@ class RunContext:
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
-        return list(self._metrics)
+        return list(self._metrics.rows)
 
     # ---- models and data -----------------------------------------------------------------
     def model(self, spec: Any, server: str = "hooked", options: Any = None) -> Any:
@@ -276,16 +388,22 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def create_run(job: str, config: BaseModel, runs_dir: str | Path | None = None, *,
                run_dir: Path | None = None, reporter: Callable[[dict], None] | None = None,
                sweep: str | None = None) -> RunContext:
     """Make the run directory with its resolved config and a 'running' manifest.
 
-    ``sweep`` tags the run's metrics (default: the Tune experiment when inside a trial)."""
+    The directory appears whole: it is written under a hidden ``.<run-id>.partial`` name and
+    renamed, so no run directory ever lacks its manifest. ``sweep`` tags the run's metrics
+    (default: the Tune experiment when inside a trial)."""
     run_dir = Path(run_dir) if run_dir else runs_root(runs_dir) / job / new_run_id()
-    run_dir.mkdir(parents=True, exist_ok=False)
+    if run_dir.exists():
+        raise FileExistsError(f"run directory {run_dir} exists already")
     ctx = RunContext(job, config, run_dir, reporter=reporter, sweep=sweep)
-    store.write_text(run_dir / "config.yaml", dump_config(config))
     ctx.manifest = {
         "job": job,
         "run_id": run_dir.name,
@@ -294,7 +412,8 @@ def create_run(job: str, config: BaseModel, runs_dir: str | Path | None = None, 
         "packages": package_versions(),
         "seed": ctx.seed,
         "models": [],
-        "host": {"hostname": socket.gethostname(), "platform": _platform.platform(), "pid": os.getpid()},
+        "host": {"hostname": socket.gethostname(), "platform": _platform.platform(), "pid": os.getpid(),
+                 "pid_start": _process_start(os.getpid())},
         "argv": sys.argv,
         "started": _now(),
         "ended": None,
@@ -302,7 +421,15 @@ def create_run(job: str, config: BaseModel, runs_dir: str | Path | None = None, 
     }
     if ctx.sweep:
         ctx.manifest["sweep"] = ctx.sweep
-    ctx._write_manifest()
+    partial = run_dir.parent / f".{run_dir.name}{PARTIAL_SUFFIX}"
+    partial.mkdir(parents=True)
+    try:
+        store.write_text(partial / "config.yaml", dump_config(config))
+        store.write_json(partial / "manifest.json", ctx.manifest)
+        os.rename(partial, run_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return ctx
 
 
@@ -311,63 +438,183 @@ def execute(job: Any, config: BaseModel, runs_dir: str | Path | None = None, *,
             sweep: str | None = None) -> tuple[Path, dict]:
     """Run ``job`` with ``config`` in a new run directory; returns (run_dir, result).
 
-    On failure the manifest says ``failed`` with the error (``stopped`` when the run was ended
-    from outside: Ctrl-C, or a sweep's scheduler stopping the trial), everything already written
-    stays, and the exception propagates. The run is counted in Ray metrics either way (tagged with
-    ``sweep``, by default the Tune experiment when this is a trial).
+    On failure the manifest says ``failed`` with the error's one line (``stopped`` when the run was
+    ended from outside: Ctrl-C, SIGTERM, or a sweep's scheduler stopping the trial), the traceback
+    goes to ``error.log``, everything already written stays, and the exception propagates with the
+    run directory as its ``explab_run_dir`` attribute. Non-finite final metrics are recorded as
+    missing (None). The run is counted in Ray metrics either way (tagged with ``sweep``, by default
+    the Tune experiment when this is a trial).
     """
     ctx = create_run(job.name, config, runs_dir, run_dir=run_dir, reporter=reporter, sweep=sweep)
     ctx.run_metrics.start()
     start = time.time()
     try:
-        result = job.run(config, ctx) or {}
-        result = {k: _scalar(v) for k, v in dict(result).items()}
+        result = ctx._finite(dict(job.run(config, ctx) or {}), "the result")
         store.write_json(ctx.path("result.json"), result)
     except BaseException as err:
         ctx._close_progress()
         status = "stopped" if _is_stop(err) else "failed"
+        try:
+            ctx._metrics.compact()
+        except Exception:  # noqa: BLE001 - the parts stay readable; the job's error is what matters
+            pass
+        if status == "failed":
+            store.write_text(ctx.path(ERROR_LOG), "".join(traceback.format_exception(err)))
         ctx.manifest.update(status=status, ended=_now(), duration_s=round(time.time() - start, 3),
-                            error=f"{type(err).__name__}: {err}")
+                            error=one_line(err) if status == "failed" else f"{type(err).__name__}: {err}")
+        if status == "failed":
+            ctx.manifest["error_log"] = ERROR_LOG
         ctx._write_manifest()
         ctx.run_metrics.finish(status)
+        try:
+            err.explab_run_dir = ctx.run_dir  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
         raise
     ctx._close_progress()
+    ctx._metrics.compact()
     ctx.manifest.update(status="completed", ended=_now(), duration_s=round(time.time() - start, 3))
     ctx._write_manifest()
-    ctx.run_metrics.log(result)
+    ctx.run_metrics.log({k: v for k, v in result.items() if v is not None})
     ctx.run_metrics.finish("completed")
     return ctx.run_dir, result
 
 
 def _is_stop(err: BaseException) -> bool:
-    """Stopped rather than failed: Ctrl-C, or a clean exit (how Tune ends a trial its scheduler stops)."""
+    """Stopped rather than failed: Ctrl-C or SIGTERM (`explab.errors.Terminated`), or a clean exit
+    (how Tune ends a trial its scheduler stops)."""
     return isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and err.code in (0, None))
 
 
 # ---- reading runs back ------------------------------------------------------------------------
+FINISHED = ("completed", "failed", "stopped", "crashed")
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux, from /proc): tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _process_gone(host: dict[str, Any]) -> bool:
+    """Whether the process that ran a run on this machine has ended (False when unknown)."""
+    pid = host.get("pid")
+    if host.get("hostname") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    started = host.get("pid_start")
+    now = _process_start(pid)
+    return started is not None and now is not None and now != started
+
+
+def run_status(manifest: dict[str, Any]) -> str:
+    """The manifest's status, except a run still ``running`` whose process is gone: ``crashed``."""
+    status = str(manifest.get("status") or "unknown")
+    if status == "running" and _process_gone(manifest.get("host") or {}):
+        return "crashed"
+    return status
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """What can be read of a run, never raising for damage: ``manifest`` (or {}), ``status``
+    (``crashed`` for a dead process, ``damaged`` without a readable manifest), and ``damaged``:
+    ``{file: what is wrong}`` for each of manifest.json, config.yaml, result.json that is unreadable."""
+    run_dir = Path(run_dir)
+    damaged: dict[str, str] = {}
+    manifest: dict[str, Any] = {}
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        damaged["manifest.json"] = "missing"
+    except (OSError, ValueError) as err:
+        damaged["manifest.json"] = f"unreadable ({type(err).__name__}: {one_line(err)})"
+        manifest = {}
+    if not (run_dir / "config.yaml").is_file():
+        damaged["config.yaml"] = "missing"
+    if (run_dir / "result.json").exists():
+        try:
+            json.loads((run_dir / "result.json").read_text())
+        except (OSError, ValueError) as err:
+            damaged["result.json"] = f"unreadable ({type(err).__name__})"
+    status = run_status(manifest) if manifest else "damaged"
+    return {"manifest": manifest, "status": status, "damaged": damaged}
+
+
+def _run_dirs(root: Path, job: str | None) -> list[Path]:
+    dirs = []
+    for job_dir in sorted(root.glob(job or "*")):
+        if not job_dir.is_dir() or (job is None and job_dir.name == SWEEPS_DIR) or job_dir.name.startswith("."):
+            continue
+        for run_dir in sorted(job_dir.iterdir()):
+            if run_dir.is_dir() and not run_dir.name.startswith("."):
+                dirs.append(run_dir)
+    return dirs
+
+
 def list_runs(runs_dir: str | Path | None = None, job: str | None = None) -> list[dict[str, Any]]:
+    """Every run under the runs root, oldest first. A run with a damaged or missing manifest is
+    listed with status ``damaged`` (and what is wrong) instead of hiding the others; a run whose
+    process died reads as ``crashed``. Leftover temporary files of finished runs are removed."""
     root = runs_root(runs_dir)
     rows = []
-    for manifest in sorted(root.glob(f"{job or '*'}/*/manifest.json")):
-        try:
-            data = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError):
+    for run_dir in _run_dirs(root, job):
+        info = read_run(run_dir)
+        data = info["manifest"]
+        if info["status"] in FINISHED:
+            store.remove_temporaries(run_dir)
+        row = {"job": data.get("job") or run_dir.parent.name, "run_id": data.get("run_id") or run_dir.name,
+               "status": info["status"], "started": data.get("started"), "duration_s": data.get("duration_s"),
+               "path": str(run_dir)}
+        if info["damaged"]:
+            row["damaged"] = "; ".join(f"{k} {v}" for k, v in info["damaged"].items())
+        rows.append(row)
+    return sorted(rows, key=lambda r: str(r["started"] or ""))
+
+
+def mark_crashed(runs_dir: str | Path | None = None, job: str | None = None) -> list[Path]:
+    """Mark every run whose process is gone as ``crashed`` in its manifest (with the end time
+    unknown), compact the metrics it flushed into ``metrics.parquet`` and remove leftover
+    temporary files and half-created run directories; returns the runs marked."""
+    marked = []
+    root = runs_root(runs_dir)
+    for partial in root.glob(f"{job or '*'}/.*{PARTIAL_SUFFIX}"):  # a run killed while being created
+        if partial.is_dir() and time.time() - partial.stat().st_mtime > 60:
+            shutil.rmtree(partial, ignore_errors=True)
+    for run_dir in _run_dirs(root, job):
+        info = read_run(run_dir)
+        if info["status"] != "crashed" or info["manifest"].get("status") != "running":
             continue
-        rows.append({"job": data.get("job"), "run_id": data.get("run_id"), "status": data.get("status"),
-                     "started": data.get("started"), "duration_s": data.get("duration_s"),
-                     "path": str(manifest.parent)})
-    return sorted(rows, key=lambda r: r["started"] or "")
+        manifest = dict(info["manifest"])
+        manifest.update(status="crashed", error="the run's process ended without finishing it (killed?)",
+                        marked_crashed=_now())
+        frame = read_metrics(run_dir)
+        if len(frame) and not (run_dir / METRICS_FILE).is_file():
+            store.write_parquet(run_dir / METRICS_FILE, frame)
+        shutil.rmtree(run_dir / METRICS_PARTS, ignore_errors=True)
+        store.remove_temporaries(run_dir)
+        store.write_json(run_dir / "manifest.json", manifest)
+        marked.append(run_dir)
+    return marked
 
 
 def resolve_run(ref: str, runs_dir: str | Path | None = None) -> Path:
     """A run by path, by ``job/run-id``, or by (a unique prefix of) its run id."""
     path = Path(ref)
-    if (path / "manifest.json").is_file():
+    if (path / "manifest.json").is_file() or (path / "config.yaml").is_file():
         return path
     root = runs_root(runs_dir)
-    if (root / ref / "manifest.json").is_file():
+    if (root / ref).is_dir() and (root / ref).parent.parent == root:
         return root / ref
-    matches = [p.parent for p in root.glob("*/*/manifest.json") if p.parent.name.startswith(ref)]
+    matches = [p for p in _run_dirs(root, None) if p.name.startswith(ref)]
     if len(matches) == 1:
         return matches[0]
     if not matches:

@@ -5,7 +5,10 @@
   socket paths must stay short), shut down when the process exits;
 - ``address`` / ``RAY_ADDRESS`` (``auto``, ``ray://host:10001``, ``host:6379``): connect to it.
 
-Every explab actor lives in the ``explab`` namespace.
+Every explab actor lives in the ``explab`` namespace. The embedded Ray binds to 127.0.0.1 (its
+node IP, so the dashboard agent and the Prometheus metrics export listen only there). A cluster
+address is checked (a TCP connection, `CONNECT_TIMEOUT_S`) before Ray is asked to join it, so an
+unreachable one is one line instead of a hang. Once Ray is up, SIGTERM stops a run like Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,11 +16,18 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from explab.errors import ExplabError, Terminated, one_line
+
 NAMESPACE = "explab"
 DEFAULT_DASHBOARD_PORT = 8265
+LOCALHOST = "127.0.0.1"
+CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -42,12 +52,20 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
     global _started_here, _info
     import ray
 
+    if address:
+        check_reachable(address)  # even when Ray is up here already: a wrong address is still wrong
     if ray.is_initialized():
         return _info or _describe(ray, embedded=False, temp_dir=None)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
+        check_reachable(address)
+        try:
+            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as error:
+            raise ExplabError(f"could not join the Ray cluster at {address} ({one_line(error)}): start it "
+                              "(`ray start --head`) or fix --address / RAY_ADDRESS") from None
         _quiet_ray_data()
+        stop_on_sigterm()
         _info = _describe(ray, embedded=False, temp_dir=None)
         return _info
     temp_dir = ray_dir()
@@ -56,17 +74,49 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
         namespace=NAMESPACE,
         num_cpus=num_cpus,
         include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
+        dashboard_host=LOCALHOST,
         dashboard_port=_free_port(dashboard_port or int(os.environ.get("EXPLAB_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT))),
+        _node_ip_address=LOCALHOST,  # every listener that follows the node IP stays local (metrics export)
         _temp_dir=str(temp_dir),
         logging_level=logging.WARNING,
         configure_logging=True,
     )
+    stop_on_sigterm()
     _started_here = True
     atexit.register(shutdown)
     _quiet_ray_data()
     _info = _describe(ray, embedded=True, temp_dir=str(temp_dir))
     return _info
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """One line, within ``timeout_s``, when nothing listens at a ``HOST:PORT`` or ``ray://HOST:PORT``
+    address (``auto`` is left to Ray, which answers at once when there is no local cluster)."""
+    target = address.split("://", 1)[1] if "://" in address else address
+    if address == "auto" or address.startswith(("http://", "https://")):
+        return
+    host, sep, port = target.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ExplabError(f"--address {address!r} is not HOST:PORT, ray://HOST:PORT or auto: give the cluster's "
+                          "GCS address (HOST:6379) or its Ray Client address (ray://HOST:10001)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        reason = "timed out" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__)
+        raise ExplabError(f"no Ray cluster answers at {address} ({reason} after at most {timeout_s:g} s): start it "
+                          "(`ray start --head`), open the tunnel to it, or fix --address / RAY_ADDRESS") from None
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises `explab.errors.Terminated` (a KeyboardInterrupt) in the main thread, so a run
+    ends ``stopped`` as with Ctrl-C (Ray's own handler would exit with a stack dump instead)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 def _free_port(preferred: int) -> int:

@@ -212,25 +212,30 @@ def run_trial(params: dict[str, Any], *, job_name: str, base: dict[str, Any], tr
         _, result = execute(job, config, run_dir=run_dir, reporter=report)
     finally:
         release_private_servers()
-    tune.report({**last, **result, FINAL_KEY: 1, RUN_DIR_KEY: str(run_dir)})
+    tune.report({**final_metrics(last, result), FINAL_KEY: 1, RUN_DIR_KEY: str(run_dir)})
+
+
+def final_metrics(last: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """What a trial reports at its end: the last logged values updated by the job's result, without
+    missing ones: a final metric that was not finite (None) is missing, not the last step's value."""
+    return {k: v for k, v in {**last, **result}.items() if v is not None and not _missing(v)}
 
 
 def _replay(run_dir: Path, result: dict[str, Any]) -> None:
     from ray import tune
 
     last: dict[str, Any] = {}
-    if (run_dir / "metrics.parquet").is_file():
-        import pandas as pd
+    from explab.runs import read_metrics
 
-        for row in pd.read_parquet(run_dir / "metrics.parquet").to_dict("records"):
-            row = {k: v for k, v in row.items() if k != "time" and not _missing(v)}
-            last.update({k: v for k, v in row.items() if k != "step"})
-            tune.report({**row, RUN_DIR_KEY: str(run_dir)})
-    tune.report({**last, **result, FINAL_KEY: 1, RUN_DIR_KEY: str(run_dir)})
+    for row in read_metrics(run_dir).to_dict("records"):
+        row = {k: v for k, v in row.items() if k != "time" and not _missing(v)}
+        last.update({k: v for k, v in row.items() if k != "step"})
+        tune.report({**row, RUN_DIR_KEY: str(run_dir)})
+    tune.report({**final_metrics(last, result), FINAL_KEY: 1, RUN_DIR_KEY: str(run_dir)})
 
 
 def _missing(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
 
 
 def trial_dirname(trial: Any) -> str:
@@ -375,6 +380,7 @@ def run_sweep(spec_path: str | Path, runs_dir: str | Path | None = None, address
         raise ExplabError("explab sweep drives Ray Tune from this process and reads its results from local disk, "
                           "which a ray:// (Ray Client) connection cannot do: run it on the cluster with "
                           "`explab submit --sweep SWEEP.yaml`, or use --address HOST:6379 from a cluster node")
+    check_resources(spec)
     sweep_dir = sweep_dir.resolve()
     if not resume:
         sweep_dir.mkdir(parents=True, exist_ok=False)
@@ -383,6 +389,33 @@ def run_sweep(spec_path: str | Path, runs_dir: str | Path | None = None, address
     manifest = _manifest(sweep_dir, plan, resume)
     store.write_json(sweep_dir / "manifest.json", manifest)
     return _fit(plan, sweep_dir, manifest, resume, progress)
+
+
+def largest_node(resource: str) -> float:
+    """The most of ``resource`` one node of the cluster has or can get: the live nodes, and the
+    node types the autoscaler may start (from its cluster config, when the cluster has one)."""
+    import ray
+
+    amounts = [float(n.get("Resources", {}).get(resource, 0.0)) for n in ray.nodes() if n.get("Alive")]
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()  # None without an autoscaler
+    except Exception:  # noqa: BLE001 - an older/newer Ray without it: the live nodes decide
+        config = None
+    for group in getattr(config, "node_group_configs", None) or []:
+        amounts.append(float(group.resources.get(resource, 0)))
+    return max(amounts, default=0.0)
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """One line, before the sweep exists, when a trial asks for more than any node has (or the
+    autoscaler can start): Tune would otherwise wait for it forever."""
+    for resource, amount in (("CPU", spec.resources_per_trial.cpu), ("GPU", spec.resources_per_trial.gpu)):
+        largest = largest_node(resource)
+        if amount > largest:
+            raise ExplabError(f"resources_per_trial.{resource.lower()}: a trial asks for {amount:g} {resource}s, "
+                              f"but the largest node has {largest:g}: lower it (or add a node that has them)")
 
 
 def _ray_client() -> bool:
@@ -483,11 +516,17 @@ def _fit(plan: Plan, sweep_dir: Path, manifest: dict[str, Any], resume: bool, pr
     rows = sweep_report.trial_rows(trials, spec, sweep_dir)
     finished = sum(r["status"] in sweep_report.FINISHED for r in rows)
     complete = finished >= spec.num_samples
-    sweep_report.write_outputs(sweep_dir, spec, rows)
+    best = sweep_report.write_outputs(sweep_dir, spec, rows)
     manifest.update(status="completed" if complete else "interrupted",
                     ended=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                     trials=len(rows), **{s: sum(r["status"] == s for r in rows) for s in sweep_report.STATUSES})
+    unreported = best.get("unreported") or []
+    if unreported and any(r["status"] != "failed" for r in rows):
+        manifest.update(status="failed", error=unreported[0])
     store.write_json(sweep_dir / "manifest.json", manifest)
+    if manifest["status"] == "failed":
+        raise ExplabError(f"sweep {sweep_dir}: {unreported[0]}: set the sweep's metric to one of those "
+                          "(or make the job return it)")
     return sweep_dir
 
 

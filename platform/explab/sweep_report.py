@@ -220,12 +220,15 @@ def write_outputs(sweep_dir: Path, spec: SweepSpec, rows: list[dict[str, Any]]) 
         "objectives": [g.model_dump() for g in spec.goals],
         "trials": {"total": len(rows), **counts},
     }
+    unreported = []
     for goal in spec.goals:
         if not any(_finite(r.get(f"metric.{goal.metric}")) for r in rows if r["status"] != "failed"):
             reported = sorted({k.removeprefix("metric.") for r in rows for k in r
-                               if k.startswith("metric.") and r.get(k) is not None})
-            notes.append(f"no trial reported metric {goal.metric!r}; the job reported: "
-                         f"{', '.join(reported) or 'nothing'}")
+                               if k.startswith("metric.") and _finite(r.get(k))})
+            unreported.append(f"no trial reported a finite value of metric {goal.metric!r}; the job reported: "
+                              f"{', '.join(reported) or 'nothing'}")
+    notes.extend(unreported)
+    best["unreported"] = unreported
     if len(spec.goals) == 1:
         row = best_row(spec, rows)
         best["best"] = _summary(spec, row) if row else None

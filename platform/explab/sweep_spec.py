@@ -6,12 +6,13 @@ trials), so neither imports the other's internals.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from explab.config import Section, read_yaml, validate
+from explab.config import Section, Seed, read_yaml, validate
 from explab.errors import ConfigError
 
 FINAL_KEY = "explab_final"  # set on the report that carries the job's final metrics
@@ -46,6 +47,8 @@ class Param(Section):
             raise ValueError(f"a {self.type} range takes low/high, not 'values'")
         if self.low is None or self.high is None:
             raise ValueError(f"a {self.type} range needs both low and high")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError(f"a {self.type} range needs finite bounds (got low={self.low}, high={self.high})")
         if not self.low < self.high:
             raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
         if self.type == "loguniform" and self.low <= 0:
@@ -121,7 +124,7 @@ class SweepSpec(Section):
     scheduler: Scheduler = Field(default_factory=Scheduler)
     max_concurrent: int = Field(1, ge=1)
     resources_per_trial: Resources = Field(default_factory=Resources)
-    seed: int = 0
+    seed: Seed = 0
     max_failures: int = Field(0, ge=0)  # retries per trial
 
     @field_validator("sampler", mode="before")

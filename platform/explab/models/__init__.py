@@ -1,6 +1,7 @@
 """Models: name one by `ModelSpec` (HF id, local dir, or ``tiny:<family>``) and load it with `load_model`;
 frozen encoders (`EncoderSpec` = a `ModelSpec` plus encoding options) load with `load_encoder`."""
 
+from explab.models.checks import check_layers
 from explab.models.encoders import Encoder, EncoderSpec, load_encoder
 from explab.models.loaded import LoadedModel, resolve_device, resolve_dtype
 from explab.models.loader import load_model
@@ -8,6 +9,6 @@ from explab.models.spec import ModelSpec
 from explab.models.tiny import TINY_FAMILIES, build_tiny, save_tiny
 
 __all__ = [
-    "TINY_FAMILIES", "Encoder", "EncoderSpec", "LoadedModel", "ModelSpec", "build_tiny", "load_encoder",
+    "TINY_FAMILIES", "Encoder", "EncoderSpec", "LoadedModel", "ModelSpec", "build_tiny", "check_layers", "load_encoder",
     "load_model", "resolve_device", "resolve_dtype", "save_tiny",
 ]

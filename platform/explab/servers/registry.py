@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from explab.errors import ExplabError, ModelError
+from explab.errors import ExplabError, ModelError, one_line, root_cause
 from explab.models.spec import ModelSpec
 from explab.runtime import NAMESPACE
 from explab.servers.handle import ServerHandle
@@ -74,10 +74,10 @@ def get_server(kind: str, spec: ModelSpec | str | dict, options: ServerOptions |
     try:
         handle.describe(refresh=True)
     except ray.exceptions.RayActorError as err:
-        cause = _root_cause(err)
+        cause = root_cause(err)
         if isinstance(cause, ExplabError):
             raise type(cause)(str(cause)) from None
-        raise ModelError(f"server {name} failed to start: {cause}") from None
+        raise ModelError(f"server {name} failed to start: {one_line(err)}") from None
     return handle
 
 
@@ -94,20 +94,6 @@ def release_private_servers() -> int:
         except Exception:  # already gone
             pass
     return len(actors)
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    cause = getattr(err, "cause", None) or err.__cause__
-    seen = 0
-    while cause is not None and seen < 10:
-        inner = getattr(cause, "cause", None) or cause.__cause__
-        if inner is None or inner is cause:
-            break
-        cause, seen = inner, seen + 1
-    if cause is None:
-        return err
-    original = getattr(cause, "as_instanceof_cause", None)
-    return original() if original else cause
 
 
 def list_servers() -> list[dict[str, Any]]:
