@@ -124,4 +124,5 @@ class DPOConfig(Section):
 
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid"] = "sigmoid"
-    max_length: int | None = Field(512, ge=1)
+    max_length: int | None = Field(512, ge=1)  # cutoff of prompt + response tokens
+    gradient_checkpointing: bool = False

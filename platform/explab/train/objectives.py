@@ -34,6 +34,24 @@ def trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(response | prompt) per row [B]: the sum of the next-token log-probabilities of the
+    tokens whose label is not -100 (DPO's sequence log-probability)."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = labels[:, 1:].to(logits.device)
+    keep = targets != IGNORE_INDEX
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * keep).sum(-1)
+
+
+def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                     ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO's sigmoid loss per pair: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) on
+    sequence log-probabilities (`sequence_logprob`). It is ln 2 when policy = reference."""
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin)
+
+
 def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
              reverse: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logit distillation: KL(p_T || p_S) at temperature ``tau`` (``reverse``: KL(p_S || p_T)).
