@@ -91,6 +91,7 @@ def test_chat_example_masks_the_prompt_and_the_image_tokens():
     image_id = vlm.model.config.image_token_index
     ids, labels = ex["input_ids"][0], ex["labels"][0]
     assert (ids == image_id).sum() == vlm.model.config.image_seq_length
+    assert (ids == vlm.tokenizer.bos_token_id).sum() == 1  # the template's BOS, not a second one
     assert (labels[ids == image_id] == obj.IGNORE_INDEX).all()
     assert vlm.tokenizer.decode(ids[labels != obj.IGNORE_INDEX]).startswith("A cat.")
     assert ex["pixel_values"].shape[0] == 1

@@ -132,7 +132,8 @@ def chat_example(loaded: Any, messages: list[dict[str, Any]], images: list[Any] 
     if images:
         if loaded.processor is None or loaded.kind != "vlm":
             raise ExplabError(f"model {loaded.spec.name!r} is a {loaded.kind}: only a VLM takes images")
-        enc = loaded.processor(images=images, text=[full], return_tensors="pt")
+        # the template already renders BOS: no second one from the tokenizer (as for text)
+        enc = loaded.processor(images=images, text=[full], return_tensors="pt", add_special_tokens=False)
     else:
         enc = tokenizer([full], add_special_tokens=False, return_tensors="pt")
     ids = enc["input_ids"]
@@ -151,7 +152,8 @@ def chat_example(loaded: Any, messages: list[dict[str, Any]], images: list[Any] 
 
 def _prompt_ids(loaded: Any, prompt: str, images: list[Any] | None) -> torch.Tensor:
     if images:
-        return loaded.processor(images=images, text=[prompt], return_tensors="pt")["input_ids"][0]
+        return loaded.processor(images=images, text=[prompt], return_tensors="pt",
+                                add_special_tokens=False)["input_ids"][0]
     return loaded.tokenizer([prompt], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
 
 
