@@ -12,7 +12,7 @@ import torch
 from explab.errors import ModelError
 from explab.models.spec import ModelSpec
 
-KINDS = ("causal_lm", "vlm", "clip", "vae")
+KINDS = ("causal_lm", "vlm", "clip", "vae", "diffusion")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -22,7 +22,10 @@ class LoadedModel:
 
     ``tokenizer`` is None for a VAE; ``processor`` is the LLaVA processor, the open_clip image
     transform, or a diffusers ``VaeImageProcessor`` (None for causal LMs). ``source`` says where it
-    came from (``tiny:<family>``, an absolute path, or ``hub:<id>``).
+    came from (``tiny:<family>``, an absolute path, or ``hub:<id>``). For kind ``diffusion``,
+    ``model`` is the whole diffusers pipeline (FLUX or Stable Diffusion / SDXL), ``tokenizer`` the
+    one whose positions its attention maps index (FLUX: the T5 ``tokenizer_2``) and ``processor``
+    its ``image_processor``.
     """
 
     model: Any
@@ -35,10 +38,14 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        if self.kind == "diffusion":
+            return self.model.device
         return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        if self.kind == "diffusion":
+            return self.model.dtype
         return next(self.model.parameters()).dtype
 
 
@@ -70,6 +77,12 @@ def finish(
 ) -> LoadedModel:
     """Common last steps: check the kind, eval mode, pad token + left padding, resolved revision."""
     check_kind(spec, kind)
+    if kind == "diffusion":  # a pipeline: every module in eval mode; its tokenizers keep right padding
+        for component in model.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+        revision = revision or spec.revision
+        return LoadedModel(model, tokenizer, processor, kind, spec, source, revision)
     model.eval()
     for tok in (tokenizer, getattr(processor, "tokenizer", None)):
         if hasattr(tok, "padding_side"):  # an HF tokenizer (not open_clip's)
@@ -117,12 +130,12 @@ def load_model(spec: ModelSpec | str | dict[str, Any]) -> LoadedModel:
 
 
 def _detect_local(path: Path) -> tuple[str, dict[str, Any]]:
-    for filename in ("open_clip_config.json", "config.json"):
+    for filename in ("open_clip_config.json", "model_index.json", "config.json"):
         if (path / filename).is_file():
             config = json.loads((path / filename).read_text())
             return _kind_of(filename, config, str(path)), config
     raise ModelError(
-        f"model directory {str(path)!r} has no config.json or open_clip_config.json: "
+        f"model directory {str(path)!r} has no config.json, model_index.json or open_clip_config.json: "
         "point at a directory written by save_pretrained (or explab.models.save_tiny)"
     )
 
@@ -132,7 +145,7 @@ def _detect_hub(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     first_error: Exception | None = None
-    for filename in ("config.json", "open_clip_config.json"):
+    for filename in ("config.json", "open_clip_config.json", "model_index.json"):
         try:
             file = hf_hub_download(spec.name, filename, revision=spec.revision)
         except RemoteEntryNotFoundError as err:  # the repo exists but lacks this file: try the next
@@ -163,6 +176,8 @@ def _kind_of(filename: str, config: dict[str, Any], name: str) -> str:
 
     if filename == "open_clip_config.json":
         return "clip"
+    if filename == "model_index.json":  # a diffusers pipeline
+        return "diffusion"
     if "_class_name" in config:  # a diffusers model
         if config["_class_name"] == "AutoencoderKL":
             return "vae"
@@ -181,7 +196,8 @@ def _kind_of(filename: str, config: dict[str, Any], name: str) -> str:
         return "vlm"
     raise ModelError(
         f"model {name!r} has model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}), "
-        "which explab cannot load: use a causal LM, a LLaVA-style VLM, an open_clip model or an AutoencoderKL"
+        "which explab cannot load: use a causal LM, a LLaVA-style VLM, an open_clip model, an AutoencoderKL "
+        "or a diffusers pipeline (model_index.json)"
     )
 
 
@@ -204,6 +220,12 @@ def _load(spec: ModelSpec, where: str, kind: str, config: dict[str, Any], source
                 local = where if Path(where).is_dir() else _download_open_clip(spec)
                 revision = None if local == where else Path(local).name  # the hub snapshot's commit
                 model, tokenizer, processor = _load_clip(local, dtype, device)
+            elif kind == "diffusion":
+                from explab.models.diffusion import load_pipeline, pipeline_family
+
+                model = load_pipeline(where, spec.revision, dtype, device)
+                flux = pipeline_family(model) == "flux"
+                tokenizer, processor = (model.tokenizer_2 if flux else model.tokenizer), model.image_processor
             elif kind == "vae":
                 from diffusers import AutoencoderKL
 
