@@ -174,10 +174,19 @@ def test_decode_of_the_final_latent_is_the_pipelines_image_and_encode_has_its_la
 @pytest.mark.parametrize("family", ["flux", "sd"])
 def test_save_and_reload_gives_identical_images(family, request, tmp_path):
     pipe = request.getfixturevalue(family)
+    built = load_model(f"tiny:{family}")  # two builds are identical
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            assert not module.training
+            a, b = module.state_dict(), built.model.components[name].state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a), name
     path = save_tiny(f"tiny:{family}", tmp_path / family)
     assert (path / "model_index.json").is_file()
+    rng = torch.random.get_rng_state()
     loaded = load_model(str(path))
+    assert torch.equal(rng, torch.random.get_rng_state())  # loading leaves the global RNG alone
     assert loaded.kind == "diffusion" and type(loaded.model) is type(pipe)
+    assert loaded.tokenizer.padding_side == "right"  # a text encoder's tokenizer pads on the right
     a = run(pipe, ["a red car", "a blue house"], [1, 2])
     b = run(loaded.model, ["a red car", "a blue house"], [1, 2])
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
@@ -259,7 +268,7 @@ def test_server_replacement_at_the_last_step_is_what_gets_decoded(diffuser):
     mask = [i % 2 == 0 for i in range(64)]
     spec = ReplaceSubspace(step=STEPS - 1, basis=basis.tolist(), target=[2.0, 0.0, -2.0], mask=mask)
     got = diffuser.generate(requests(interventions=[spec])[:1])[0]
-    edited = apply_latent_intervention(torch.from_numpy(got.latents[STEPS - 1]), spec)
+    edited = apply_latent_intervention(torch.tensor(got.latents[STEPS - 1]), spec)
     image = diffuser.decode([edited.numpy()], SIZE)[0]
     np.testing.assert_array_equal(got.image, image)
     plain = diffuser.generate(requests()[:1])[0]

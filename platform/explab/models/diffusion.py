@@ -34,7 +34,7 @@ def load_pipeline(where: str, revision: str | None, dtype: torch.dtype, device: 
     """`DiffusionPipeline.from_pretrained` of a ``model_index.json`` directory or hub id, on ``device``."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(where, revision=revision, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(where, revision=revision, dtype=dtype)
     pipeline_family(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
