@@ -301,3 +301,30 @@ def test_server_refuses_a_bad_request_in_one_line(diffuser):
         diffuser.generate([DiffusionRequest(prompt="x", steps=2, size=(30, 32))])
     with pytest.raises(ExplabError, match="blocks 0..1"):
         diffuser.generate(requests(attention={"blocks": [5], "tokens": [0], "steps": [0]})[:1])
+
+
+def test_flux_attention_map_equals_the_stock_processors_own_attention(flux, monkeypatch):
+    """The recorded map equals softmax(q k^T / sqrt(d)) of the q and k the stock processor itself hands to
+    its attention kernel (after FLUX's norms and rotary embedding), computed here by that kernel's API."""
+    import diffusers.models.transformers.transformer_flux as tf
+
+    from explab.interventions.diffusion_attention import record_attention
+
+    calls = []
+    original = tf.dispatch_attention_fn
+
+    def spy(query, key, value, *args, **kwargs):
+        calls.append((query.clone(), key.clone()))
+        return original(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(tf, "dispatch_attention_fn", spy)
+    tokens = [0, 2, 7]
+    with record_attention(flux, [0], [0], [tokens, tokens]) as record:
+        run(flux, ["a red car", "sky"], [1, 2], callback=LatentEditor([[], []], [[], []], on_step=record.set_step))
+    query, key = calls[0]  # the first attention call: joint block 0 at step 0
+    q, k = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, S, D)
+    eye = torch.eye(k.shape[2]).expand(*k.shape[:2], -1, -1)
+    probs = torch.nn.functional.scaled_dot_product_attention(q, k, eye)  # (B, H, S, S): the softmax itself
+    expected = probs[:, :, TEXT:, :][..., tokens].mean(1)  # image queries x chosen text keys, head mean
+    for row in range(2):
+        torch.testing.assert_close(record.result(row)[0][0], expected[row], atol=1e-5, rtol=1e-4)
