@@ -316,7 +316,7 @@ class RunContext:
 
     # ---- models and data -----------------------------------------------------------------
     def model(self, spec: Any, server: str = "hooked", options: Any = None) -> Any:
-        """A handle to the shared server holding ``spec`` (``server`` = "hooked" or "generator")."""
+        """A handle to the shared server holding ``spec`` (``server`` = "hooked", "generator" or "diffuser")."""
         from explab.models import ModelSpec
         from explab.servers import get_server
 

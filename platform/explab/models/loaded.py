@@ -12,7 +12,7 @@ import torch
 from explab.errors import ModelError
 from explab.models.spec import ModelSpec
 
-KINDS = ("causal_lm", "vlm", "clip", "vae")
+KINDS = ("causal_lm", "vlm", "clip", "vae", "diffusion")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -22,7 +22,10 @@ class LoadedModel:
 
     ``tokenizer`` is None for a VAE; ``processor`` is the LLaVA processor, the open_clip image
     transform, or a diffusers ``VaeImageProcessor`` (None for causal LMs). ``source`` says where it
-    came from (``tiny:<family>``, an absolute path, or ``hub:<id>``).
+    came from (``tiny:<family>``, an absolute path, or ``hub:<id>``). For kind ``diffusion``,
+    ``model`` is the whole diffusers pipeline (FLUX or Stable Diffusion / SDXL), ``tokenizer`` the
+    one whose positions its attention maps index (FLUX: the T5 ``tokenizer_2``) and ``processor``
+    its ``image_processor``.
     """
 
     model: Any
@@ -35,10 +38,14 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        if self.kind == "diffusion":
+            return self.model.device
         return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        if self.kind == "diffusion":
+            return self.model.dtype
         return next(self.model.parameters()).dtype
 
 
@@ -85,6 +92,11 @@ def finish(
 ) -> LoadedModel:
     """Common last steps: check the kind, eval mode, pad token + left padding, resolved revision."""
     check_kind(spec, kind)
+    if kind == "diffusion":  # a pipeline: every module in eval mode; its tokenizers keep right padding
+        for component in model.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+        return LoadedModel(model, tokenizer, processor, kind, spec, source, revision or spec.revision)
     model.eval()
     for tok in (tokenizer, getattr(processor, "tokenizer", None)):
         if hasattr(tok, "padding_side"):  # an HF tokenizer (not open_clip's)

@@ -58,12 +58,12 @@ def load_model(spec: ModelSpec | str | dict[str, Any]) -> LoadedModel:
 
 
 def _detect_local(path: Path) -> tuple[str, dict[str, Any]]:
-    for filename in ("open_clip_config.json", "config.json"):
+    for filename in ("open_clip_config.json", "model_index.json", "config.json"):
         if (path / filename).is_file():
             config = json.loads((path / filename).read_text())
             return _kind_of(filename, config, str(path)), config
     raise ModelError(
-        f"model directory {str(path)!r} has no config.json or open_clip_config.json: "
+        f"model directory {str(path)!r} has no config.json, model_index.json or open_clip_config.json: "
         "point at a directory written by save_pretrained (or explab.models.save_tiny)"
     )
 
@@ -73,7 +73,7 @@ def _detect_hub(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     first_error: Exception | None = None
-    for filename in ("config.json", "open_clip_config.json"):
+    for filename in ("config.json", "open_clip_config.json", "model_index.json"):
         try:
             file = hf_hub_download(spec.name, filename, revision=spec.revision)
         except RemoteEntryNotFoundError as err:  # the repo exists but lacks this file: try the next
@@ -104,6 +104,8 @@ def _kind_of(filename: str, config: dict[str, Any], name: str) -> str:
 
     if filename == "open_clip_config.json":
         return "clip"
+    if filename == "model_index.json":  # a diffusers pipeline
+        return "diffusion"
     if "_class_name" in config:  # a diffusers model
         if config["_class_name"] == "AutoencoderKL":
             return "vae"
@@ -122,7 +124,8 @@ def _kind_of(filename: str, config: dict[str, Any], name: str) -> str:
         return "vlm"
     raise ModelError(
         f"model {name!r} has model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}), "
-        "which explab cannot load: use a causal LM, a LLaVA-style VLM, an open_clip model or an AutoencoderKL"
+        "which explab cannot load: use a causal LM, a LLaVA-style VLM, an open_clip model, an AutoencoderKL "
+        "or a diffusers pipeline (model_index.json)"
     )
 
 
@@ -145,6 +148,12 @@ def _load(spec: ModelSpec, where: str, kind: str, config: dict[str, Any], source
                 local = where if Path(where).is_dir() else _download_open_clip(spec)
                 revision = None if local == where else Path(local).name  # the hub snapshot's commit
                 model, tokenizer, processor = _load_clip(local, dtype, device)
+            elif kind == "diffusion":
+                from explab.models.diffusion import load_pipeline, pipeline_family
+
+                model = load_pipeline(where, spec.revision, dtype, device)
+                flux = pipeline_family(model) == "flux"
+                tokenizer, processor = (model.tokenizer_2 if flux else model.tokenizer), model.image_processor
             elif kind == "vae":
                 from diffusers import AutoencoderKL
 

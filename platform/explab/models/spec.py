@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
-Kind = Literal["auto", "causal_lm", "vlm", "clip", "vae"]
+Kind = Literal["auto", "causal_lm", "vlm", "clip", "vae", "diffusion"]
 
 
 class ModelSpec(BaseModel):

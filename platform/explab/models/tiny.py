@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from explab.errors import ModelError
+from explab.models import tiny_diffusion
 from explab.models.loaded import LoadedModel, finish, resolve_device, resolve_dtype, vae_processor
 from explab.models.spec import ModelSpec
 from explab.models.tiny_vlm import internvl, llava_next, qwen2_5_vl
@@ -227,6 +228,8 @@ _BUILDERS: dict[str, tuple[str, Callable[[dict[str, Any]], Built]]] = {
     "internvl": ("vlm", _vlm(internvl)),
     "clip": ("clip", _clip),
     "vae": ("vae", _vae),
+    "flux": ("diffusion", tiny_diffusion.flux),
+    "sd": ("diffusion", tiny_diffusion.sd),
 }
 TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -269,6 +272,6 @@ def save_tiny(spec: ModelSpec | str, path: str | Path) -> Path:
         save_file(state, str(path / "open_clip_model.safetensors"))
     else:
         loaded.model.save_pretrained(path)
-        if loaded.kind != "vae":
+        if loaded.kind not in ("vae", "diffusion"):  # a pipeline saves its tokenizers itself
             (loaded.processor or loaded.tokenizer).save_pretrained(path)
     return path

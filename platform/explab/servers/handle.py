@@ -49,12 +49,28 @@ class ServerHandle:
     def stats(self) -> dict[str, Any]:
         return self._get(self.actor.stats.remote())
 
-    # generation (both kinds)
+    # generation (every kind)
     def generate_async(self, requests: Any, params: SamplingParams | dict | None = None) -> Any:
+        """Generator / HookedModel: chat or prompt requests, ``params`` their `SamplingParams`.
+        Diffuser: `DiffusionRequest`s, dicts or prompt strings, ``params`` fields they share
+        (``{"steps": 28, "guidance": 3.5, "size": [512, 512]}``)."""
+        if self.kind == "diffuser":
+            from explab.servers.diffuser import as_diffusion_requests
+
+            return self.actor.generate.remote(as_diffusion_requests(requests, params))
         return self.actor.generate.remote(as_requests(requests, params))
 
     def generate(self, requests: Any, params: SamplingParams | dict | None = None) -> list[Any]:
         return self._get(self.generate_async(requests, params))
+
+    # VAE (Diffuser)
+    def encode(self, images: Any, seeds: list[int] | None = None) -> list[Any]:
+        """uint8 (H, W, 3) images to the latents the pipeline denoises (``seeds``: sample the posterior)."""
+        return self._get(self.actor.encode.remote(list(images), seeds))
+
+    def decode(self, latents: Any, size: tuple[int, int] | None = None) -> list[Any]:
+        """Latents (as `generate` captures them) to uint8 (H, W, 3) images of ``size`` (height, width)."""
+        return self._get(self.actor.decode.remote(list(latents), size))
 
     # hooked forward passes and scoring (HookedModel)
     def forward_async(self, requests: Any) -> Any:

@@ -18,7 +18,7 @@ from explab.runtime import NAMESPACE
 from explab.servers.handle import ServerHandle
 from explab.servers.options import ServerOptions
 
-KINDS = ("generator", "hooked")
+KINDS = ("generator", "hooked", "diffuser")
 
 # private servers (``shared=False``) this process started, so a sweep trial can stop its own
 _private: list[Any] = []
@@ -38,6 +38,10 @@ def _actor_class(kind: str) -> Any:
         from explab.servers.hooked import HookedModel
 
         return HookedModel
+    if kind == "diffuser":
+        from explab.servers.diffuser import Diffuser
+
+        return Diffuser
     raise ExplabError(f"unknown server kind {kind!r}: use one of {', '.join(KINDS)}")
 
 

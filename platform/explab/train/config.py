@@ -7,6 +7,7 @@ into Ray Train's ``ScalingConfig`` and the checkpoint fields into its ``RunConfi
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -126,3 +127,16 @@ class DPOConfig(Section):
     loss_type: Literal["sigmoid"] = "sigmoid"
     max_length: int | None = Field(512, ge=1)  # cutoff of prompt + response tokens
     gradient_checkpointing: bool = False
+
+
+def schedule_factor(step: int, trainer: TrainerConfig) -> float:
+    """The learning-rate multiplier at ``step``: linear warmup, then cosine / linear decay or constant."""
+    warmup = math.ceil(trainer.warmup_ratio * trainer.steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if trainer.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(trainer.steps - warmup, 1)
+    if trainer.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

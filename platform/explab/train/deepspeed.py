@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from explab.errors import ConfigError
-from explab.train.config import DeepSpeedConfig, TrainerConfig
+from explab.train.config import DeepSpeedConfig, TrainerConfig, schedule_factor
 
 CHECKPOINT_DIR = "deepspeed"
 TAG = "latest"
@@ -56,15 +56,13 @@ def zero_config(ds: DeepSpeedConfig, trainer: TrainerConfig, world_size: int, *,
 def initialize(model: nn.Module, trainer: TrainerConfig, world_size: int) -> tuple[Any, Any, Any]:
     """``deepspeed.initialize`` on the trainable parameters: (engine, optimizer, lr scheduler).
 
-    The schedule is `explab.train.loops.schedule_factor`'s, stepped by ``engine.step()``."""
+    The schedule is `explab.train.config.schedule_factor`'s, stepped by ``engine.step()``."""
     try:
         import deepspeed
     except ImportError:
         raise ConfigError("trainer.deepspeed is set but DeepSpeed is not installed: "
                           "install the gpu extra (pip install 'explab[gpu]')") from None
     import torch
-
-    from explab.train.loops import schedule_factor
 
     assert trainer.deepspeed is not None
     config = zero_config(trainer.deepspeed, trainer, world_size)

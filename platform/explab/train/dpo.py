@@ -34,7 +34,7 @@ def _dataset(pairs: list[dict[str, Any]]) -> Any:
         if key not in pairs[0]:
             raise ConfigError(f"preference rows need {key!r}: give rows {{prompt, chosen, rejected[, images]}}")
     if any("images" in row for row in pairs):
-        from explab.embeddings import to_pil
+        from explab.images import to_pil
 
         pairs = [{**row, "images": [to_pil(image) for image in row.get("images") or []]} for row in pairs]
     return Dataset.from_list(pairs)

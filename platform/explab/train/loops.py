@@ -15,7 +15,6 @@ The pieces (`prepare_student`, `build_optimizer`, `compute_loss`) also work with
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from torch import nn
 
 from explab.errors import ConfigError
 from explab.train import objectives, params, worker
-from explab.train.config import ObjectiveConfig, TrainerConfig
+from explab.train.config import ObjectiveConfig, TrainerConfig, schedule_factor
 
 
 def prepare_student(model: nn.Module, trainer: TrainerConfig) -> nn.Module:
@@ -39,19 +38,6 @@ def prepare_student(model: nn.Module, trainer: TrainerConfig) -> nn.Module:
     else:
         params.select_trainable(model, trainer.trainable)
     return model
-
-
-def schedule_factor(step: int, trainer: TrainerConfig) -> float:
-    """The learning-rate multiplier at ``step``: linear warmup, then cosine / linear decay or constant."""
-    warmup = math.ceil(trainer.warmup_ratio * trainer.steps)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if trainer.schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(trainer.steps - warmup, 1)
-    if trainer.schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model: nn.Module, trainer: TrainerConfig) -> tuple[torch.optim.Optimizer, Any]:
