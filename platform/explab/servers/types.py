@@ -14,6 +14,7 @@ class SamplingParams(BaseModel):
 
     temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # sample among the k most likely tokens; 0 = no top-k cut
     max_tokens: int = Field(64, ge=1)
     n: int = Field(1, ge=1)
     seed: int | None = None
