@@ -145,6 +145,19 @@ def plan_waves(config: Config, with_llm: bool, gpus: float | None) -> list[list[
     return waves
 
 
+def dry_plan_notes(config: Config, plan: Any) -> list[str]:
+    """For `explab run --dry-run`: the waves the models run in on the cluster's largest node."""
+    biggest = max((n.gpus for n in plan.nodes), default=0.0)
+    if not biggest:
+        return []
+    needed = tuple(n for n in config.interventions if n in LLM_INTERVENTIONS)
+    waves = plan_waves(config, bool(needed), config.gpus if config.gpus is not None else biggest)
+    helpers = sum(o.num_gpus for _, o in helper_specs(config, bool(needed)).values())
+    peak = max(sum(m.server.num_gpus for m in w) for w in waves) + helpers
+    return [f"cot_robustness runs its models in {len(waves)} wave(s) on a {biggest:g}-GPU node: "
+            f"peak {peak:g} GPUs ({', '.join('+'.join(m.name for m in w) for w in waves)})"]
+
+
 def start_servers(specs: list[tuple[Any, Any]]) -> None:
     """Start (or find) the given Generator servers at once: the models load in parallel."""
     from explab.servers import get_server
