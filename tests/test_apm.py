@@ -276,6 +276,33 @@ def test_soft_prompt_learns_preferences_and_the_server_applies_the_same_prefix(r
     assert len(method.respond_all(["How do I bake bread?", "Hi?"])) == 2
 
 
+def test_soft_prompt_gradient_checkpointing_gives_the_same_training_and_recomputes_blocks():
+    """With gradient checkpointing each decoder block runs again in the backward pass (so its
+    activations were not kept), and the trained prefix is the one trained without it."""
+    import torch
+
+    from explab.models import ModelSpec
+    from jobs.apm.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
+
+    history = tuple(Turn(f"Question number {i}?", "Yes indeed, gladly.", ("No way, never.",)) for i in range(4))
+    results = {}
+    for ckpt in (False, True):
+        trainer = SoftPromptModel(ModelSpec(name="tiny:llama", device="cpu"), 4)
+        calls = []
+        block = trainer.model.model.layers[0]
+        handle = block.register_forward_hook(lambda *_, seen=calls: seen.append(1))
+        cfg = SoftPromptConfig(length=4, steps=3, lr=0.05, batch_pairs=4, gradient_checkpointing=ckpt)
+        torch.manual_seed(0)
+        prefix, stats = trainer.train(UserView("u", history), cfg, seed=0)
+        handle.remove()
+        results[ckpt] = (prefix, stats, len(calls))
+        assert not trainer.model.training  # back in eval mode after the steps
+    (p0, s0, n0), (p1, s1, n1) = results[False], results[True]
+    assert torch.allclose(p0, p1, atol=1e-5) and s0["loss_last"] == pytest.approx(s1["loss_last"], rel=1e-5)
+    # forward calls of block 0: 2 accuracy passes + 1 per step without; + 1 recomputation per step with
+    assert n1 - n0 == 3
+
+
 # ---- the tiny config end to end ------------------------------------------------------------------------
 def test_tiny_config_runs_end_to_end(tmp_path, ray_local):
     job = get_job("apm")

@@ -49,7 +49,7 @@ def _fuzz(n: int) -> list[str]:
 
 
 def _check_restores(trace):
-    steps = split_steps(trace)
+    steps = split_steps(trace, "blank_lines")
     assert steps.text() == trace
     assert all(s.strip() for s in steps.steps)  # a step always holds text
     assert all("\n\n" not in s and "\r\n\r\n" not in s for s in steps.steps)
@@ -66,13 +66,56 @@ def test_segmentation_restores_every_trace_exactly(trace):
 def test_segmentation_restores_random_traces_exactly():
     for trace in _fuzz(500):
         _check_restores(trace)
+        _check_authors(trace)
+
+
+def _check_authors(trace):
+    steps = split_steps(trace)  # the default: the authors' plain split at "\n\n"
+    assert steps.text() == trace and list(steps.steps) == trace.split("\n\n") and steps.lead == ""
+    assert steps.seps == ("\n\n",) * (len(steps) - 1) + ("",)
+    for k in range(len(steps) + 1):
+        assert trace.startswith(steps.prefix(k))
+
+
+@pytest.mark.parametrize("trace", HAND_TRACES)
+def test_authors_segmentation_restores_every_trace_exactly(trace):
+    _check_authors(trace)
+
+
+def test_authors_segmentation_keeps_extra_newlines_and_spaces_in_steps():
+    assert split_steps("a\n\n\nb").steps == ("a", "\nb")  # three newlines: the next step starts with one
+    assert split_steps("a\n\n\n\nb").steps == ("a", "", "b")  # four: an empty step between
+    assert split_steps("a  \n\nb").steps == ("a  ", "b")  # spaces before the blank line stay in the step
+    assert split_steps("a\n \nb").steps == ("a\n \nb",)  # a line of spaces is no separator here
+    assert split_steps("a\n \nb", "blank_lines").steps == ("a", "b")
+    assert timesteps(split_steps("aa\n\n\nbb")) == pytest.approx([2 / 5, 1.0])  # the newline counts
+    with pytest.raises(ExplabError, match="unknown segmentation 'lines'"):
+        split_steps("a", "lines")
+
+
+def test_issue_trace_is_cut_where_the_authors_cut_it():
+    """"aaaa␣␣\n\nbb\n\ncccccc\n\ndddddddd" at τ = 0.5: the authors' steps are 6, 2, 6, 8 characters
+    (22): timesteps 6/22, 8/22, 14/22, 1; 8/22 and 14/22 are equally near 0.5, the earlier wins → 2
+    steps at τ ≈ 0.364. The blank-line segmentation drops the spaces (4, 2, 6, 8) → 3 steps at 0.6."""
+    trace = "aaaa  \n\nbb\n\ncccccc\n\ndddddddd"
+    cut = cut_at(split_steps(trace), 0.5)
+    assert (cut.count, cut.actual) == (2, pytest.approx(8 / 22)) and round(cut.actual, 3) == 0.364
+    assert split_steps(trace).prefix(cut.count) == "aaaa  \n\nbb"
+    other = cut_at(split_steps(trace, "blank_lines"), 0.5)
+    assert (other.count, other.actual) == (3, pytest.approx(0.6))
+    # three and four newlines: the step after them carries the extra newline / an empty step counts
+    three = split_steps("aaaa\n\n\nbb\n\ncccccc")  # steps 4, 3 ("\nbb"), 6 = 13
+    assert timesteps(three) == pytest.approx([4 / 13, 7 / 13, 1.0]) and cut_at(three, 0.5).count == 2
+    four = split_steps("aaaa\n\n\n\nbb\n\ncccccc")  # steps 4, 0, 2, 6 = 12
+    assert timesteps(four) == pytest.approx([4 / 12, 4 / 12, 6 / 12, 1.0])
+    assert cut_at(four, 0.45).count == 3 and cut_at(four, 0.3).count == 2  # the empty step is a step
 
 
 def test_segmentation_splits_where_expected():
-    s = split_steps("\n\nA\n\n\n\nB  \r\n\r\nC\n")
+    s = split_steps("\n\nA\n\n\n\nB  \r\n\r\nC\n", "blank_lines")
     assert s.lead == "\n\n" and s.steps == ("A", "B", "C\n") and s.seps == ("\n\n\n\n", "  \r\n\r\n", "")
     assert s.prefix(2) == "\n\nA\n\n\n\nB" and s.sep_after(1) == "  \r\n\r\n" and s.sep_after(2) == "\n\n"
-    assert split_steps("no break\nhere").steps == ("no break\nhere",)
+    assert split_steps("no break\nhere", "blank_lines").steps == ("no break\nhere",)
 
 
 def test_think_block_extraction_is_exact():
@@ -131,8 +174,8 @@ TRACE = ("Okay, I need the product of 5 and 4.\n\n"
          "Now 5 times 4 is 20, since 5 + 5 + 5 + 5 = 20.\n\n\n"
          "Let me double check: 20 / 4 = 5.\n\n"
          "So the answer is 20.")
-STEPS = split_steps(TRACE)
-# step lengths 36, 43, 46, 32, 20 of 177: timesteps ≈ 0.203, 0.446, 0.706, 0.887, 1.0 → τ = 0.7 keeps steps 0-2
+STEPS = split_steps(TRACE)  # the authors' segmentation: step 3 starts with the third newline
+# step lengths 36, 43, 46, 33, 20 of 178: timesteps ≈ 0.202, 0.444, 0.702, 0.888, 1.0 → τ = 0.7 keeps steps 0-2
 CUT = cut_at(STEPS, 0.7)
 KEPT = TRACE[: TRACE.index(" = 20.") + len(" = 20.")]  # the text through step 2
 
@@ -171,12 +214,17 @@ DECODING = {k: v.model_dump() for k, v in Config().intervention_decoding.items()
 
 def test_fixed_trace_cut():
     ts = timesteps(STEPS)
-    assert len(STEPS) == 5 and STEPS.seps[2] == "\n\n\n"
-    assert [len(x) for x in STEPS.steps] == [36, 43, 46, 32, 20]
-    assert ts == pytest.approx([36 / 177, 79 / 177, 125 / 177, 157 / 177, 1.0])
+    assert len(STEPS) == 5 and STEPS.seps[2] == "\n\n" and STEPS.steps[3].startswith("\nLet me")
+    assert [len(x) for x in STEPS.steps] == [36, 43, 46, 33, 20]
+    assert ts == pytest.approx([36 / 178, 79 / 178, 125 / 178, 158 / 178, 1.0])
     nearest = int(np.argmin([abs(t - 0.7) for t in ts]))
     assert CUT.count == nearest + 1 == 3  # steps 0, 1, 2 kept; step 2 is the last
     assert STEPS.prefix(CUT.count) == KEPT
+    blank = split_steps(TRACE, "blank_lines")  # the other segmentation: the run of newlines is one separator
+    assert len(blank) == 5 and blank.seps[2] == "\n\n\n"
+    assert [len(x) for x in blank.steps] == [36, 43, 46, 32, 20]
+    assert timesteps(blank) == pytest.approx([36 / 177, 79 / 177, 125 / 177, 157 / 177, 1.0])
+    assert blank.prefix(cut_at(blank, 0.7).count) == KEPT
 
 
 def test_insert_random_characters_edits_only_the_last_step():
@@ -186,7 +234,7 @@ def test_insert_random_characters_edits_only_the_last_step():
         head = TRACE[: TRACE.index(last)]
         assert p.prefix.startswith(head) and p.prefix == head + p.text  # steps before untouched
         assert (p.action, p.step) == ("edit_last", CUT.index)
-        added = round(ratio * len(last))
+        added = 0 if ratio == 0 else max(1, round(min(ratio, 1.0) * len(last)))  # the authors' clamp
         assert len(p.text) - len(last) == added == p.meta["inserted"] == len(p.meta["positions"])
         kept = [c for i, c in enumerate(p.text) if i not in set(p.meta["positions"])]
         assert "".join(kept) == last  # the original characters, in order
@@ -197,6 +245,14 @@ def test_insert_random_characters_edits_only_the_last_step():
     assert a == b and a.text != c.text
     with pytest.raises(ExplabError, match="negative"):
         iv.perturb_local("insert_random_characters", STEPS, CUT, seed=1, ratio=-0.1)
+
+
+def test_insert_random_characters_inserts_at_least_one_and_clamps_the_ratio():
+    rng = np.random.default_rng(0)
+    for text, ratio, count in [("ab", 0.1, 1), ("", 0.5, 1), ("abcd", 0.01, 1), ("abcd", 1.3, 4), ("abcd", 7.0, 4),
+                               ("abcdefghij", 0.5, 5), ("abc", 0.0, 0)]:
+        out, positions = iv.insert_random_characters(text, ratio, rng)
+        assert len(out) - len(text) == len(positions) == count, (text, ratio)
 
 
 def test_add_random_text_replaces_the_last_step():
@@ -210,30 +266,41 @@ def test_add_random_text_replaces_the_last_step():
         iv.choose_paragraph([], 0)
 
 
+MODELS = {"m": {"instruction": "Please reason step by step.", "opening": "Okay, so I need to"}}
+
+
 def test_llm_interventions_place_the_output_as_they_say():
     prompts = load_prompts()
     llm = ScriptedGenerator(lambda r, j: f"  <<{r.params.temperature}:{r.params.seed}>>\n")
     names = list(iv.LLM_INTERVENTIONS)
-    out = stages.perturb(_rows(names), llm=llm, prompts=prompts, decoding=DECODING, ratio=0.5, seed=0)
+    out = stages.perturb(_rows(names), llm=llm, prompts=prompts, decoding=DECODING, ratio=0.5, seed=0, models=MODELS)
     by = out.set_index("intervention")
     requests = dict(zip(names, llm.requests, strict=True))
     before_last = TRACE[: TRACE.index(STEPS.steps[2])]  # lead, steps 0-1 and the separator after step 1
     for name in names:
         req, row = requests[name], by.loc[name]
         written = f"<<{req.params.temperature}:{req.params.seed}>>"
+        if name == "unrelated":  # the reply was seeded with the model's opening words, which go first
+            assert req.assistant_prefix == "Okay, so I need to"
+            written = "Okay, so I need to " + written
+        else:
+            assert req.assistant_prefix == ""
         assert row["intervention_text"] == written  # stripped LLM output
         user = req.messages[-1].content
         if name in ("complete_step", "wrong_reasoning", "unrelated"):  # the last kept step is replaced
             assert row["perturbed_trace"] == before_last + written
             assert (row["action"], row["edited_step"]) == ("replace_last", 2)
-        if name in ("complete_step", "wrong_reasoning"):  # it sees the reasoning before the replaced step
-            assert STEPS.steps[1] in user and STEPS.steps[2] not in user and "What is 5 times 4?" in user
-        if name == "wrong_fact":  # appended after the whole prefix, with the trace's own separator
-            assert row["perturbed_trace"] == KEPT + "\n\n\n" + written
-            assert (row["action"], row["edited_step"]) == ("append", -1) and STEPS.steps[2] in user
-        if name == "rewrite_trace":  # the whole prefix is replaced by the paraphrase
+        if name != "unrelated":  # the question carries the model's step-by-step instruction
+            assert "What is 5 times 4?\n\nPlease reason step by step." in user
+        if name in ("complete_step", "wrong_reasoning"):  # the reasoning before the replaced step, one step a line
+            assert STEPS.steps[0] + "\n" + STEPS.steps[1] + "\n\n" in user and STEPS.steps[2] not in user
+        if name == "wrong_fact":  # appended after the whole prefix with "\n\n"; it saw the steps one a line
+            assert row["perturbed_trace"] == KEPT + "\n\n" + written
+            assert (row["action"], row["edited_step"]) == ("append", -1)
+            assert "\n".join(STEPS.steps[:3]) + "\n\n" in user
+        if name == "rewrite_trace":  # the whole prefix (steps between blank lines) is replaced by the paraphrase
             assert row["perturbed_trace"] == written and row["action"] == "rewrite"
-            assert all(s in user for s in STEPS.steps[:3]) and STEPS.steps[3] not in user
+            assert KEPT in user and STEPS.steps[3].strip() not in user
         if name == "unrelated":
             topic = json.loads(row["intervention_meta"])["topic"]
             assert topic in prompts.topics and topic in user and "5 times 4" not in user
@@ -245,12 +312,20 @@ def test_llm_interventions_place_the_output_as_they_say():
     assert requests["unrelated"].params.temperature == 1.0
     # the same seeds give the same requests; another item gets other seeds
     again = ScriptedGenerator(llm.reply)
-    stages.perturb(_rows(names), llm=again, prompts=prompts, decoding=DECODING, ratio=0.5, seed=0)
+    stages.perturb(_rows(names), llm=again, prompts=prompts, decoding=DECODING, ratio=0.5, seed=0, models=MODELS)
     assert again.requests == llm.requests
     other = ScriptedGenerator(llm.reply)
     stages.perturb(_rows(names).assign(item_id="other"), llm=other, prompts=prompts, decoding=DECODING,
-                   ratio=0.5, seed=0)
+                   ratio=0.5, seed=0, models=MODELS)
     assert other.requests[2].params.seed != llm.requests[2].params.seed
+
+
+def test_paraphrase_is_resplit_and_joined_with_blank_lines():
+    llm = ScriptedGenerator(lambda r, j: "  First, 2 + 3 = 5.  \n\n\n\nThen 5 · 4 = 20.\n\n  \n\nDone.  ")
+    out = stages.perturb(_rows(["rewrite_trace"]), llm=llm, prompts=load_prompts(), decoding=DECODING, ratio=0.5,
+                         seed=0)
+    assert out.loc[0, "perturbed_trace"] == "First, 2 + 3 = 5.\n\nThen 5 · 4 = 20.\n\nDone."
+    assert iv.rejoin_paraphrase("one line\ntwo lines") == "one line\ntwo lines"
 
 
 def test_every_intervention_through_the_batch_function():
@@ -338,8 +413,12 @@ def test_synthetic_items_have_checkable_answers():
 # ---- judge parsing and metrics on hand-made trajectories -------------------------------------------
 
 def test_judge_parsing_and_units():
-    assert [judge.parse_verdict(t) for t in ("Correct", " incorrect.", "**Correct**", "\n\n\n", "Maybe")] == [
-        "correct", "incorrect", "correct", "unparsable", "unparsable"]
+    replies = ("Correct", " incorrect.", "**Correct**", "\n\n\n", "Maybe", "correct", "Correct.", " Correct\n")
+    assert [judge.parse_verdict(t, strict=False) for t in replies] == [
+        "correct", "incorrect", "correct", "unparsable", "unparsable", "correct", "correct", "correct"]
+    # strict (the default, the authors' rule): only the exact reply "Correct" counts
+    assert [judge.parse_verdict(t) for t in replies] == [
+        "correct", "incorrect", "incorrect", "unparsable", "unparsable", "incorrect", "incorrect", "correct"]
     assert [judge.parse_doubt(t) for t in ("Yes.", "no", "", "Perhaps")] == ["yes", "no", "unparsable", "unparsable"]
     text = "Wait, that is wrong. Let me redo it!\n\nSo 4 + 4 = 8? Yes.\n\nDone"
     assert judge.units(text, "sentence", 10, 100) == ["Wait, that is wrong.", "Let me redo it!", "So 4 + 4 = 8?",
@@ -363,6 +442,8 @@ def _traj():
                          "continuation_chars": n, "remainder_chars": 100,
                          "length_overhead": metrics.relative_change(n, 100),
                          "length_change": metrics.relative_change(n + 100, 200),
+                         "authors_length_overhead": metrics.authors_length_overhead(n + 150, 30, 200),
+                         "judge_rule_changed": k == 0 and c == 1,
                          "doubt_flags": flags[k], "doubt_rate": metrics.doubt_rate(flags[k]),
                          "doubt_any": "yes" in flags[k]})
     return pd.DataFrame(rows)
@@ -408,6 +489,15 @@ def test_robustness_length_and_doubt_by_hand():
     assert head["accuracy"] == 0.5 and head["forced_doubt_accuracy"] == 0.5 and head["forced_doubt_delta"] == 0.0
     assert head["accuracy_benign"] == 0.75 and head["accuracy_adversarial"] == 0.25
     assert head["majority_robustness"] == 0.5 and head["length_overhead_pct"] == pytest.approx(62.5)
+    # the authors' overhead: (n + 150 − 30 − 200) / 200 = (n − 80) / 200 → complete_step mean n 75: −2.5 %,
+    # wrong_fact mean n 250: 85 %; the judge rule changed sample 0 where it was correct (2 of 4 traces' first)
+    assert math_rows.loc[("complete_step", ""), "authors_length_overhead_pct"] == pytest.approx(-2.5)
+    assert math_rows.loc[("wrong_fact", ""), "authors_length_overhead_pct"] == pytest.approx(85.0)
+    assert metrics.authors_length_overhead(10, 50, 100) == -1.0  # floored at 0 before the comparison
+    assert math_rows.loc[("complete_step", ""), "judge_rule_changed"] == 0.25
+    assert math_rows.loc[("wrong_fact", ""), "judge_rule_changed"] == 0.0
+    assert head["authors_length_overhead_pct"] == pytest.approx((-2.5 + 85.0) / 2)
+    assert head["judge_rule_changed"] == pytest.approx(2 / 12)
 
 
 # ---- through Ray: continuation on tiny:llama, items, the tiny run -----------------------------------
@@ -556,3 +646,155 @@ def test_tiny_run_writes_every_table_and_plot(ray_local, tmp_path):
     assert saved["trajectories"] == len(traj) and saved["judge_unparsable"] == pytest.approx(
         float((traj["verdict"] == "unparsable").mean()))
     assert result["accuracy"] == pytest.approx(traj.loc[traj["marker"] == "", "correct"].mean())
+
+
+# ---- the whole pipeline with scripted models: values, not only shapes ------------------------------
+
+REFERENCE_OUT = ("<think>I need 5 times 4.\n\nFive fours: 4 + 4 + 4 + 4 + 4.\n\nThat is 20.\n\n"
+                 "Check: 20 / 5 = 4.</think> The answer is 20.")
+
+
+def _evaluated(r, j):
+    """A scripted reasoning model: the reference trace above; a continuation right on its first sample
+    (written "20!" after a paraphrase, "20." otherwise) and wrong on its second."""
+    if r.assistant_prefix == "<think>":  # the think prefix alone: a reference trace
+        return REFERENCE_OUT.removeprefix("<think>")
+    mark = "!" if "PARA" in r.assistant_prefix else "."
+    doubt = ", I doubt that step." if r.assistant_prefix.endswith("Wait") else ""  # after the forced marker
+    return doubt + (f"</think> The answer is 20{mark}" if j == 0 else "</think> The answer is 7.")
+
+
+def _judge(r, j):
+    """A scripted judge: "Correct" for "20.", the variant "**Correct**" for "20!", "Incorrect" else;
+    doubt: "Yes" for a unit that says "doubt"."""
+    user = r.messages[-1].content
+    if "Reference answer" in user:
+        end = user.rsplit("Answer text", 1)[1]
+        return "Correct" if "is 20." in end else "**Correct**" if "is 20!" in end else "Incorrect"
+    return "Yes" if "doubt" in user.split("Text:", 1)[1] else "No"
+
+
+def _llm(r, j):
+    system = r.messages[0].content
+    return "PARA one.\n\nPARA two." if "Paraphrase" in system else "<<LLM step>>"
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_pipeline_with_scripted_models_gives_the_expected_values(strict):
+    """Every stage in order (references, judge, cut, the seven interventions, a forced-doubt marker,
+    continuations, judge, doubt, aggregates) on scripted servers: the accuracies, the judge rule's
+    effect, the length overheads and the doubt rates are what the script implies."""
+    from jobs.cot_robustness.config import EvaluatedModel
+    from jobs.cot_robustness.job import intervention_rows, make_cuts, mark_kept, model_info
+
+    config = load_config(Config, TINY, [f"judge.strict={str(strict).lower()}", "timesteps=[0.5]"])
+    prompts = load_prompts()
+    model = model_info(EvaluatedModel(model={"name": "tiny:llama"}, label="m", think_prefix="<think>"))
+    gen, jdg, llm = ScriptedGenerator(_evaluated), ScriptedGenerator(_judge), ScriptedGenerator(_llm)
+    items = pd.DataFrame([{"model": "m", "domain": "Math", "item_id": "q1", "question": "What is 5 times 4?",
+                           "reference_answer": "20"}])
+    refs = stages.references(items, generators={"m": gen}, models={"m": model}, seed=0, paragraph_tokens=None)
+    refs = stages.judge_answers(refs, judge_server=jdg, prompts=prompts, max_tokens=4, max_answer_chars=400,
+                                text_column="output", strict=strict)
+    assert refs.loc[0, "output"] == REFERENCE_OUT.removeprefix("<think>") and refs.loc[0, "n_steps"] == 4
+    refs = mark_kept(refs, config)
+    assert refs["kept"].all()
+    cuts = make_cuts(refs, [0.5], 2)
+    assert cuts.loc[0, "cut_count"] == 2  # steps of 23, 32, 12, 18 characters: 55/85 ≈ 0.65 is nearest 0.5
+    rows = pd.DataFrame(intervention_rows(cuts, list(iv.INTERVENTIONS), POOL, 0))
+    out = stages.perturb(rows, llm=llm, prompts=prompts, decoding=DECODING, ratio=0.5, seed=0, models={"m": model})
+    out = stages.add_markers(out, markers=["Wait"])
+    cont = {"n": 2, "temperature": 0.6, "top_p": 0.95, "max_tokens": 16, "seed": None}
+    traj = stages.continue_traces(out, generators={"m": gen}, models={"m": model}, continuation=cont, seed=0)
+    traj = stages.judge_answers(traj, judge_server=jdg, prompts=prompts, max_tokens=4, max_answer_chars=400,
+                                text_column="complete_output", strict=strict)
+    traj = stages.continuation_doubt(traj, judge_server=jdg, prompts=prompts, doubt=config.doubt.model_dump())
+    assert len(traj) == 7 * 2 * 2
+
+    para = traj["intervention"] == "rewrite_trace"
+    first = traj["sample"] == 0
+    # the first sample is right, the second wrong; after a paraphrase the judge wrote "**Correct**"
+    assert (traj.loc[first & para, "verdict_lenient"] == "correct").all()
+    assert (traj.loc[first & para, "verdict_strict"] == "incorrect").all()
+    assert traj["judge_rule_changed"].tolist() == (first & para).tolist()
+    assert traj.loc[first & ~para, "correct"].all() and not traj.loc[~first, "correct"].any()
+    assert traj.loc[first & para, "correct"].tolist() == [not strict] * 2
+    # the authors' length overhead of one completion, by hand
+    row = traj[(traj["intervention"] == "complete_step") & (traj["marker"] == "") & first].iloc[0]
+    complete = "I need 5 times 4.\n\n<<LLM step>></think> The answer is 20."
+    assert row["complete_output"] == complete
+    assert row["authors_length_overhead"] == pytest.approx(
+        (len(complete) - len("<<LLM step>>") - len(REFERENCE_OUT.removeprefix("<think>")))
+        / len(REFERENCE_OUT.removeprefix("<think>")))
+    marked = traj[(traj["intervention"] == "complete_step") & (traj["marker"] == "Wait") & first].iloc[0]
+    complete = "I need 5 times 4.\n\n<<LLM step>>\n\nWait, I doubt that step.</think> The answer is 20."
+    assert marked["complete_output"] == complete
+    assert marked["authors_length_overhead"] == pytest.approx(  # the marker and its break count as inserted text
+        (len(complete) - len("<<LLM step>>\n\nWait") - len(REFERENCE_OUT.removeprefix("<think>")))
+        / len(REFERENCE_OUT.removeprefix("<think>")))
+    # the unrelated step opens with the model's words; the LLM request was seeded with them
+    un = traj[(traj["intervention"] == "unrelated") & (traj["marker"] == "")].iloc[0]
+    assert un["intervention_text"] == "Okay, so I need to <<LLM step>>"
+
+    summary = metrics.summarize(traj)
+    s = summary[(summary["domain"] == "Math") & (summary["marker"] == "")].set_index("intervention")
+    expect_para = 0.5 if not strict else 0.0
+    assert s.loc["rewrite_trace", "accuracy"] == expect_para and s.loc["complete_step", "accuracy"] == 0.5
+    assert s.loc["rewrite_trace", "judge_rule_changed"] == 0.5 and s.loc["complete_step", "judge_rule_changed"] == 0.0
+    assert s.loc["complete_step", "majority"] == 0.0 and s.loc["complete_step", "at_least_once"] == 1.0
+    head = metrics.headline(traj, summary)
+    assert head["accuracy"] == pytest.approx((6 * 0.5 + expect_para) / 7)
+    assert head["judge_rule_changed"] == pytest.approx(2 / 28)
+    assert head["judge_unparsable"] == 0.0
+    # doubt: the judge's "Yes" only where the continuation doubts (after the forced "Wait" marker)
+    assert head["doubt_rate_after"] == 0.0
+    w = summary[(summary["domain"] == "Math") & (summary["marker"] == "Wait")]
+    assert (w["doubt_rate_after"] == 1.0).all() and (w["doubt_any_after"] == 1.0).all()
+
+
+# ---- the paper config on a GPU node: waves, context lengths, decoding, the gated set -------------
+
+PAPER = TINY.parent / "paper.yaml"
+
+
+def test_paper_models_run_in_waves_that_fit_one_8_gpu_node():
+    from jobs.cot_robustness.job import helper_specs, plan_waves
+
+    config = load_config(Config, PAPER)
+    helpers = sum(o.num_gpus for _, o in helper_specs(config, True).values())
+    assert helpers == 2  # the intervention LLM and the judge are one server
+    assert sum(m.server.num_gpus for m in config.models) + helpers == 14  # all at once: 14 GPUs
+    waves = plan_waves(config, True, 8)
+    assert [m.name for w in waves for m in w] == [m.name for m in config.models]  # every model, in order
+    assert len(waves) == 2 and all(sum(m.server.num_gpus for m in w) + helpers <= 8 for w in waves)
+    assert plan_waves(config, True, None) == [config.models] == plan_waves(config, True, 0)
+    with pytest.raises(ExplabError, match="needs 2 GPUs beside"):
+        plan_waves(config, True, 3)
+
+
+def test_paper_config_fits_each_models_context_and_decoding():
+    config = load_config(Config, PAPER)
+    by = {m.name: m for m in config.models}
+    for name in ("Phi-4-reasoning-plus", "EXAONE-Deep-32B"):  # 32,768-token context: vLLM refuses more
+        assert by[name].server.engine["max_model_len"] <= 32768
+    phi = by["Phi-4-reasoning-plus"]
+    assert (phi.temperature, phi.top_p, phi.top_k) == (0.8, 0.95, 50)
+    assert config.segmentation == "authors" and config.judge.strict
+    assert [d.gated for d in config.datasets] == [False, True, False]
+
+
+def test_gated_dataset_without_a_token_is_one_line(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from jobs.cot_robustness.job import check_gated
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    config = load_config(Config, PAPER)
+    with pytest.raises(ExplabError, match=r"hf:Idavidrein/gpqa:gpqa_diamond is gated .*HF_TOKEN") as err:
+        check_gated(config)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    check_gated(config)  # a token: no error
+    check_gated(load_config(Config, TINY))  # nothing gated

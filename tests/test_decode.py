@@ -244,3 +244,15 @@ def test_teacher_forced_paragraph_positions() -> None:
     assert s.capture_positions["p0"][0].tolist() == [P, P + 1]
     assert s.capture_positions["p1"][0].tolist() == list(range(P + 2, P + 7))
     assert s.capture_positions["p2"][0].tolist() == [P + 7, P + 8]
+
+
+def test_top_k_samples_only_among_the_k_most_likely_tokens() -> None:
+    from explab.interventions import row_generator, sample_token
+
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9, -1.0, 2.8])  # top-3: tokens 1, 3, 5
+    hot = SamplingParams(temperature=50.0, top_k=3)  # nearly uniform without the cut
+    seen = {sample_token(logits, hot, row_generator(7, i)) for i in range(300)}
+    assert seen == {1, 3, 5}
+    assert {sample_token(logits, SamplingParams(temperature=50.0, top_k=1), row_generator(7, i))
+            for i in range(50)} == {1}
+    assert len({sample_token(logits, SamplingParams(temperature=50.0), row_generator(7, i)) for i in range(300)}) == 6

@@ -257,3 +257,68 @@ def test_the_shipped_sweep_runs_under_explab_sweep(ray_local, tmp_path):
     for column in ("metric.agreement", "metric.cos_A_C"):
         assert trials[column].between(0.0, 1.0).all()
     assert set(trials["param.concepts.size"]) <= set(range(12, 53))
+
+
+# ---- the loss, the initialisation and the logit scale, each against a hand computation ------------
+def _np_log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_the_loss_is_kl_from_clip_to_the_bottleneck_at_the_logit_scale(scale):
+    """reconstruction = mean over images of KL(P_clip ‖ P_ezpc), both softmaxes at ``logit_scale``:
+    a reversed KL, or a scale applied to one side only or ignored, gives another number."""
+    C, T, images = world(3, k=12)
+    V, _ = images(16, 4)
+    rng = np.random.default_rng(5)
+    A = unit((C.T + 0.3 * rng.normal(size=C.T.shape)).T).T.astype(np.float32)  # unit columns, off Cᵀ
+    lp = _np_log_softmax(scale * (V @ T.T).astype(np.float64))
+    lq = _np_log_softmax(scale * (V @ A @ A.T @ T.T).astype(np.float64))
+    forward = (np.exp(lp) * (lp - lq)).sum(axis=1).mean()
+    reverse = (np.exp(lq) * (lq - lp)).sum(axis=1).mean()
+    matching, recon, total = ezpc_loss(torch.tensor(A), torch.tensor(C), torch.tensor(V), torch.tensor(T), 0.5, scale)
+    assert float(recon) == pytest.approx(forward, rel=1e-4)
+    assert abs(forward - reverse) > 0.05 * forward  # the direction matters on this example
+    assert float(matching) == pytest.approx(((A - C.T) ** 2).mean(), rel=1e-5)
+    assert float(total) == pytest.approx(float(matching) + 0.5 * forward, rel=1e-4)
+    other = 100.0 if scale == 1.0 else 1.0
+    _, recon_other, _ = ezpc_loss(torch.tensor(A), torch.tensor(C), torch.tensor(V), torch.tensor(T), 0.5, other)
+    assert abs(float(recon_other) - forward) > 0.5 * forward  # the scale is applied, to both sides
+    assert metrics.kl(V @ T.T, V @ A @ A.T @ T.T, scale) == pytest.approx(forward, rel=1e-4)
+
+
+def test_training_starts_at_the_concepts_transposed():
+    """A is initialised to Cᵀ: with lr 0 it stays there, and the first epoch's loss is λ·KL at Cᵀ."""
+    C, T, images = world(1)
+    V, _ = images(50, 2)
+    result = train_projection(C, V, T, lam=2.0, lr=0.0, epochs=2, threads=1, logit_scale=10.0)
+    assert np.allclose(result.A, C.T, atol=1e-6)
+    lp = _np_log_softmax(10.0 * (V @ T.T).astype(np.float64))
+    lq = _np_log_softmax(10.0 * (V @ C.T @ C @ T.T).astype(np.float64))
+    kl0 = (np.exp(lp) * (lp - lq)).sum(axis=1).mean()
+    assert result.history["matching"][0] == pytest.approx(0.0, abs=1e-10)
+    assert result.history["total"][0] == pytest.approx(2.0 * kl0, rel=1e-4)
+
+
+def test_kendall_tau_beside_spearman_by_hand():
+    a = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    b = np.array([[10.0, 20.0, 30.0, 40.0], [4.0, 3.0, 2.0, 1.0], [2.0, 1.0, 3.0, 4.0]])
+    # τ per row: 1, −1, (5 concordant − 1 discordant) / 6; Spearman: 1, −1, 1 − 6·2/(4·15) = 0.8
+    assert metrics.kendall(a, b) == pytest.approx((1 - 1 + 4 / 6) / 3)
+    assert metrics.spearman(a, b) == pytest.approx((1 - 1 + 0.8) / 3)
+    assert "kendall" in metrics.zero_shot(a, b, np.array([3, 3, 3]))
+
+
+def test_tiny_config_at_the_papers_logit_scale(monkeypatch, tmp_path, ray_local, cli):
+    """The tiny config at the authors' scale (raw cosines, 1) instead of its 100: a random tiny CLIP's
+    class cosines differ by ~0.01, so the KL term is negligible next to MSE(A, Cᵀ) and A stays at the
+    concepts — the bottleneck does not gain the agreement it gains at 100 (the test above)."""
+    monkeypatch.delenv("EXPLAB_CACHE", raising=False)
+    code, out, err = cli("run", "ezpc", "-c", "tiny", "--runs-dir", str(tmp_path / "runs"),
+                         "--set", "train.logit_scale=1.0")
+    assert code == 0, err
+    results = pd.read_parquet(Path(out.strip().splitlines()[-1]) / "tables" / "results.parquet").iloc[0]
+    assert results["col_norm_max_dev"] < 1e-5
+    assert results["cos_A_C"] > 0.99 and abs(results["agreement"] - results["agreement_init"]) < 0.1
+    assert -1.0 <= results["kendall"] <= 1.0 and np.isfinite(results["spearman"])

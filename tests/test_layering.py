@@ -17,7 +17,7 @@ LAYERS = {
     "errors": 0, "store": 0, "telemetry": 0, "seeds": 0, "paths": 0, "runtime": 1,
     "config": 1, "images": 1, "generation": 1, "data": 1, "shapes": 1,
     "models": 2, "interventions": 2, "job": 2, "sweep_spec": 2,
-    "servers": 3, "train": 3,
+    "servers": 3, "train": 3, "plan": 4,
     "runs": 4,
     "embeddings": 5, "sweep_report": 5,
     "sweep": 6,

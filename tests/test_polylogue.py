@@ -93,6 +93,59 @@ def test_judge_filter_keeps_only_clear_contrasts():
     assert keep_pairs(pd.DataFrame(rows), threshold=50, coherence=None).tolist() == [True, True] + [False] * 4 + [True, True] + [False] * 2
 
 
+def test_a_thin_trait_is_skipped_with_a_warning_and_the_others_go_on():
+    from jobs.polylogue.persona import skip_thin_traits
+
+    rows = [{"trait": t, "pair": 0, "question_index": q, "sample": 0, "polarity": p, "kept": t == "a" and q < 3}
+            for t in ("a", "b") for q in range(4) for p in ("pos", "neg")]
+    frame = pd.DataFrame(rows)
+    frame.loc[(frame.trait == "b") & (frame.question_index == 0), "kept"] = True  # b: one pair
+    with pytest.warns(UserWarning, match=r"trait 'b': the judge kept 1 contrastive pairs \(< judge.min_pairs=2\)"):
+        assert skip_thin_traits(frame, ["a", "b"], 2) == ["b"]
+    assert not frame.loc[frame.trait == "b", "kept"].any() and frame.loc[frame.trait == "a", "kept"].sum() == 6
+    assert skip_thin_traits(frame, ["a"], 3) == []
+    with pytest.warns(UserWarning), pytest.raises(ExplabError, match="every trait has fewer than"):
+        skip_thin_traits(frame, ["a", "b"], 4)
+
+
+def test_weighted_judge_score_is_the_probability_weighted_number():
+    from jobs.polylogue.judge import weighted_score
+
+    logits = np.full(10, -30.0)
+    logits[[2, 3, 5]] = np.log([0.2, 0.6, 0.2])  # numbers 0, 50, 100 carry all the mass
+    assert weighted_score(logits, {2: 0, 3: 50, 5: 100}) == pytest.approx(50.0)
+    logits[5] = np.log(0.6)
+    logits[3] = np.log(0.2)  # 0.2·0 + 0.2·50 + 0.6·100 = 70 (of a total 1.0)
+    assert weighted_score(logits, {2: 0, 3: 50, 5: 100}) == pytest.approx(70.0)
+    logits[[2, 3, 5]] = -30.0
+    logits[0] = 0.0  # the mass sits on a non-number token: no score
+    assert np.isnan(weighted_score(logits, {2: 0, 3: 50, 5: 100}))
+
+
+def test_weighted_judge_through_the_hooked_server_equals_a_local_forward(servers, tiny):
+    """judge_batch with score=weighted: the server's next-token logits after the judge prompt, the
+    number tokens found through its own tokenizer, equal the score from a local forward pass."""
+    from jobs.polylogue.catalog import load_trait
+    from jobs.polylogue.judge import judge_batch, number_tokens, weighted_score
+
+    hooked, _ = servers
+    numbers = number_tokens(hooked)
+    tok = tiny.tokenizer
+    digits = {tok(str(n), add_special_tokens=False)["input_ids"][0]: n for n in range(10)}
+    assert numbers == digits  # the byte tokenizer writes 0-9 as one token, 10-100 and " n" as several
+    trait = "confident"
+    batch = pd.DataFrame([{"trait": trait, "question": "What is 2 + 2?", "response": r}
+                          for r in ("It is 4.", "Four, obviously.")])
+    out = judge_batch(batch, judge=hooked, max_tokens=4, coherence=False, numbers=numbers, min_mass=0.0)
+    for row in out.itertuples():
+        text = load_trait(trait).eval_prompt.format(question=row.question, answer=row.response)
+        ids = encode_request(tok, GenerationRequest(messages=[{"role": "user", "content": text}]))
+        with torch.no_grad():
+            logits = tiny.model(torch.tensor([ids])).logits[0, -1].float().numpy()
+        assert row.trait_score == pytest.approx(weighted_score(logits, numbers, 0.0), rel=1e-4)
+        assert 0.0 <= row.trait_score <= 9.0
+
+
 # ---- step 2: the polylogue -----------------------------------------------------------------------------
 def test_polylogue_equals_cosines_computed_from_output_hidden_states(servers, tiny):
     hooked, generator = servers

@@ -273,3 +273,27 @@ def test_bad_configs_are_one_line_errors(tmp_path, ray_local, cli):
         code, _, err = cli("run", "sotalign", "-c", "tiny", "--runs-dir", str(tmp_path), *args)
         lines = [line for line in err.strip().splitlines() if line.strip()]
         assert code != 0 and needle in lines[-1], (args, err)
+
+
+def test_retrieval_with_several_captions_per_image_counts_each_as_correct():
+    from jobs.sotalign.evaluate import grouped_recall, retrieval
+
+    # 3 images (unit axes), 6 captions, two per image; caption 1 of image 0 points at image 1
+    img = np.eye(3)
+    txt = np.array([[1, 0, 0], [0.2, 0.9, 0], [0, 1, 0], [0, 0.9, 0.1], [0, 0, 1], [0.1, 0, 1]], dtype=float)
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    r = retrieval(img, txt, ks=(1, 2), groups=groups)
+    # image→text: each image's best own caption ranks first → R@1 = 1 (image 1's best is caption 2)
+    assert r["i2t_r1"] == 1.0
+    # text→image: caption 1 (of image 0) ranks image 1 first → 5 of 6 at R@1, all at R@2
+    assert r["t2i_r1"] == pytest.approx(5 / 6) and r["t2i_r2"] == 1.0
+    # one caption per image and groups = arange: the same as row-matched retrieval
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((20, 8)), rng.standard_normal((20, 8))
+    assert retrieval(a, b) == retrieval(a, b, groups=np.arange(20))
+    i2t, _ = grouped_recall(np.array([[0.5, 0.9, 0.1]]), np.array([0, 0, 0]), ks=(1,))
+    assert i2t == {1: 1.0}  # any of the image's captions on top is a hit
+
+
+def test_align_device_defaults_to_the_machine():
+    assert AlignConfig().device == "auto"  # cuda where the process sees a GPU (a GPU cluster), else cpu

@@ -252,6 +252,33 @@ def views_of(records: list[UserRecord], world: World, shuffle: bool) -> list[Use
     return [UserView(views[i].user_id, views[int(perm[i])].history) for i in range(len(views))]
 
 
+def run_soft_prompts(config: Config, ctx: RunContext, runs: list[tuple[str, RoleConfig, list[MethodContext]]],
+                     views: list[UserView], tests: list[list[str]]) -> dict[str, list[tuple[list[dict], list[dict]]]]:
+    """The soft prompt of every (base model, user): one training task per base model beside its
+    HookedModel server. With ``sequential`` one base model at a time, its server stopped after it,
+    so a large model's training and server never share the GPUs with another's."""
+    from explab.servers import stop_server
+
+    sp = config.methods.soft_prompt
+
+    def launch(role: RoleConfig, mctxs: list[MethodContext]) -> tuple[Any, Any]:
+        hooked = ctx.model(role.model, "hooked", sp.server)
+        task = _soft_prompt_task.options(num_cpus=config.task_cpus, num_gpus=sp.num_gpus).remote(
+            views, tests, mctxs, role.model, sp, hooked)
+        return hooked, task
+
+    out: dict[str, list[tuple[list[dict], list[dict]]]] = {}
+    if not sp.sequential:
+        launched = {label: launch(role, mctxs) for label, role, mctxs in runs}
+        return {label: ray.get(task) for label, (_, task) in launched.items()}
+    for label, role, mctxs in runs:
+        hooked, task = launch(role, mctxs)
+        out[label] = ray.get(task)
+        if len(runs) > 1:
+            stop_server(hooked.name)
+    return out
+
+
 def run(config: Config, ctx: RunContext) -> dict[str, float]:
     b = config.benchmark
     vocab = load_vocab(b.attributes_file, b.principles_file, b.topics_file, b.attributes, b.principles)
@@ -288,8 +315,9 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
         seconds = {"seconds_simulate": time.perf_counter() - clock}
         clock = time.perf_counter()
         tests = [list(r.test_prompts) for r in records]
-        # every base model at once: its users' tasks (and the soft prompt's training) run concurrently
-        pending = {}
+        # every base model's user tasks at once; the soft prompt's training tasks (each with a HookedModel
+        # server) at once too, or one base model after another with `soft_prompt.sequential`
+        pending, soft_runs = {}, []
         for label, (role, llm) in bases.items():
             mctxs = [MethodContext(llm, embedder, role, method_prompts, vocab.principles, derive_seed(seed, label, v.user_id))
                      for v in views]
@@ -297,18 +325,15 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
                     for v, t, m, p in zip(views, tests, mctxs, people, strict=True)]
             refs = [_respond_task.options(**opts).remote(group, per_user, config.methods)
                     for group in chunks(work, config.users_per_task)]
-            soft = None
+            pending[label] = refs
             if "soft_prompt" in enabled:
-                sp = config.methods.soft_prompt
-                hooked = ctx.model(role.model, "hooked", sp.server)
-                soft = _soft_prompt_task.options(num_cpus=config.task_cpus, num_gpus=sp.num_gpus).remote(
-                    views, tests, mctxs, role.model, sp, hooked)
-            pending[label] = (refs, soft)
+                soft_runs.append((label, role, mctxs))
+        soft_out = run_soft_prompts(config, ctx, soft_runs, views, tests)
         judge_refs, outputs_by_model = [], {}
-        for label, (refs, soft) in pending.items():
+        for label, refs in pending.items():
             outputs = [o for part in ray.get(refs) for o in part]
-            if soft is not None:
-                outputs = [(a[0] + s[0], a[1] + s[1]) for a, s in zip(outputs, ray.get(soft), strict=True)]
+            if label in soft_out:
+                outputs = [(a[0] + s[0], a[1] + s[1]) for a, s in zip(outputs, soft_out[label], strict=True)]
             outputs_by_model[label] = outputs
         seconds["seconds_methods"] = time.perf_counter() - clock
         clock = time.perf_counter()

@@ -10,6 +10,7 @@ from explab.config import JobConfig, Section, Seed
 from explab.models import ModelSpec
 from explab.servers import ServerOptions
 from jobs.cot_robustness.perturbations import INTERVENTIONS, LLM_INTERVENTIONS
+from jobs.cot_robustness.traces import Segmentation
 
 INSTRUCT = "Qwen/Qwen2.5-32B-Instruct"
 PAPER_SEED = 80129
@@ -33,7 +34,11 @@ class EvaluatedModel(Section):
     think_prefix: str = ""  # what the assistant turn starts with when the chat template does not open <think>
     temperature: float = Field(0.6, ge=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # reference traces only (Phi-4-reasoning-plus: 50); 0 = no top-k cut
     max_tokens: int = Field(32768, ge=1)
+    # the words an `unrelated` step opens with, as this model opens its own traces (the intervention
+    # LLM's reply is seeded with them)
+    opening: str = "Okay, so I need to"
     server: ServerOptions = ServerOptions()
 
     @property
@@ -57,6 +62,7 @@ class DatasetEntry(Section):
     drop_longest_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     max_per_answer: int | None = Field(None, ge=1)
     kwargs: dict[str, Any] = {}  # passed to the loader (e.g. n for synthetic sets)
+    gated: bool = False  # the hub set needs accepted terms and a token (GPQA): checked before anything runs
 
 
 class ParagraphPool(Section):
@@ -93,6 +99,8 @@ class Judge(Section):
     server: ServerOptions = ServerOptions()
     max_tokens: int = Field(10, ge=1)
     max_answer_chars: int = Field(8000, ge=1)  # the answer extract's last characters go to the judge
+    # True (the authors'): only the exact reply "Correct" counts; False: the first word, any case
+    strict: bool = True
 
 
 class Doubt(Section):
@@ -144,6 +152,8 @@ class Config(JobConfig):
                      question_field="problem", answer_field="answer", id_field="unique_id"),
     ]
     references: References = References()
+    # authors: split at every "\n\n" (their code); blank_lines: a run of blank lines is one separator
+    segmentation: Segmentation = "authors"
     timesteps: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
     timestep: float | None = None  # one τ instead of `timesteps` (what a sweep sets)
     min_steps: int = Field(2, ge=1)
@@ -152,13 +162,17 @@ class Config(JobConfig):
     intervention_model: ModelSpec = ModelSpec(name=INSTRUCT)
     intervention_server: ServerOptions = ServerOptions()
     intervention_decoding: dict[str, Decoding] = Field(default_factory=_default_decoding)
-    random_char_ratio: float = Field(0.5, ge=0.0)  # insert_random_characters: round(ratio · len) characters
+    # insert_random_characters: max(1, round(min(ratio, 1) · len)) characters (none at 0), as the authors
+    random_char_ratio: float = Field(0.5, ge=0.0)
     paragraphs: ParagraphPool = ParagraphPool()
     continuation: Continuation = Continuation()
     judge: Judge = Judge()
     doubt: Doubt = Doubt()
     prompts_dir: str | None = None  # a folder of prompt YAML files replacing the packaged ones
     batch_size: int = Field(16, ge=1)  # rows per Ray Data batch
+    # GPUs the job's servers may hold at once (None: the cluster's when the job starts). Evaluated
+    # models run in waves that fit beside the judge and intervention LLM; a wave's servers stop after it.
+    gpus: float | None = Field(None, ge=0.0)
 
     @field_validator("timesteps")
     @classmethod

@@ -12,9 +12,14 @@ from typing import Any
 from explab.seeds import derive_seed
 
 
+def task_text(question: str, instruction: str) -> str:
+    """The question as the evaluated model reads it: followed by its step-by-step instruction."""
+    return f"{question}\n\n{instruction}" if instruction else question
+
+
 def task_messages(system_prompt: str | None, instruction: str, question: str) -> list[dict[str, str]]:
     """The evaluated model's chat: its system prompt (if any) and the question with the instruction."""
-    user = f"{question}\n\n{instruction}" if instruction else question
+    user = task_text(question, instruction)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [*system, {"role": "user", "content": user}]
 
@@ -35,7 +40,7 @@ def generate_references(generator: Any, model: dict[str, Any], rows: list[dict[s
     end of turn or after ``max_tokens`` tokens in all.
     """
     messages = [task_messages(model["system_prompt"], model["instruction"], r["question"]) for r in rows]
-    base = {"temperature": model["temperature"], "top_p": model["top_p"]}
+    base = {"temperature": model["temperature"], "top_p": model["top_p"], "top_k": model.get("top_k", 0)}
     seeds = [derive_seed(seed, model["label"], r["item_id"], "reference") for r in rows]
     if paragraph_tokens is None:
         results = generator.generate([

@@ -1,6 +1,12 @@
 """The judge LLM: is the reference answer in an output (Correct/Incorrect), and does a unit of
 reasoning doubt what came before it (Yes/No). Output that is neither counts as Incorrect / No and
-is recorded as ``unparsable``."""
+is recorded as ``unparsable``.
+
+Two rules read the answer judge's reply: ``strict`` (the authors', the default) counts only a reply
+that is exactly "Correct" (surrounding whitespace aside); the lenient rule reads the first word
+case-insensitively ("**correct**." counts). Both verdicts are recorded so the share of replies the
+rule changes is known.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +29,19 @@ def _first_word(text: str) -> str:
     return m.group(0).lower() if m else ""
 
 
-def parse_verdict(text: str) -> str:
-    """``correct`` / ``incorrect`` from the judge's first word, else ``unparsable``."""
+def parse_verdict(text: str, strict: bool = True) -> str:
+    """``correct`` / ``incorrect`` / ``unparsable`` from the judge's reply.
+
+    Lenient: the first word, case-insensitively. Strict (the authors'): ``correct`` only for the
+    exact reply "Correct"; a reply the lenient rule reads as correct is ``incorrect`` here.
+    """
     word = _first_word(text)
-    return word if word in ("correct", "incorrect") else "unparsable"
+    lenient = word if word in ("correct", "incorrect") else "unparsable"
+    if not strict:
+        return lenient
+    if text.strip() == "Correct":
+        return "correct"
+    return "incorrect" if lenient == "correct" else lenient
 
 
 def parse_doubt(text: str) -> str:
@@ -38,7 +53,7 @@ def parse_doubt(text: str) -> str:
 def units(text: str, unit: str, max_units: int, max_chars: int, *, from_end: bool = False) -> list[str]:
     """Text units for the doubt judge: sentences (within steps) or steps; the first ``max_units``
     (the last ones with ``from_end``), each cut to ``max_chars`` characters."""
-    steps = [s.strip() for s in split_steps(text).steps]
+    steps = [s.strip() for s in split_steps(text, "blank_lines").steps]
     if unit == "step":
         found = steps
     elif unit == "sentence":

@@ -25,6 +25,13 @@ def relative_change(new: float, old: float) -> float:
     return (new - old) / old if old else math.nan
 
 
+def authors_length_overhead(complete: int, inserted: int, original: int) -> float:
+    """The authors' length overhead of one completion: (max(0, complete − inserted) − original) /
+    original, where complete = perturbed prefix + continuation and inserted = the intervention's
+    text; NaN when ``original`` is 0."""
+    return relative_change(max(0, complete - inserted), original)
+
+
 def doubt_rate(flags: Sequence[str]) -> float:
     """Share of units the judge said doubt the prior reasoning (unparsable counts as no); NaN without units."""
     return sum(f == "yes" for f in flags) / len(flags) if len(flags) else math.nan
@@ -38,6 +45,7 @@ def item_robustness(traj: pd.DataFrame) -> pd.DataFrame:
                      **robustness(g["correct"].tolist()),
                      "length_overhead": float(g["length_overhead"].mean()),
                      "length_change": float(g["length_change"].mean()),
+                     "authors_length_overhead": float(g["authors_length_overhead"].mean()),
                      "doubt_rate": float(g["doubt_rate"].mean()), "doubt_any": float(g["doubt_any"].mean())})
     return pd.DataFrame(rows)
 
@@ -49,10 +57,12 @@ def _aggregate(items: pd.DataFrame, traj: pd.DataFrame, keys: list[str]) -> pd.D
     tr = traj.groupby(keys, dropna=False, sort=True).agg(
         samples=("correct", "size"), accuracy=("correct", "mean"),
         length_overhead_pct=("length_overhead", "mean"), length_change_pct=("length_change", "mean"),
+        authors_length_overhead_pct=("authors_length_overhead", "mean"),
         continuation_chars=("continuation_chars", "mean"), doubt_rate_after=("doubt_rate", "mean"),
-        doubt_any_after=("doubt_any", "mean"), judge_unparsable=("verdict", lambda v: float((v == "unparsable").mean())))
+        doubt_any_after=("doubt_any", "mean"), judge_unparsable=("verdict", lambda v: float((v == "unparsable").mean())),
+        judge_rule_changed=("judge_rule_changed", "mean"))
     out = it.join(tr).reset_index()
-    out[["length_overhead_pct", "length_change_pct"]] *= 100.0
+    out[["length_overhead_pct", "length_change_pct", "authors_length_overhead_pct"]] *= 100.0
     return out
 
 
@@ -90,7 +100,9 @@ def headline(traj: pd.DataFrame, summary: pd.DataFrame) -> dict[str, float]:
     out = {"trajectories": float(len(traj)), "accuracy": _mean(base["correct"]),
            "majority_robustness": _mean(s["majority"]), "at_least_once_robustness": _mean(s["at_least_once"]),
            "all_robustness": _mean(s["all"]), "length_overhead_pct": _mean(s["length_overhead_pct"]),
-           "doubt_rate_after": _mean(base["doubt_rate"]), "judge_unparsable": _mean(traj["verdict"] == "unparsable")}
+           "authors_length_overhead_pct": _mean(s["authors_length_overhead_pct"]),
+           "doubt_rate_after": _mean(base["doubt_rate"]), "judge_unparsable": _mean(traj["verdict"] == "unparsable"),
+           "judge_rule_changed": _mean(traj["judge_rule_changed"])}
     if "doubt_rate_before" in s:
         out["doubt_rate_before"] = _mean(s["doubt_rate_before"])
     for category, g in base.groupby("category"):

@@ -62,13 +62,15 @@ def append_after(steps: Steps, cut: Cut, statement: str, **meta: Any) -> Perturb
 
 
 def insert_random_characters(text: str, ratio: float, rng: np.random.Generator) -> tuple[str, list[int]]:
-    """``text`` with round(ratio · len(text)) characters from ALPHABET inserted at random places.
+    """``text`` with characters from ALPHABET inserted at random places, as the authors do: the ratio
+    is clamped to [0, 1] and max(1, round(ratio · len(text))) characters go in (none at ratio 0).
 
     Returns the new text and the positions of the inserted characters in it (sorted).
     """
     if ratio < 0:
         raise ExplabError(f"random-character ratio {ratio!r} is negative: use a ratio ≥ 0 (the paper: 0.5)")
-    count = round(ratio * len(text))
+    ratio = min(float(ratio), 1.0)
+    count = 0 if ratio == 0.0 else max(1, round(ratio * len(text)))
     slots = np.sort(rng.integers(0, len(text) + 1, size=count))  # insertion points in the original
     chars = rng.choice(list(ALPHABET), size=count)
     out, positions, last = [], [], 0
@@ -102,27 +104,45 @@ def perturb_local(name: str, steps: Steps, cut: Cut, *, seed: int, ratio: float 
     raise ExplabError(f"{check_name(name)!r} is not a local intervention: it needs the intervention LLM")
 
 
-def llm_messages(name: str, prompts: Any, question: str, steps: Steps, cut: Cut, topic: str = "") -> list[dict]:
-    """The chat messages asking the intervention LLM for ``name``'s text."""
+def llm_messages(name: str, prompts: Any, question: str, steps: Steps, cut: Cut, topic: str = "",
+                 opening: str = "") -> list[dict]:
+    """The chat messages asking the intervention LLM for ``name``'s text.
+
+    As the authors show it: ``{reasoning_so_far}`` (the steps before the replaced one) and
+    ``{prefix}`` (every kept step) join the steps with single newlines; ``{trace}`` (what
+    rewrite_trace paraphrases) joins them with blank lines. ``question`` should carry the evaluated
+    model's step-by-step instruction (`generation.task_text`).
+    """
     if name not in LLM_INTERVENTIONS:
         raise ExplabError(f"{check_name(name)!r} does not use the intervention LLM")
     prompt = prompts.interventions[name]
-    return prompt.messages(question=question, reasoning_so_far=steps.prefix(cut.index).strip(),
-                           prefix=steps.prefix(cut.count).strip(), topic=topic)
+    kept = steps.steps[: cut.count]
+    return prompt.messages(question=question, reasoning_so_far="\n".join(kept[:-1]), prefix="\n".join(kept),
+                           trace="\n\n".join(kept), topic=topic, opening=opening)
+
+
+def rejoin_paraphrase(text: str) -> str:
+    """A paraphrase as the authors place it: split at "\n\n", steps stripped, empty ones dropped,
+    joined with blank lines (so the evaluated model sees paragraphs whatever the LLM wrote)."""
+    return "\n\n".join(part.strip() for part in text.split("\n\n") if part.strip())
 
 
 def choose_topic(topics: tuple[str, ...] | list[str], seed: int) -> str:
     return topics[int(np.random.default_rng(seed).integers(len(topics)))]
 
 
-def apply_llm(name: str, steps: Steps, cut: Cut, output: str, **meta: Any) -> Perturbation:
-    """Place the intervention LLM's ``output`` (stripped) the way ``name`` says."""
+def apply_llm(name: str, steps: Steps, cut: Cut, output: str, *, opening: str = "", **meta: Any) -> Perturbation:
+    """Place the intervention LLM's ``output`` (stripped) the way ``name`` says. For ``unrelated``,
+    ``opening`` is the text the LLM's reply was seeded with (its assistant prefix) and goes first."""
     text = output.strip()
+    if name == "unrelated" and opening:
+        text = opening + ("" if opening.endswith((" ", "\n")) or not text else " ") + text
     if name in ("complete_step", "wrong_reasoning", "unrelated"):
         return replace_last(steps, cut, text, **meta)
     if name == "wrong_fact":
         return append_after(steps, cut, text, **meta)
     if name == "rewrite_trace":
+        text = rejoin_paraphrase(text)
         return Perturbation(steps.lead + text, text, "rewrite", None, meta)
     raise ExplabError(f"{check_name(name)!r} does not use the intervention LLM")
 

@@ -1,15 +1,25 @@
-"""Reasoning traces: the think block, steps split at blank lines, normalized timesteps, the cut at τ.
+"""Reasoning traces: the think block, steps, normalized timesteps, the cut at τ.
+
+Two segmentations (``SEGMENTATIONS``): ``authors`` (the default) splits at every two-character
+string "\n\n" exactly as the authors' code does, so "\n\n\n" leaves a step that starts with a
+newline, "\n\n\n\n" an empty step, and spaces before a blank line stay in their step;
+``blank_lines`` treats a run of blank lines (with spaces, tabs or ``\r\n``) as one separator.
 
 Everything here is pure and byte-exact: ``Reasoning.head + body + tail`` is the model's output and
-``Steps.text()`` is the body it was split from, whatever its line endings or blank lines.
+``Steps.text()`` is the body it was split from, under either segmentation.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from explab.errors import ExplabError
+
+Segmentation = Literal["authors", "blank_lines"]
+SEGMENTATIONS: tuple[str, ...] = ("authors", "blank_lines")
+AUTHORS_SEP = "\n\n"
 
 OPEN_TAGS = ("<think>", "<thought>")
 CLOSE_TAGS = ("</think>", "</thought>")
@@ -61,9 +71,10 @@ def final_answer(output: str) -> str:
 class Steps:
     """A reasoning body as steps: ``lead + steps[0] + seps[0] + steps[1] + seps[1] + …``.
 
-    Steps hold text (never whitespace only); ``seps[i]`` is the blank-line run after step ``i``
-    (the trailing whitespace for the last step, possibly ``""``); ``lead`` is whitespace before the
-    first step that holds a blank line or stands alone.
+    ``seps[i]`` is the separator after step ``i`` (``""`` or trailing whitespace for the last).
+    Under ``blank_lines`` a step always holds text, ``seps[i]`` is the blank-line run after it and
+    ``lead`` the whitespace before the first step; under ``authors`` ``lead`` is ``""``, every
+    separator is "\n\n" (the last ``""``), and a step may be empty or start with newlines.
     """
 
     lead: str
@@ -90,8 +101,18 @@ class Steps:
         return self.seps[index] if index < len(self.steps) - 1 else default
 
 
-def split_steps(body: str) -> Steps:
-    """Split a reasoning body into steps at blank lines (a run of them is one separator)."""
+def split_steps(body: str, segmentation: Segmentation = "authors") -> Steps:
+    """Split a reasoning body into steps: ``authors`` (default) at every "\n\n", as the authors'
+    ``str.split("\n\n")``; ``blank_lines`` at blank lines (a run of them is one separator)."""
+    if segmentation == "authors":
+        parts = body.split(AUTHORS_SEP)
+        return Steps("", tuple(parts), (AUTHORS_SEP,) * (len(parts) - 1) + ("",))
+    if segmentation != "blank_lines":
+        raise ExplabError(f"unknown segmentation {segmentation!r}: use one of {', '.join(SEGMENTATIONS)}")
+    return _split_blank_lines(body)
+
+
+def _split_blank_lines(body: str) -> Steps:
     parts = _BLANK_RUN.split(body)
     seps_found = _BLANK_RUN.findall(body)
     lead, steps, seps = "", [], []
@@ -117,7 +138,8 @@ def split_steps(body: str) -> Steps:
 
 
 def timesteps(steps: Steps) -> list[float]:
-    """Normalized timestep of each step: characters of the steps through it / characters of all steps."""
+    """Normalized timestep of each step: characters of the steps through it / characters of all steps
+    (separators not counted; under ``authors`` a step's leading newlines and spaces are counted)."""
     lengths = [len(s) for s in steps.steps]
     total = sum(lengths)
     if total == 0:

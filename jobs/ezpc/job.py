@@ -96,7 +96,9 @@ class EvalConfig(Section):
 
 
 class Config(JobConfig):
-    backbones: list[EncoderSpec] = Field(default_factory=lambda: [EncoderSpec(name="open_clip:RN50/openai")])
+    # fp16 CLIP embeddings, as the authors run CLIP on a GPU (give dtype: float32 for a CPU run)
+    backbones: list[EncoderSpec] = Field(default_factory=lambda: [EncoderSpec(name="open_clip:RN50/openai",
+                                                                              dtype="float16")])
     datasets: list[DatasetConfig] = Field(default_factory=lambda: [DatasetConfig(
         name="CIFAR-100", spec="hf:uoft-cs/cifar100", image_column="img", label_column="fine_label",
         concepts=["cifar100", "imagenet"])])
@@ -407,7 +409,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
 
 
 SUMMARY_KEYS = ("acc_clip", "acc_ezpc", "retained", "agreement", "acc_ezpc_init", "retained_init", "agreement_init",
-                "spearman", "kl", "hm_clip", "hm_ezpc", "cos_A_C", "faith_topk_flip", "faith_random_flip",
+                "spearman", "kendall", "kl", "hm_clip", "hm_ezpc", "cos_A_C", "faith_topk_flip", "faith_random_flip",
                 "faith_topk_drop", "faith_random_drop", "n_concepts")
 
 

@@ -44,6 +44,16 @@ def spearman(z_a: np.ndarray, z_b: np.ndarray) -> float:
     return float(((ra * rb).sum(axis=1) / den).mean())
 
 
+def kendall(z_a: np.ndarray, z_b: np.ndarray) -> float:
+    """Mean over rows of Kendall's τ-b between the class rankings (beside Spearman, as the authors)."""
+    from scipy.stats import kendalltau
+
+    if len(z_a) == 0 or z_a.shape[1] < 2:
+        return float("nan")
+    taus = [kendalltau(a, b).statistic for a, b in zip(np.asarray(z_a), np.asarray(z_b), strict=True)]
+    return float(np.nanmean(taus))
+
+
 def column_alignment(A: np.ndarray, C: np.ndarray) -> np.ndarray:
     """cos(A_j, C_j) per concept (A's columns vs the concept embeddings, both unit norm)."""
     num = (A * C.T).sum(axis=0)
@@ -72,6 +82,7 @@ def zero_shot(z_clip: np.ndarray, z_ezpc: np.ndarray, y: np.ndarray, classes: np
         "retained": acc_ezpc / acc_clip if acc_clip > 0 else float("nan"),
         "agreement": agreement(z_clip, z_ezpc),
         "spearman": spearman(z_clip, z_ezpc),
+        "kendall": kendall(z_clip, z_ezpc),
         "kl": kl(z_clip, z_ezpc, scale),
     }
 

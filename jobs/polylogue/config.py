@@ -70,7 +70,11 @@ class JudgeSection(Section):
     coherence: float | None = Field(50.0, ge=0.0, le=100.0)  # None: coherence is not judged
     max_tokens: int = Field(8, ge=1)
     batch_size: int = Field(64, ge=1)
-    min_pairs: int = Field(1, ge=1)  # fewer kept pairs for a trait is an error
+    min_pairs: int = Field(1, ge=1)  # a trait with fewer kept pairs is skipped with a warning (all: an error)
+    # first_number: the first number of the greedy reply; weighted: the persona-vectors score, the
+    # probability-weighted mean over the 0-100 number tokens of the judge's next token (a HookedModel)
+    score: Literal["first_number", "weighted"] = "first_number"
+    min_mass: float = Field(0.25, ge=0.0, le=1.0)  # weighted: less probability on numbers → no score
 
 
 class DataSection(Section):

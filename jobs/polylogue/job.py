@@ -46,8 +46,9 @@ def random_directions(rng: np.random.Generator, draws: int, k: int, d: int) -> n
 def polylogue_and_probes(config: Config, ctx: RunContext, entry: ModelEntry, questions: list[dict[str, Any]],
                          vectors: dict[str, np.ndarray], generator: Any, hooked: Any,
                          store: dict[str, Any]) -> dict[str, float]:
-    """Steps 2 and 3 for one model: the polylogue of every question's response, then the probes."""
-    traits, tag = config.persona.traits, entry.tag
+    """Steps 2 and 3 for one model: the polylogue of every question's response, then the probes
+    (over the traits that have a vector: a trait the judge left too thin was skipped)."""
+    traits, tag = [t for t in config.persona.traits if t in vectors], entry.tag
     d = next(iter(vectors.values())).shape[1]
     per_layer = {layer: np.stack([vectors[t][layer] for t in traits]) for layer in entry.layers}
     rdirs = random_directions(ctx.rng, config.probe.random_draws, len(traits), d)
@@ -57,6 +58,7 @@ def polylogue_and_probes(config: Config, ctx: RunContext, entry: ModelEntry, que
     store["responses"].append(frame.drop(columns=[c for c in frame.columns if c.startswith(ARRAY_COLUMNS)])
                               .assign(model=tag))
     store["frames"][tag] = frame
+    store["traits"][tag] = traits
     store["plot_layers"][tag] = entry.layers[0]
 
     probe, coef = evaluate(frame, traits, entry.layers, config.probe, ctx.seed, config.probe.random_draws)
@@ -84,8 +86,9 @@ def run_model(config: Config, ctx: RunContext, entry: ModelEntry, index: int, qu
     else:
         judge = None
         if config.judge.enabled:
-            judge = ctx.model(config.judge.model or entry.spec, "generator",
-                              config.judge.server if config.judge.model else entry.generator)
+            kind = "hooked" if config.judge.score == "weighted" else "generator"  # weighted: next-token logits
+            own = entry.hooked if kind == "hooked" else entry.generator
+            judge = ctx.model(config.judge.model or entry.spec, kind, config.judge.server if config.judge.model else own)
         vectors, responses = extract(generator=generator, judge=judge, hooked=hooked, n_layers=n_layers,
                                      section=config.persona, judge_cfg=config.judge, seed=ctx.seed + index,
                                      system_in_user=entry.system_in_user)
@@ -98,14 +101,14 @@ def run_model(config: Config, ctx: RunContext, entry: ModelEntry, index: int, qu
          for i in range(n_layers)]))
 
     # 2-3. the polylogue and the correctness probes
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"traits_skipped": float(len(traits) - len(vectors))}
     if config.polylogue.enabled:
         metrics |= polylogue_and_probes(config, ctx, entry, questions, vectors, generator, hooked, store)
 
     # 4. paragraph-conditioned steering
-    if config.steering.enabled:
+    if config.steering.enabled and any(t in vectors for t in config.steering_traits()):
         layer = config.steering.layer if config.steering.layer is not None else entry.layers[0]
-        steer_traits = config.steering_traits()
+        steer_traits = [t for t in config.steering_traits() if t in vectors]  # skipped traits stay out
         per_trait = {t: vectors[t][layer] for t in steer_traits}
         answers, summary = run_steering(questions, hooked=hooked, vectors=per_trait, layer=layer,
                                         traits=steer_traits, alphas=config.steering_alphas(), cfg=config.steering,
@@ -125,7 +128,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
                                config.data.categories, config.data.options)
     store: dict[str, Any] = {k: [] for k in ("persona_responses", "persona_layers", "polylogue", "responses",
                                              "probe", "coef", "steering", "steering_responses")}
-    store |= {"vectors": {}, "frames": {}, "plot_layers": {}}
+    store |= {"vectors": {}, "frames": {}, "plot_layers": {}, "traits": {}}
     per_model = {}
     for index, entry in enumerate(config.models):
         per_model[entry.tag] = run_model(config, ctx, entry, index, questions, store)
@@ -138,7 +141,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
             ctx.save_table(name, plain_frame(pd.concat(store[key], ignore_index=True)))
     if store["frames"]:
         ctx.save_plot("polylogue_examples", plots.polylogue_examples(
-            store["frames"], config.persona.traits, store["plot_layers"], config.polylogue.examples, ctx.seed))
+            store["frames"], store["traits"], store["plot_layers"], config.polylogue.examples, ctx.seed))
         ctx.save_plot("probe_auroc", plots.probe_bars(pd.concat(store["probe"], ignore_index=True)))
     if store["steering"]:
         ctx.save_plot("steering_accuracy", plots.steering_curves(pd.concat(store["steering"], ignore_index=True)))

@@ -11,6 +11,7 @@ same under the negative prompts.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,7 @@ def extract(*, generator: Any, judge: Any | None, hooked: Any, n_layers: int, se
     """Generate, judge, filter and average: returns (trait -> (n_layers, d) vector, responses table)."""
     import ray.data
 
-    from jobs.polylogue.judge import judge_batch, keep_pairs
+    from jobs.polylogue.judge import judge_batch, keep_pairs, number_tokens
 
     rows = extraction_rows(section.traits, section.n_instructions, section.n_questions, section.samples, seed)
     params = {"temperature": section.temperature, "top_p": section.top_p, "max_tokens": section.max_tokens}
@@ -178,22 +179,40 @@ def extract(*, generator: Any, judge: Any | None, hooked: Any, n_layers: int, se
                                                fn_kwargs={"generator": generator, "params": params,
                                                           "system_in_user": system_in_user})
     if judge is not None:
+        numbers = number_tokens(judge) if judge_cfg.score == "weighted" else None
         ds = ds.map_batches(judge_batch, batch_size=judge_cfg.batch_size, batch_format="pandas",
                             fn_kwargs={"judge": judge, "max_tokens": judge_cfg.max_tokens,
-                                       "coherence": judge_cfg.coherence is not None})
+                                       "coherence": judge_cfg.coherence is not None, "numbers": numbers,
+                                       "min_mass": judge_cfg.min_mass})
     frame = ds.to_pandas().sort_values(["trait", "pair", "question_index", "sample", "polarity"]).reset_index(drop=True)
     if judge is None:
         frame["trait_score"] = np.nan
         frame["coherence"] = np.nan
+    traits = list(section.traits)
     if judge is not None and judge_cfg.filter:
         frame["kept"] = keep_pairs(frame, judge_cfg.threshold, judge_cfg.coherence)
-        for trait in section.traits:
-            pairs = int(frame[(frame.trait == trait) & (frame.polarity == "pos")]["kept"].sum())
-            if pairs < judge_cfg.min_pairs:
-                raise ExplabError(f"trait {trait!r}: the judge kept {pairs} contrastive pairs (< judge.min_pairs="
-                                  f"{judge_cfg.min_pairs}): lower judge.threshold, add samples, or set judge.filter: false")
+        skipped = skip_thin_traits(frame, traits, judge_cfg.min_pairs)
+        traits = [t for t in traits if t not in skipped]
     else:
         frame["kept"] = True
     frame["kept"] &= frame["n_tokens"] > 0
     means = mean_activations(frame[frame.kept], hooked, n_layers, section.batch_size)
-    return persona_vectors(means, section.traits), frame
+    return persona_vectors(means, traits), frame
+
+
+def skip_thin_traits(frame: pd.DataFrame, traits: list[str], min_pairs: int) -> list[str]:
+    """The traits whose judge kept fewer than ``min_pairs`` contrastive pairs: each is skipped with a
+    warning (its rows un-kept in ``frame``, in place) so the other traits go on; if every trait is
+    that thin, one ExplabError."""
+    skipped = []
+    for trait in traits:
+        pairs = int(frame[(frame.trait == trait) & (frame.polarity == "pos")]["kept"].sum())
+        if pairs < min_pairs:
+            skipped.append(trait)
+            frame.loc[frame.trait == trait, "kept"] = False
+            warnings.warn(f"trait {trait!r}: the judge kept {pairs} contrastive pairs (< judge.min_pairs={min_pairs}): "
+                          "skipped; lower judge.threshold or add samples to keep it", stacklevel=2)
+    if skipped and len(skipped) == len(traits):
+        raise ExplabError(f"every trait has fewer than judge.min_pairs={min_pairs} kept contrastive pairs: "
+                          "lower judge.threshold, add samples, or set judge.filter: false")
+    return skipped

@@ -17,15 +17,16 @@ def _plt() -> Any:
     return plt
 
 
-def polylogue_examples(frames: dict[str, pd.DataFrame], traits: list[str], layers: dict[str, int],
+def polylogue_examples(frames: dict[str, pd.DataFrame], traits: dict[str, list[str]], layers: dict[str, int],
                        n_examples: int, seed: int) -> Any:
-    """Cosine series of a few correct (green) and incorrect (red) responses; rows: models, cols: traits."""
+    """Cosine series of a few correct (green) and incorrect (red) responses; rows: models, cols: the
+    traits of each model (``traits[model]``, in the order of its frame's cosine columns)."""
     plt = _plt()
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(frames), len(traits), figsize=(3.2 * len(traits), 2.6 * len(frames)),
-                             squeeze=False, sharex="row")
+    cols = max(len(t) for t in traits.values())
+    fig, axes = plt.subplots(len(frames), cols, figsize=(3.2 * cols, 2.6 * len(frames)), squeeze=False, sharex="row")
     for row, (model, frame) in enumerate(frames.items()):
-        layer, k = layers[model], len(traits)
+        layer, k = layers[model], len(traits[model])
         for correct, color in ((True, "tab:green"), (False, "tab:red")):
             pool = np.flatnonzero((frame["correct"] == correct).to_numpy() & (frame["n_tokens"] > 0).to_numpy())
             picks = rng.choice(pool, size=min(n_examples, len(pool)), replace=False) if len(pool) else []
@@ -34,13 +35,13 @@ def polylogue_examples(frames: dict[str, pd.DataFrame], traits: list[str], layer
                 cos = np.asarray(r[f"cos_{layer}"]).reshape(r["n_tokens"], k)
                 para = np.asarray(r["paragraph"])
                 starts = np.flatnonzero(np.diff(para)) + 1
-                for j, ax in enumerate(axes[row]):
+                for j, ax in enumerate(axes[row][:k]):
                     ax.plot(cos[:, j], color=color, alpha=0.7, lw=0.9,
                             label=("correct" if correct else "incorrect") if i == picks[0] else None)
                     for s in starts:
                         ax.axvline(s, color=color, ls=":", lw=0.6, alpha=0.5)
-        for j, ax in enumerate(axes[row]):
-            ax.set_title(f"{model} · {traits[j]} (layer {layer})", fontsize=8)
+        for j, ax in enumerate(axes[row][:k]):
+            ax.set_title(f"{model} · {traits[model][j]} (layer {layer})", fontsize=8)
             ax.set_xlabel("generated token")
             ax.axhline(0.0, color="grey", lw=0.5)
         axes[row][0].set_ylabel("cos(h, v)")

@@ -49,7 +49,7 @@ class AlignConfig(Section):
     unpaired_loss: Literal["klot", "pseudo"] = "klot"  # pseudo: teacher pseudo-pairs + InfoNCE (a baseline)
     pseudo_threshold: float | None = Field(None, ge=-1, le=1)  # pseudo: minimum teacher cosine of a pseudo-pair
     init: Literal["random", "teacher"] = "random"  # teacher: linear f, g start as the teacher's maps (dim = its dim)
-    device: str = "cpu"  # where f, g train: cpu, cuda, auto (cuda when present)
+    device: str = "auto"  # where f, g train: auto (cuda when the process sees a GPU, else cpu), cpu, cuda
 
 
 class Tower(nn.Module):

@@ -31,8 +31,9 @@ class AlignData:
     pairs_y: np.ndarray  # their texts
     unpaired_x: np.ndarray  # images without texts
     unpaired_y: np.ndarray  # texts without images
-    test_x: np.ndarray  # held-out pairs for retrieval
+    test_x: np.ndarray  # held-out pairs for retrieval (with test_groups: one row per image)
     test_y: np.ndarray
+    test_groups: np.ndarray | None = None  # test text j shows image test_groups[j] (None: row i ↔ row i)
     zs_x: np.ndarray | None = None  # images for zero-shot classification
     zs_labels: np.ndarray | None = None
     class_y: np.ndarray | None = None  # one text embedding per class (prompt-averaged)
@@ -131,6 +132,34 @@ def embed_pairs(image_encoder: Any, text_encoder: Any, source: Any, *, options: 
         raise ExplabError(f"paired source {source.data!r} gave {len(x)} images but {len(y)} texts: "
                           "use one dataset whose rows hold both")
     return x, y
+
+
+def embed_grouped(image_encoder: Any, text_encoder: Any, source: Any, *, options: Any,
+                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A paired set with one row per caption (COCO): rows sharing ``source.image_id_column`` show
+    the same image. ``limit`` counts images, drawn by a seeded shuffle of the image ids (not the
+    first rows). Returns (image of each kept row, its caption, the row's image index, one image
+    row per kept image). The whole split is embedded once (cached) to see every caption."""
+    from explab.embeddings import embed
+    from explab.errors import ExplabError
+
+    col = source.image_id_column
+    common = dict(split=source.split, options=options, seed=seed, keep=[col], **source.kwargs)
+    xs = embed(image_encoder, source.data, modality="image", column=source.image_column, **common)
+    ys = embed(text_encoder, source.data, modality="text", column=source.text_column, **common)
+    ids_x, ids_y = xs.frame()[col].to_numpy(), ys.frame()[col].to_numpy()
+    if len(ids_x) != len(ids_y) or not (ids_x == ids_y).all():
+        raise ExplabError(f"paired source {source.data!r}: image and text rows disagree on {col!r}: "
+                          "use one dataset whose rows hold both")
+    unique = list(dict.fromkeys(ids_x.tolist()))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    chosen = [unique[i] for i in order[: source.limit]]
+    index = {v: i for i, v in enumerate(chosen)}
+    rows = np.array([i for i, v in enumerate(ids_x.tolist()) if v in index], dtype=np.int64)
+    groups = np.array([index[v] for v in ids_x[rows].tolist()], dtype=np.int64)
+    first = np.array([rows[np.flatnonzero(groups == g)[0]] for g in range(len(chosen))], dtype=np.int64)
+    x, y = xs.array(), ys.array()
+    return x[rows], y[rows], groups, x[first]
 
 
 def embed_source(encoder: Any, source: Any, modality: str, *, options: Any, seed: int) -> np.ndarray:

@@ -20,10 +20,28 @@ def recall_at(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, fl
     return {k: float((rank < k).mean()) for k in ks}
 
 
-def retrieval(img: np.ndarray, txt: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Image→text and text→image recall@k for matched rows, and the mean R@1 of both directions."""
+def grouped_recall(sim: np.ndarray, groups: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> tuple[dict, dict]:
+    """Recall@k with several texts per image: ``sim`` is (images × texts), text j shows image
+    ``groups[j]``. Image→text: a hit when any of the image's texts ranks in the top k (the rank of
+    its best one); text→image: a hit when its own image ranks in the top k. Ties favour the query."""
+    sim, groups = np.asarray(sim), np.asarray(groups)
+    own = groups[None, :] == np.arange(sim.shape[0])[:, None]  # (images, texts): text j belongs to image i
+    best = np.where(own, sim, -np.inf).max(axis=1)
+    i2t_rank = (np.where(own, -np.inf, sim) > best[:, None]).sum(axis=1)
+    t2i_rank = (sim.T > sim[groups, np.arange(len(groups))][:, None]).sum(axis=1)
+    return ({k: float((i2t_rank < k).mean()) for k in ks}, {k: float((t2i_rank < k).mean()) for k in ks})
+
+
+def retrieval(img: np.ndarray, txt: np.ndarray, ks: tuple[int, ...] = (1, 5, 10),
+              groups: np.ndarray | None = None) -> dict[str, float]:
+    """Image→text and text→image recall@k, and the mean R@1 of both directions. Without ``groups``
+    row i of each matches; with ``groups`` (COCO: 5 captions an image) text j shows image
+    ``groups[j]`` and every caption of an image counts as correct (`grouped_recall`)."""
     sim = normalize(img) @ normalize(txt).T
-    i2t, t2i = recall_at(sim, ks), recall_at(sim.T, ks)
+    if groups is None:
+        i2t, t2i = recall_at(sim, ks), recall_at(sim.T, ks)
+    else:
+        i2t, t2i = grouped_recall(sim, groups, ks)
     out = {f"i2t_r{k}": i2t[k] for k in ks} | {f"t2i_r{k}": t2i[k] for k in ks}
     out["r1"] = 0.5 * (i2t[ks[0]] + t2i[ks[0]])
     return out

@@ -50,6 +50,9 @@ class PairSource(Section):
     split: str = "train"
     image_column: str = "image"
     text_column: str = "caption"  # a list of captions per row: the first is used
+    # rows sharing this column show one image (COCO: one row per caption): `limit` then counts images
+    # drawn by a seeded shuffle, and test retrieval counts every caption of the image as correct
+    image_id_column: str | None = None
     limit: int | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)  # extra load_dataset arguments
 
@@ -114,21 +117,29 @@ class Config(JobConfig):
 def load_data(config: Config, ctx: RunContext) -> AlignData:
     if config.source == "synthetic":
         return make_synthetic(config.synthetic, seed=config.seed)
-    from jobs.sotalign.data import embed_pairs, embed_source, embed_zeroshot
+    from jobs.sotalign.data import embed_grouped, embed_pairs, embed_source, embed_zeroshot
 
     missing = [k for k in ("pairs", "test_pairs", "unpaired_images", "unpaired_texts") if getattr(config, k) is None]
     if missing:
         raise ConfigError(f"source=embeddings needs {', '.join(missing)}: add them to the config "
                           "(see jobs/sotalign/configs/paper.yaml), or set source: synthetic")
     opts = dict(options=config.embedding, seed=config.seed)
-    pairs_x, pairs_y = embed_pairs(config.image_encoder, config.text_encoder, config.pairs, **opts)
+    if config.pairs.image_id_column:
+        pairs_x, pairs_y, _, _ = embed_grouped(config.image_encoder, config.text_encoder, config.pairs, **opts)
+    else:
+        pairs_x, pairs_y = embed_pairs(config.image_encoder, config.text_encoder, config.pairs, **opts)
     order = np.random.default_rng(config.seed).permutation(len(pairs_x))  # N pairs = a seeded, nested prefix
-    test_x, test_y = embed_pairs(config.image_encoder, config.text_encoder, config.test_pairs, **opts)
+    test_groups = None
+    if config.test_pairs.image_id_column:
+        _, test_y, test_groups, test_x = embed_grouped(config.image_encoder, config.text_encoder, config.test_pairs,
+                                                       **opts)
+    else:
+        test_x, test_y = embed_pairs(config.image_encoder, config.text_encoder, config.test_pairs, **opts)
     data = AlignData(
         pairs_x=pairs_x[order], pairs_y=pairs_y[order],
         unpaired_x=embed_source(config.image_encoder, config.unpaired_images, "image", **opts),
         unpaired_y=embed_source(config.text_encoder, config.unpaired_texts, "text", **opts),
-        test_x=test_x, test_y=test_y,
+        test_x=test_x, test_y=test_y, test_groups=test_groups,
     )
     if config.zeroshot is not None:
         data.zs_x, data.zs_labels, data.class_y, data.class_names = embed_zeroshot(
@@ -141,7 +152,7 @@ def load_data(config: Config, ctx: RunContext) -> AlignData:
 
 def _metrics(img: np.ndarray, txt: np.ndarray, data: AlignData, zs_img: np.ndarray | None,
              class_txt: np.ndarray | None) -> dict[str, float]:
-    out = retrieval(img, txt)
+    out = retrieval(img, txt, groups=data.test_groups)
     if zs_img is not None and class_txt is not None and data.zs_labels is not None:
         out["zeroshot"] = zero_shot(zs_img, class_txt, data.zs_labels)
     return out
@@ -155,7 +166,7 @@ class _EpochLog:
 
     def __call__(self, epoch: int, model: Any, losses: dict[str, float]) -> None:
         img, txt = model.embed(self.data.test_x, self.data.test_y)
-        r = retrieval(img, txt)
+        r = retrieval(img, txt, groups=self.data.test_groups)
         self.ctx.log(step=self.step, **self.tags, epoch=epoch, r1=r["r1"], i2t_r1=r["i2t_r1"], t2i_r1=r["t2i_r1"],
                      **losses)
         self.curves.append({**self.tags, "epoch": epoch, "r1": r["r1"], **losses})

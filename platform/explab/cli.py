@@ -54,6 +54,8 @@ def run_cmd(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="override a field: --set a.b=value (repeatable)")] = None,
     runs_dir: RunsDirOpt = None,
     address: AddressOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="check the config and print what it would start; run nothing")] = False,
+    cluster: Annotated[str, typer.Option("--cluster", help="with --dry-run: the cluster.yaml to compare against")] = "cluster.yaml",
 ) -> None:
     """Run a job; the last line printed is the run directory."""
     from explab import runtime
@@ -64,6 +66,8 @@ def run_cmd(
 
     spec = get_job(job)
     cfg = load_config(spec.config, spec.config_path(config), overrides or [])
+    if dry_run:
+        raise typer.Exit(_dry_run(spec, cfg, cluster))
     preflight(cfg)  # unknown tiny: families, missing model directories: before Ray starts
     check_runs_dir(runs_dir)
     info = runtime.init(address)
@@ -74,6 +78,33 @@ def run_cmd(
         out.print(_table(f"{job} result", [{"metric": k, "value": v} for k, v in result.items()]))
     _note_invalid(run_dir)
     print(run_dir, flush=True)
+
+
+def _dry_run(spec: Any, cfg: Any, cluster: str) -> int:
+    """Print the plan of a run (servers, tasks, GPUs, memory, the cluster's node types); 1 on a problem.
+    A job module may add notes with ``dry_plan_notes(config, plan) -> list[str]`` (e.g. its stages)."""
+    import importlib
+
+    from explab.plan import make_plan
+
+    job = spec.name
+    plan = make_plan(job, cfg, cluster if Path(cluster).is_file() or cluster != "cluster.yaml" else None)
+    hook = getattr(importlib.import_module(spec.run.__module__), "dry_plan_notes", None)
+    if hook is not None:
+        plan.notes += hook(cfg, plan)
+    rows = [{"field": n.path, "kind": n.kind, "model": n.model, "gpus": n.gpus,
+             "weights_gb": n.memory_gb} for n in plan.needs]
+    out.print(_table(f"{job}: what the run would start", rows or [{"field": "(no GPU servers or tasks)"}]))
+    if plan.nodes:
+        out.print(_table("cluster node types", [{"type": n.name, "gpus": n.gpus, "max_workers": n.max_workers}
+                                                for n in plan.nodes]))
+    out.print(f"models: {', '.join(plan.models) or 'none'}")
+    out.print(f"GPUs if all at once: {plan.gpus:g}; 16-bit weights: {plan.memory_gb:g} GB")
+    for note in plan.notes:
+        out.print(f"note: {note}")
+    for problem in plan.problems:
+        err.print(f"[red]problem:[/red] {problem}", highlight=False, soft_wrap=True)
+    return 0 if plan.ok else 1
 
 
 def _execute(spec: Any, cfg: Any, runs_dir: str | None) -> tuple[Path, dict]:

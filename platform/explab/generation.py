@@ -17,6 +17,7 @@ class SamplingParams(BaseModel):
 
     temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # sample among the k most likely tokens; 0 = no top-k cut
     max_tokens: int = Field(64, ge=1)
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, lt=2**63)  # torch and vLLM take any 63-bit seed

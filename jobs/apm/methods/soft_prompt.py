@@ -21,6 +21,7 @@ prefix, as in training).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,12 @@ class SoftPromptConfig(Section):
     init_text: str = "Answer in the way this particular user likes best."
     num_gpus: float = Field(0.0, ge=0.0)  # GPUs of the training task
     server: ServerOptions = ServerOptions()  # the HookedModel server that evaluates the prefix
+    # recompute each block's activations in the backward pass instead of keeping them (HF gradient
+    # checkpointing, non-reentrant): the memory a 32B model's training needs, at ~1/3 more compute
+    gradient_checkpointing: bool = False
+    # train the base models one after another, each HookedModel server stopped after its model's
+    # prompts are answered, so one training task and one server hold GPUs at a time
+    sequential: bool = True
 
 
 class SoftPromptModel:
@@ -172,12 +179,14 @@ class SoftPromptModel:
         if not items:
             return prefix.detach(), stats
         stats["accuracy_before"] = self.pair_accuracy(prefix, items)
+        if cfg.gradient_checkpointing:
+            self.enable_checkpointing()
         opt = torch.optim.Adam([prefix], lr=cfg.lr)
         rng = rng_for("soft_prompt", seed)
         losses = []
         for _ in range(cfg.steps):
             batch = [items[i] for i in rng.choice(len(items), size=min(cfg.batch_pairs, len(items)), replace=False)]
-            with torch.enable_grad():
+            with torch.enable_grad(), self._training_mode(cfg.gradient_checkpointing):
                 lp = self.response_logps(prefix, [(p, pos, c) for p, pos, c, _ in batch]
                                          + [(p, pos, r) for p, pos, _, r in batch])
                 lc, lr_ = lp[: len(batch)], lp[len(batch):]
@@ -190,6 +199,27 @@ class SoftPromptModel:
         stats["loss_first"] = losses[0] if losses else float("nan")
         stats["loss_last"] = float(np.mean(losses[-5:])) if losses else float("nan")
         return prefix.detach(), stats
+
+    def enable_checkpointing(self) -> None:
+        """Gradient checkpointing of the decoder blocks (non-reentrant: the frozen weights need no
+        grad, the prefix entering block 0 carries it)."""
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            raise ExplabError(f"soft_prompt.gradient_checkpointing: {type(self.model).__name__} does not support it: "
+                              "set gradient_checkpointing: false")
+        if not self.model.is_gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @contextlib.contextmanager
+    def _training_mode(self, on: bool) -> Any:
+        """HF models checkpoint only in train mode; the base models here have no dropout to switch on."""
+        if not on:
+            yield
+            return
+        self.model.train()
+        try:
+            yield
+        finally:
+            self.model.eval()
 
     def _response_ids(self, text: str, cfg: SoftPromptConfig) -> list[int]:
         ids = list(self.tok(text, add_special_tokens=False)["input_ids"])[: cfg.max_response_tokens]

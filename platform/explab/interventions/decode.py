@@ -55,7 +55,11 @@ def sample_token(logits: Tensor, p: SamplingParams, gen: torch.Generator | None)
     """Pick a token from one row of raw logits (V,) under ``p`` (greedy when temperature is 0)."""
     if p.temperature == 0.0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+    logits = logits.float()
+    if 0 < p.top_k < logits.shape[-1]:  # keep the k most likely tokens (ties at the k-th kept)
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sp, si = probs.sort(descending=True)
         drop = (sp.cumsum(-1) - sp) >= p.top_p  # keep the smallest prefix reaching top_p

@@ -198,6 +198,7 @@ class VLLMBackend:
             n=1 if greedy else params.n,  # vLLM refuses n > 1 with greedy sampling
             temperature=params.temperature,
             top_p=params.top_p,
+            **({"top_k": params.top_k} if params.top_k else {}),  # 0: vLLM's default (no top-k cut)
             max_tokens=params.max_tokens,
             seed=params.seed,
             stop=list(params.stop) or None,
