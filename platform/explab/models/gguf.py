@@ -60,8 +60,9 @@ def gguf_path(spec: ModelSpec) -> Path | None:
         directory = Path(spec.name).expanduser()
         if not directory.is_dir():
             raise ModelError(
-                f"model {spec.name!r} is not a directory, but gguf_file={spec.gguf_file!r} names a file in one: "
-                "give the directory that holds the .gguf file as name, or the file's path without gguf_file"
+                f"model {spec.name!r} is not a directory, but gguf_file={spec.gguf_file!r} names a file "
+                "in one: give the directory that holds the .gguf file as name, "
+                "or the file's path without gguf_file"
             )
         file = directory / spec.gguf_file
     elif spec.name.endswith(".gguf"):
@@ -150,18 +151,23 @@ def _convert_into(file: Path, sha: str, root: Path, target: Path) -> None:
 def _convert(file: Path, out: Path) -> None:
     """Dequantize ``file`` with transformers and save it as a plain float32 checkpoint in ``out``."""
     if importlib.util.find_spec("gguf") is None:
-        raise ModelError(f"loading the GGUF file {str(file)!r} needs the gguf package: pip install gguf accelerate")
+        raise ModelError(
+            f"loading the GGUF file {str(file)!r} needs the gguf package: pip install gguf accelerate"
+        )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         with torch.random.fork_rng(devices=[]):  # random init before the weights load
-            model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                file.parent, gguf_file=file.name, dtype=torch.float32
+            )
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(
-            f"could not read the GGUF file {str(file)!r} ({reason}): give a GGUF causal LM that transformers supports"
+            f"could not read the GGUF file {str(file)!r} ({reason}): "
+            "give a GGUF causal LM that transformers supports"
         ) from err
     # The GGUF quantizer's config makes save_pretrained refuse; the dequantized weights are plain tensors.
     if hasattr(model.config, "quantization_config"):

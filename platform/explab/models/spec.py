@@ -24,7 +24,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(description="HF id, local directory, tiny:<family>, .gguf file, or a packaged short name")
+    name: str = Field(description="HF id, local dir, tiny:<family>, .gguf file, or a packaged short name")
     gguf_file: str | None = Field(default=None, description="the .gguf file inside the directory `name`")
     dtype: Dtype = "auto"
     revision: str | None = None

@@ -135,7 +135,7 @@ class VLLMBackend:
     # ------------------------------------------------------------------ setup
 
     def _model_path(self) -> str:
-        """What vLLM loads: a saved ``tiny:`` preset, a converted GGUF checkpoint, a local directory, or a hub id."""
+        """What vLLM loads: a saved ``tiny:`` preset, a converted GGUF checkpoint, a local dir or a hub id."""
         if self.spec.is_tiny:
             return str(_saved_tiny(self.spec))
         gguf = gguf_path(self.spec)
