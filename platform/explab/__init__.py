@@ -21,7 +21,7 @@ _EXPORTS = {
     # models, encoders and servers
     "ModelSpec": "explab.models", "load_model": "explab.models", "EncoderSpec": "explab.models",
     "load_encoder": "explab.models", "resolve_device": "explab.models", "ServerOptions": "explab.servers",
-    "SamplingParams": "explab.generation", "GenerationRequest": "explab.generation",
+    "SamplingParams": "explab.generation", "GenerationRequest": "explab.servers",
     # data and embeddings
     "load_dataset": "explab.data", "read_rows": "explab.data", "register_synthetic": "explab.data",
     "collect": "explab.data", "plain_frame": "explab.data", "class_label_names": "explab.data",

@@ -1,13 +1,14 @@
-"""Generation request and result types, shared by every server backend and `explab.interventions.decode`
-(plain data, picklable). Below both, so the interventions layer never imports the servers layer;
-`explab.servers` re-exports them.
+"""Decoding settings and sampled completions, shared by `explab.interventions.decode` and every server
+backend (plain data, picklable). Below both, so the interventions layer never imports the servers layer;
+the requests that carry them (`explab.servers.types`) sit with the servers, and `explab.servers`
+re-exports all of them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class SamplingParams(BaseModel):
@@ -32,39 +33,6 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class GenerationRequest(BaseModel):
-    """One prompt: chat ``messages`` (rendered with the model's chat template) or a raw ``prompt``.
-
-    ``assistant_prefix`` is text the assistant turn already starts with; generation continues it
-    (used to resume a perturbed chain of thought). It is not repeated in the result's text.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    messages: list[ChatMessage] | None = None
-    prompt: str | None = None
-    assistant_prefix: str = ""
-    params: SamplingParams = Field(default_factory=SamplingParams)
-    # HookedModel only: spec objects (explab.interventions) or dicts, kept as plain dicts on the wire;
-    # the server's handle validates them where the request is built (see `explab.servers.as_requests`)
-    interventions: list[dict[str, Any]] = Field(default_factory=list)
-
-    @field_validator("interventions", mode="before")
-    @classmethod
-    def _plain(cls, value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [v.model_dump() if isinstance(v, BaseModel) else v for v in value]
-        return value
-
-    @model_validator(mode="after")
-    def _one_input(self) -> GenerationRequest:
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("give exactly one of `messages` (chat) or `prompt` (raw text)")
-        if self.prompt is not None and self.assistant_prefix:
-            raise ValueError("`assistant_prefix` needs chat `messages`; append it to `prompt` instead")
-        return self
-
-
 class Completion(BaseModel):
     """One sampled continuation."""
 
@@ -72,8 +40,3 @@ class Completion(BaseModel):
     token_ids: list[int]
     logprobs: list[float] | None = None
     finish_reason: Literal["stop", "length"]
-
-
-class GenerationResult(BaseModel):
-    prompt_token_ids: list[int]
-    completions: list[Completion]  # len == params.n

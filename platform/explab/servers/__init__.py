@@ -5,11 +5,11 @@ Jobs import from here: the handle and options, the request/result types (defined
 that turn requests into the token ids every backend sees.
 """
 
-from explab.generation import ChatMessage, Completion, GenerationRequest, GenerationResult, SamplingParams
 from explab.servers.handle import ServerHandle, as_requests
 from explab.servers.options import ServerOptions
 from explab.servers.prompts import encode_request, render_prompt
 from explab.servers.registry import get_server, list_servers, server_name, stop_server
+from explab.servers.types import ChatMessage, Completion, GenerationRequest, GenerationResult, SamplingParams
 
 __all__ = [
     "ChatMessage", "Completion", "GenerationRequest", "GenerationResult", "SamplingParams", "ServerHandle",

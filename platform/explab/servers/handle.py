@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from explab.interventions.specs import parse_interventions
 from explab.servers.types import ChatMessage, GenerationRequest, SamplingParams
 
 
@@ -23,8 +22,6 @@ def as_requests(requests: Any, params: SamplingParams | dict | None = None) -> l
             if params is not None and "params" not in item:
                 item = {**item, "params": params}
             item = GenerationRequest.model_validate(item)
-        if item.interventions:  # a bad spec fails here, in one line, not inside the actor
-            parse_interventions(item.interventions)
         out.append(item)
     return out
 
