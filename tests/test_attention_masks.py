@@ -126,3 +126,39 @@ def test_bidirectional_image_span_perturbing_image_token_6(impl: str) -> None:
     c0, c1 = results["causal"]
     torch.testing.assert_close(c1[:6], c0[:6], rtol=0, atol=0)  # causally: neither
     assert (c1[6] - c0[6]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_image_masks_on_a_vlm_are_equal_under_eager_and_sdpa(family: str) -> None:
+    """Bidirectional image attention and a knockout of text queries from image keys, on a tiny VLM."""
+    import numpy as np
+
+    from explab.models import load_model
+
+    loaded = load_model(f"tiny:{family}")
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if family == "qwen2_5_vl" else "<image>"
+    img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    inputs = dict(loaded.processor(images=[img], text=[f"{placeholder}What is it?"], return_tensors="pt"))
+    image = Positions(kind="image")
+    first = int((inputs["input_ids"][0] == loaded.model.config.image_token_id).nonzero()[0])
+    text_after = Positions(kind="span", start=first + 16)
+    cap, cap0 = Capture(point="blocks.1.resid_post"), Capture(point="blocks.0.resid_post")
+    out = {}
+    for impl in IMPLS:
+        loaded.model.set_attn_implementation(impl)
+        for name, specs in [("base", []), ("bidir", [Bidirectional(image=True)]),
+                            ("ko", [Knockout(queries=text_after, keys=image)])]:
+            with torch.no_grad():
+                _, s = run_with_hooks(loaded.model, inputs, [*specs, cap, cap0])
+            out[impl, name] = s.captures[cap.point][0]
+            out[impl, name, 0] = s.captures[cap0.point][0]
+    for name in ("bidir", "ko"):
+        torch.testing.assert_close(out["sdpa", name], out["eager", name], **TOL)
+    base, bi, ko = out["eager", "base", 0], out["eager", "bidir", 0], out["eager", "ko"]
+    # bidirectional, in block 0: image tokens but the last now see later image tokens; nothing else moves
+    assert torch.equal(bi[:first], base[:first]) and torch.equal(bi[first + 15 :], base[first + 15 :])
+    assert ((bi[first : first + 15] - base[first : first + 15]).abs().amax(-1) > 1e-4).all()
+    base = out["eager", "base"]
+    # knockout of text after the image from the image: everything up to the image's end is untouched
+    assert torch.equal(ko[: first + 16], base[: first + 16])
+    assert (ko[first + 16 :] - base[first + 16 :]).abs().amax() > 1e-3

@@ -19,9 +19,15 @@ KINDS = {
     "qwen": "causal_lm",
     "gpt2": "causal_lm",
     "llava": "vlm",
+    "llava_next": "vlm",
+    "qwen2_5_vl": "vlm",
+    "internvl": "vlm",
     "clip": "clip",
     "vae": "vae",
 }
+
+
+VLM_PLACEHOLDERS = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "internvl": "<IMG_CONTEXT>"}
 
 
 def _image(seed: int = 0, size: tuple[int, int] = (40, 48)) -> Image.Image:
@@ -39,10 +45,18 @@ def _forward(loaded: LoadedModel) -> dict[str, torch.Tensor]:
         assert logits.shape == (2, ids["input_ids"].shape[1], len(loaded.tokenizer))
         return {"logits": logits}
     if kind == "vlm":
-        inputs = loaded.processor(images=_image(), text="describe <image> now", return_tensors="pt")
-        image_id = model.config.image_token_index
-        n_patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-        assert (inputs["input_ids"] == image_id).sum() == n_patches
+        placeholder = VLM_PLACEHOLDERS.get(model.config.model_type, "<image>")
+        inputs = loaded.processor(images=_image(), text=f"describe {placeholder} now", return_tensors="pt")
+        image_id = model.config.image_token_id
+        n_image = int((inputs["input_ids"] == image_id).sum())
+        if model.config.model_type == "llava":
+            n_patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+            assert n_image == n_patches
+        else:  # tiles / dynamic resolution: as many image tokens as the tower yields features
+            vision = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+            pooled = model.model.get_image_features(**vision).pooler_output
+            pooled = pooled if isinstance(pooled, (list, tuple)) else [pooled]
+            assert n_image == sum(f.numel() // f.shape[-1] for f in pooled) > 0
         logits = model(**inputs).logits
         assert logits.shape == (*inputs["input_ids"].shape, len(loaded.tokenizer))
         return {"logits": logits}

@@ -525,7 +525,8 @@ class Session:
         width = lay.past + lay.q
         out = torch.full((ids.shape[0], width), -1, dtype=torch.long, device=ids.device)
         if prev is not None and prev.image is not None:
-            out[:, : prev.image.shape[1]] = prev.image[:, :width]
+            n = min(prev.image.shape[1], width)
+            out[:, :n] = prev.image[:, :n]
             ordinal = torch.where(is_img, ordinal + (out.amax(1, keepdim=True) + 1), ordinal)
         keep = is_img & (pos >= 0)
         rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(pos)
