@@ -5,8 +5,9 @@
   socket paths must stay short), shut down when the process exits;
 - ``address`` / ``RAY_ADDRESS`` (``auto``, ``ray://host:10001``, ``host:6379``): connect to it.
 
-Every explab actor lives in the ``explab`` namespace. The embedded Ray binds to 127.0.0.1 (its
-node IP, so the dashboard agent and the Prometheus metrics export listen only there). A cluster
+Every explab actor lives in the ``explab`` namespace. The embedded Ray's dashboard binds to
+127.0.0.1 (Ray 2.60 rewrites a loopback node IP to the machine's address, so its other listeners
+follow the machine's address; see README, Cluster). A cluster
 address is checked (a TCP connection, `CONNECT_TIMEOUT_S`) before Ray is asked to join it, so an
 unreachable one is one line instead of a hang. Once Ray is up, SIGTERM stops a run like Ctrl-C.
 """
@@ -76,7 +77,6 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
         include_dashboard=dashboard,
         dashboard_host=LOCALHOST,
         dashboard_port=_free_port(dashboard_port or int(os.environ.get("EXPLAB_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT))),
-        _node_ip_address=LOCALHOST,  # every listener that follows the node IP stays local (metrics export)
         _temp_dir=str(temp_dir),
         logging_level=logging.WARNING,
         configure_logging=True,
