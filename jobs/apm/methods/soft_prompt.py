@@ -208,6 +208,10 @@ class SoftPromptModel:
                               "set gradient_checkpointing: false")
         if not self.model.is_gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # the block the prefix enters through a pre-hook runs as usual: a checkpointed block replays
+        # its forward without that hook's tensors (torch refuses the mismatch); one block's activations
+        if hasattr(self.module, "gradient_checkpointing"):
+            self.module.gradient_checkpointing = False
 
     @contextlib.contextmanager
     def _training_mode(self, on: bool) -> Any:
