@@ -145,7 +145,8 @@ def bench_mixed(args: argparse.Namespace, loaded, hooked) -> dict:
     g = torch.Generator().manual_seed(3)
     unit = torch.randn(d, generator=g)
     unit = (unit / unit.norm()).tolist()
-    scale = float(loaded.model.get_input_embeddings().weight.float().norm(dim=1).mean())  # a token's norm
+    emb = loaded.model.get_input_embeddings().weight.detach().float()
+    scale = float(emb.norm(dim=1).mean())  # a token embedding's norm
     alphas = [scale * a for a in (-2.0, -1.0, -0.5, -0.25, 0.25, 0.5, 1.0, 2.0)]
     mixed = [(i % n_layers, alphas[i]) for i in range(8)]  # caller i: its own layer and strength
     shared = [(n_layers // 2, alphas[-1])] * 8
