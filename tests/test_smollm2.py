@@ -2,8 +2,8 @@
 
 A broken GGUF conversion, tokenizer/chat template, hook resolution or steering shows here as a wrong
 answer or a missing effect, which the random `tiny:` models cannot show. The tests that need the
-model skip where the package (or `gguf`, which the one-time conversion needs) is absent; `scripts/install.sh` installs both, so CI
-runs them. One HookedModel and one Generator (transformers backend) serve the whole module.
+model skip where the package (or `gguf`, which the one-time conversion needs) is absent; `scripts/install.sh`
+installs both, so CI runs them. One HookedModel and one Generator (transformers backend) serve the whole module.
 """
 
 from __future__ import annotations
