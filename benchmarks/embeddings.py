@@ -3,8 +3,9 @@
 Pipeline: `explab.embeddings.embed` — images streamed through a Ray Data ``map_batches`` actor
 pool (one actor, started by the call), vectors written as Parquet shards to a fresh cache entry.
 Baseline: the same `Encoder` (preprocessing + ``encode_image``) loaded and called on the same
-batches in this process, vectors kept in memory. Both timings include loading the encoder. Both use the same number of torch threads. The encoder is open_clip's ViT-B/32
-with random weights (no download), so the model dominates as it does with real weights.
+batches in this process, vectors kept in memory. Both timings include loading the encoder. Both use the same
+number of torch threads. The encoder is open_clip's ViT-B/32 with random weights (no download), so the model
+dominates as it does with real weights.
 Target: ratio >= 0.8.
 
     python benchmarks/embeddings.py [--images 256 --batch 64 --layers 12 --width 768]
@@ -63,7 +64,8 @@ def main() -> None:
     runtime.shutdown()
 
     out = {
-        "image_tower": f"ViT {args.layers}x{args.width}, patch 32, 224 px", "images": args.images, "batch": args.batch, "torch_threads": threads,
+        "image_tower": f"ViT {args.layers}x{args.width}, patch 32, 224 px", "images": args.images, "batch": args.batch,
+        "torch_threads": threads,
         "bare_images_per_s": round(args.images / bare_s, 2),
         "pipeline_images_per_s": round(args.images / pipe_s, 2),
         "bare_s": round(bare_s, 2), "pipeline_s": round(pipe_s, 2),

@@ -87,7 +87,8 @@ def bench_capture(args: argparse.Namespace, loaded, hooked) -> dict:
     bare(), served()  # warm up both
     t_bare = min(bare() for _ in range(args.repeats))
     t_served = min(served() for _ in range(args.repeats))
-    return {"bare_seq_per_s": len(texts) / t_bare, "server_seq_per_s": len(texts) / t_served, "ratio": t_bare / t_served}
+    return {"bare_seq_per_s": len(texts) / t_bare, "server_seq_per_s": len(texts) / t_served,
+            "ratio": t_bare / t_served}
 
 
 def bench_generate(args: argparse.Namespace, loaded, generator) -> dict:

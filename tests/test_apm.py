@@ -47,7 +47,8 @@ def test_mapping_is_a_deterministic_balanced_function_of_the_seed():
     vocab = load_vocab(*VOCAB_FILES)
     w1, w2 = build_world(vocab, 3, 10, 2), build_world(vocab, 3, 10, 2)
     assert np.array_equal(w1.C, w2.C) and w1.users == w2.users
-    assert any(u.preferences != v.preferences for u, v in zip(w1.users, build_world(vocab, 4, 10, 2).users, strict=True))
+    assert any(u.preferences != v.preferences
+               for u, v in zip(w1.users, build_world(vocab, 4, 10, 2).users, strict=True))
     for u in w1.users:  # w = sign(sum of the user's attribute rows)
         assert u.preferences == tuple(np.sign(w1.C[list(u.attributes)].sum(axis=0)))
         assert any(u.preferences)
@@ -102,7 +103,8 @@ def scripted_runs(tmp_path_factory, ray_local):
     job = get_job("apm")
     out = {}
     for shuffle in (False, True):
-        run_dir, result = execute(job, scripted_config(f"benchmark.shuffle_histories={shuffle}"), tmp_path_factory.mktemp("apm"))
+        run_dir, result = execute(job, scripted_config(f"benchmark.shuffle_histories={shuffle}"),
+                                  tmp_path_factory.mktemp("apm"))
         out[shuffle] = (pd.read_parquet(run_dir / "tables" / "scores.parquet"), result, run_dir)
     return out
 
@@ -127,7 +129,8 @@ def test_routing_and_rag_beat_the_baseline_and_the_oracle_beats_all(scripted_run
     vocab = load_vocab(*VOCAB_FILES)
     import json
 
-    assert json.loads(private[1].read_text())["C"] == draw_mapping(1, len(vocab.attributes), len(vocab.principles)).tolist()
+    assert json.loads(private[1].read_text())["C"] == draw_mapping(
+        1, len(vocab.attributes), len(vocab.principles)).tolist()
     for table in (run_dir / "tables").glob("*.parquet"):
         assert "C" not in pd.read_parquet(table).columns and "attributes" not in pd.read_parquet(table).columns
 
@@ -202,7 +205,8 @@ def test_score_aggregation_on_hand_made_scores():
     half = 12.706204736174696 * np.std([base0, base1], ddof=1) / np.sqrt(2)  # t(0.975, df=1)
     assert summary.loc["baseline", "mean"] == pytest.approx((base0 + base1) / 2)
     assert summary.loc["baseline", "ci_high"] - summary.loc["baseline", "mean"] == pytest.approx(half)
-    assert summary.loc["x", "ci_low"] == pytest.approx(x0) and summary.loc["x", "delta"] == pytest.approx(x0 - (base0 + base1) / 2)
+    assert summary.loc["x", "ci_low"] == pytest.approx(x0) and summary.loc["x", "delta"] == pytest.approx(
+        x0 - (base0 + base1) / 2)
     # win rate per prompt: x wins (0,u0,0), (0,u0,1), (0,u1,0), (1,u0,0), (1,u1,0); ties (1,u0,1)
     assert summary.loc["x", "win_rate"] == pytest.approx(5.5 / 6)
     assert summary.loc["baseline", "win_rate"] == pytest.approx(0.5)
@@ -315,7 +319,8 @@ def test_tiny_config_runs_end_to_end(tmp_path, ray_local):
     assert set(scores["method"]) == set(ALL_METHODS) and set(scores["model"]) == {"tiny-llama", "tiny-qwen"}
     assert set(scores["seed"]) == {0, 1} and scores["score"].between(0, 1).all()
     summary = pd.read_parquet(run_dir / "tables" / "summary.parquet")
-    assert len(summary) == len(ALL_METHODS) * 2 and {"mean", "ci_low", "ci_high", "p_seeds", "win_rate"} <= set(summary.columns)
+    assert len(summary) == len(ALL_METHODS) * 2 and {
+        "mean", "ci_low", "ci_high", "p_seeds", "win_rate"} <= set(summary.columns)
     for plot in ("scores_method_model", "win_rate_method_model"):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
     info = pd.read_parquet(run_dir / "tables" / "method_info.parquet")

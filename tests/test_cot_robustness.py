@@ -551,7 +551,8 @@ def test_greedy_continuation_of_the_unperturbed_prefix_reproduces_the_reference(
             assert r["continuation"] == output[len(prefix):]  # it goes on exactly where the prefix stops
             assert r["complete_output"] == output and r["length_change"] == 0.0
         result = generator.generate([continuation_request(model, row["question"], "<think>\n" + prefix, cont, 0)])[0]
-        assert result.prompt_token_ids[-cut - 3:] == tok("<think>\n" + prefix, add_special_tokens=False)["input_ids"][-cut - 3:]
+        assert result.prompt_token_ids[-cut - 3:] == tok(
+            "<think>\n" + prefix, add_special_tokens=False)["input_ids"][-cut - 3:]
         assert result.completions[0].token_ids == ref_ids[cut:]
     # a one-character change to the prefix changes what follows
     cont = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": T - k, "seed": None}

@@ -127,7 +127,8 @@ def test_hf_vision_encoder_cls_and_mean_pooling(tmp_path):
     config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                           image_size=32, patch_size=8)
     Dinov2Model(config).save_pretrained(tmp_path / "dino")
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dino")
+    BitImageProcessor(size={"shortest_edge": 32},
+                      crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dino")
     images = _images(5, seed=2)
     model = AutoModel.from_pretrained(tmp_path / "dino").eval()
     processor = AutoImageProcessor.from_pretrained(tmp_path / "dino")
@@ -171,7 +172,8 @@ def test_imagefolder_labels_and_load_embeddings(tmp_path, clip):
     for label in ("cat", "dog"):
         (tmp_path / "imgs" / label).mkdir(parents=True)
         for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / label / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / label / f"{i}.png")
     out = embed("tiny:clip", f"imagefolder:{tmp_path / 'imgs'}", modality="image", keep=["label", "path"],
                 options=LOCAL, cache_dir=tmp_path / "c")
     frame = load_embeddings(out.path, as_frame=True)

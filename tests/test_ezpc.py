@@ -56,7 +56,8 @@ def test_the_bottleneck_agrees_with_clip_where_the_vocabulary_spans_the_classes(
     trained = metrics.agreement(clip, explain.logits(V_test, A, T))
     assert trained > 0.95, (init, trained)  # on held-out images
     assert init < 0.85  # the untrained bottleneck A = Cᵀ does not: the KL term did it
-    assert metrics.accuracy(explain.logits(V_test, A, T), spanning["y_test"]) > 0.9 * metrics.accuracy(clip, spanning["y_test"])
+    assert metrics.accuracy(explain.logits(V_test, A, T), spanning["y_test"]) > 0.9 * metrics.accuracy(
+        clip, spanning["y_test"])
 
 
 def test_a_vocabulary_too_small_to_span_the_classes_cannot_agree():
@@ -123,7 +124,8 @@ def test_transfer_keeps_clip_on_new_images_of_spanned_classes_and_not_on_unspann
              "far classes": (V_far, y_far, T_far)}
     rows = {r["target"]: r for r in metrics.transfer({"source": A}, tests)}
     assert rows["source"]["in_domain"] and not rows["new images"]["in_domain"]
-    in_domain = metrics.zero_shot(spanning["V_test"] @ T.T, explain.logits(spanning["V_test"], A, T), spanning["y_test"])
+    in_domain = metrics.zero_shot(spanning["V_test"] @ T.T, explain.logits(spanning["V_test"], A, T),
+                                  spanning["y_test"])
     assert rows["source"]["agreement"] == in_domain["agreement"]  # the diagonal is the in-domain evaluation
     assert rows["new images"]["agreement"] > 0.95
     assert rows["far classes"]["agreement"] < 0.8 and rows["far classes"]["acc_clip"] > 0.9  # CLIP itself can
@@ -135,7 +137,8 @@ def test_concept_files_class_names_and_llm_answers():
     assert len(set(c.lower() for c in shapes)) == len(shapes)
     assert vocab.subset(shapes, 10, 1) == vocab.subset(shapes, 10, 1) != vocab.subset(shapes, 10, 2)
     assert len(vocab.subset(shapes, 10, 1)) == 10 and vocab.subset(shapes, None, 1) == shapes
-    answer = "Here are some features:\n1. Long curved beak\n- webbed feet\n* a very long description that goes on and on\n\nWings"
+    answer = ("Here are some features:\n1. Long curved beak\n- webbed feet\n"
+              "* a very long description that goes on and on\n\nWings")
     assert vocab.parse_listing(answer, max_chars=30, max_words=5) == ["long curved beak", "webbed feet", "wings"]
     assert vocab.clean_class_name("001.Black_footed_Albatross") == "Black footed Albatross"
     assert vocab.clean_class_name("/a/apartment_building/outdoor") == "apartment building outdoor"
@@ -225,7 +228,8 @@ def test_two_datasets_give_a_transfer_table_and_plot(monkeypatch, tmp_path, ray_
 
     monkeypatch.delenv("EXPLAB_CACHE", raising=False)
     job = get_job("ezpc")
-    config = load_config(job.config, job.config_path("tiny"), ["train.epochs=300", "eval.explain_images=0", "eval.explanations_table=8",
+    config = load_config(job.config, job.config_path("tiny"), ["train.epochs=300", "eval.explain_images=0",
+                                       "eval.explanations_table=8",
                                        "datasets=[{name: shapes, spec: 'synthetic:ezpc_shapes', concepts: [shapes], "
                                        "kwargs: {n: 120}}, {name: bright, spec: 'synthetic:ezpc_shapes', "
                                        "concepts: [shapes], kwargs: {n: 120, colours: [purple, orange, white], "

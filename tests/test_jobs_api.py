@@ -37,7 +37,8 @@ def test_run_entrypoint_is_explab_run_with_the_same_args():
                                        "--runs-dir", "/data/runs"]
     assert metadata["explab_job"] == "quickstart"
     # a config file is passed relative to the project root, which is the job's working dir there
-    entrypoint, _ = jobs_api.build_run_entrypoint("quickstart", str(ROOT / "jobs/quickstart/configs/tiny.yaml"), root=ROOT)
+    entrypoint, _ = jobs_api.build_run_entrypoint("quickstart", str(ROOT / "jobs/quickstart/configs/tiny.yaml"),
+                                                  root=ROOT)
     assert shlex.split(entrypoint)[5:7] == ["-c", "jobs/quickstart/configs/tiny.yaml"]
 
 
@@ -141,7 +142,8 @@ def test_failing_run_is_a_failed_job(head_jobs):
 def test_submitted_sweep_succeeds(head_jobs):
     if "sweep" not in head_jobs.ids:
         pytest.skip("no jobs/quadratic/sweep.yaml")
-    assert head_jobs.status["sweep"] == "SUCCEEDED", head_jobs.head.client().get_job_logs(head_jobs.ids["sweep"])[-3000:]
+    assert head_jobs.status["sweep"] == "SUCCEEDED", head_jobs.head.client().get_job_logs(
+        head_jobs.ids["sweep"])[-3000:]
     sweeps = list((head_jobs.runs_dir / "sweeps" / "quadratic").iterdir())
     assert len(sweeps) == 1 and (sweeps[0] / "best.json").is_file()
 

@@ -106,7 +106,8 @@ def test_jobs_import_only_public_platform_names():
             inner = node.module.count(".") > 1 or (node.module.count(".") == 1 and _part(node.module) not in LAYERS)
             private = [a.name for a in node.names if a.name.startswith("_")]
             if inner or private:
-                bad.append(f"{path.relative_to(ROOT)}: from {node.module} import {', '.join(a.name for a in node.names)}")
+                bad.append(f"{path.relative_to(ROOT)}: from {node.module} import "
+                           f"{', '.join(a.name for a in node.names)}")
     assert not bad, "\n".join(bad)
 
 

@@ -90,7 +90,8 @@ def test_judge_filter_keeps_only_clear_contrasts():
                          "trait_score": score, "coherence": coh})
     kept = keep_pairs(pd.DataFrame(rows), threshold=50, coherence=50)
     assert kept.tolist() == [True, True] + [False] * 8
-    assert keep_pairs(pd.DataFrame(rows), threshold=50, coherence=None).tolist() == [True, True] + [False] * 4 + [True, True] + [False] * 2
+    assert keep_pairs(pd.DataFrame(rows), threshold=50, coherence=None).tolist() == (
+        [True, True] + [False] * 4 + [True, True] + [False] * 2)
 
 
 def test_a_thin_trait_is_skipped_with_a_warning_and_the_others_go_on():
@@ -160,7 +161,8 @@ def test_polylogue_equals_cosines_computed_from_output_hidden_states(servers, ti
     assert len(table) == frame.n_tokens.sum() * len(layers) * len(traits) > 0
     tok = tiny.tokenizer
     for row in frame.itertuples():
-        prompt = encode_request(tok, GenerationRequest(messages=[{"role": "user", "content": question_prompt(qs[row.position])}]))
+        prompt = encode_request(tok, GenerationRequest(
+            messages=[{"role": "user", "content": question_prompt(qs[row.position])}]))
         resp = [int(t) for t in row.response_ids]
         assert tok.decode(resp, skip_special_tokens=True) == row.text
         assert row.correct == (extract_answer(row.text, 4) == qs[row.position]["answer"])
@@ -172,7 +174,8 @@ def test_polylogue_equals_cosines_computed_from_output_hidden_states(servers, ti
             v = vectors[layer]
             proj = h @ (v / np.linalg.norm(v, axis=1, keepdims=True)).T
             want_cos = proj / np.linalg.norm(h, axis=1, keepdims=True)
-            got = table[(table.question_id == row.question_id) & (table.layer == layer)].sort_values(["token_index", "trait"])
+            got = table[(table.question_id == row.question_id) & (table.layer == layer)].sort_values(
+                ["token_index", "trait"])
             np.testing.assert_allclose(got.cosine.to_numpy().reshape(-1, 2), want_cos, atol=1e-4)
             np.testing.assert_allclose(got.projection.to_numpy().reshape(-1, 2), proj, atol=1e-5)
             assert got.paragraph.to_numpy()[::2].tolist() == paragraphs
@@ -189,8 +192,10 @@ def synthetic_polylogue(n, k, planted, signal, draws, rng):
         series = rng.normal(0.0, 0.3, size=(t, k))
         series[:, planted] += signal * y[i]
         rand = rng.normal(0.0, 0.3, size=(draws, t, k))
-        rows.append({"cos_0": series.ravel().tolist(), "proj_0": series.ravel().tolist(), "rcos_0": rand.ravel().tolist(),
-                     "rproj_0": rand.ravel().tolist(), "mean_0": rng.normal(size=64).tolist(), "paragraph": para.tolist(),
+        rows.append({"cos_0": series.ravel().tolist(), "proj_0": series.ravel().tolist(),
+                     "rcos_0": rand.ravel().tolist(),
+                     "rproj_0": rand.ravel().tolist(), "mean_0": rng.normal(size=64).tolist(),
+                     "paragraph": para.tolist(),
                      "n_tokens": t, "n_paragraphs": int(para.max()) + 1, "correct": bool(y[i])})
     return pd.DataFrame(rows)
 
@@ -275,7 +280,8 @@ def test_answer_extraction_follows_mmlu_pro():
 def test_malformed_dataset_rows_are_one_clear_error(tmp_path, ray_local):
     good = synthetic_mmlu_pro(n=3, seed=0, n_options=4)
     for bad, field in ((dict(good[0], answer="K"), "answer"), (dict(good[0], options=["only one"]), "options"),
-                       (dict(good[0], question=""), "question"), (dict(good[0], answer_index=3, answer="A"), "answer_index")):
+                       (dict(good[0], question=""), "question"),
+                       (dict(good[0], answer_index=3, answer="A"), "answer_index")):
         with pytest.raises(ExplabError, match=f"field '{field}'"):
             validate_row(bad, 7)
     path = tmp_path / "rows.parquet"
@@ -321,7 +327,8 @@ def test_tiny_run_writes_every_table_and_plot(tmp_path, ray_local):
     assert poly.cosine.between(-1, 1).all() and set(poly.trait) == set(traits)
     probe = pd.read_parquet(run_dir / "tables" / "probe.parquet")
     assert {"polylogue", "pca(mean activation)", "random directions", "length"} <= set(probe.feature_set)
-    assert result["auroc_polylogue"] == pytest.approx(probe.query("layer == 1 and feature_set == 'polylogue'").auroc.item())
+    assert result["auroc_polylogue"] == pytest.approx(
+        probe.query("layer == 1 and feature_set == 'polylogue'").auroc.item())
     steer = pd.read_parquet(run_dir / "tables" / "steering.parquet")
     assert len(steer) == 1 + len(config.steering.traits) * len(config.steering.stages) * len(config.steering.alphas)
     assert steer.loc[steer.setting == 0, "delta"].item() == 0.0

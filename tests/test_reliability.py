@@ -133,7 +133,8 @@ def test_layers_are_checked_against_the_models_depth():
 
     check_layers([0, 3], 4)
     check_layers(-4, 4, negative=True)
-    with pytest.raises(ConfigError, match=r"field 'layer': layer 4 out of range for 'tiny:llama', which has 4 blocks \(0..3\)"):
+    with pytest.raises(ConfigError,
+                       match=r"field 'layer': layer 4 out of range for 'tiny:llama', which has 4 blocks \(0..3\)"):
         check_layers(4, 4, "layer", "'tiny:llama'")
     with pytest.raises(ConfigError, match="field 'readout_layer'"):
         check_layers(-5, 4, "readout_layer", negative=True)
@@ -430,7 +431,8 @@ def test_a_sweep_never_picks_a_trial_whose_metric_is_nan(tmp_path, ray_local):
     diverged = table[table["param.x"] > 0.0]
     assert len(diverged) >= 2 and (table["status"] == "completed").all()  # seed 3 draws some on each side
     # the diverged trials (nearer the optimum at x=1.5) have no objective, not their last step's value
-    assert diverged["metric.objective"].isna().all() and table.loc[table["param.x"] <= 0, "metric.objective"].notna().all()
+    assert diverged["metric.objective"].isna().all() and table.loc[
+        table["param.x"] <= 0, "metric.objective"].notna().all()
     best = strict_json(sweep_dir / "best.json")
     assert best["best"]["params"]["x"] <= 0.0
     assert best["best"]["metrics"]["objective"] == table["metric.objective"].max()

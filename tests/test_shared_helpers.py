@@ -24,7 +24,8 @@ def test_one_derive_seed_is_stable_and_is_the_one_every_job_uses():
     assert derive_seed(0, "apm-users") == (int(a) << 31) ^ int(b) == 7597107328547050650
     assert derive_seed(0, "a") != derive_seed(0, "b") and derive_seed(1, "a") != derive_seed(0, "a")
     assert 0 <= derive_seed("x", -3, 2.5) < 2**63
-    assert np.array_equal(rng_for(3, "x").integers(0, 100, 5), np.random.default_rng(derive_seed(3, "x")).integers(0, 100, 5))
+    assert np.array_equal(rng_for(3, "x").integers(0, 100, 5),
+                          np.random.default_rng(derive_seed(3, "x")).integers(0, 100, 5))
     for module in (jobs.apm.job, jobs.apm.users, jobs.cot_robustness.job, jobs.cot_robustness.stages):
         assert module.derive_seed is derive_seed
 

@@ -129,7 +129,8 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_trials(ray_local
     runs = tmp_path / "runs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "explab.cli", "sweep", str(spec), "--runs-dir", str(runs), "--address", ray_local.address],
+        [sys.executable, "-m", "explab.cli", "sweep", str(spec), "--runs-dir", str(runs),
+         "--address", ray_local.address],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )
     deadline = time.monotonic() + 240

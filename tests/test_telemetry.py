@@ -83,7 +83,8 @@ def test_dashboards_are_grafana_json():
 
 def test_every_dashboard_metric_is_exported(head_jobs):
     """Every metric a panel or variable queries is in the head's Prometheus export."""
-    wanted = {name for path in DASHBOARDS for _, query in dashboard_queries(path) for name in promql_metric_names(query)}
+    wanted = {name for path in DASHBOARDS for _, query in dashboard_queries(path)
+              for name in promql_metric_names(query)}
     if "sweep" not in head_jobs.ids:
         pytest.skip("no jobs/quadratic/sweep.yaml: the sweep dashboard's metrics need a sweep")
     head_jobs.scrape_until(wanted, timeout_s=60)  # counters stay; gauges were caught while the runs ran

@@ -1,6 +1,7 @@
 """The vLLM backend on a saved tiny Llama (vLLM's CPU build here, or a GPU build).
 
-Run in the vLLM environment:  bash .ci/vllm-env.sh  then  .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_backend.py
+Run in the vLLM environment:  bash .ci/vllm-env.sh  then
+.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_backend.py
 Elsewhere the tests that need vLLM skip (vLLM is not importable); the error-message test runs everywhere.
 """
 
@@ -300,7 +301,8 @@ def test_head_size_unsupported_on_cpu_is_one_clear_line(vllm, tmp_path):
 
     if not current_platform.is_cpu():
         pytest.skip("head size 16 is only refused by vLLM's CPU attention")
-    path = save_tiny(ModelSpec(name="tiny:llama", tiny={"num_attention_heads": 4, "num_key_value_heads": 2}), tmp_path / "hd16")
+    path = save_tiny(ModelSpec(name="tiny:llama", tiny={"num_attention_heads": 4, "num_key_value_heads": 2}),
+                     tmp_path / "hd16")
     with pytest.raises(ModelError, match="head size 16.*CPU backend does not support"):
         vllm_backend.VLLMBackend(ModelSpec(name=str(path)))
 

@@ -67,7 +67,8 @@ def job_path(path: str | Path) -> Path:
 def read_yaml_file(path: str | Path, field: str) -> dict[str, Any]:
     where = job_path(path)
     if not where.is_file():
-        raise ConfigError(f"{field}: file {str(path)!r} does not exist: give a path relative to jobs/apm/ or an absolute one")
+        raise ConfigError(f"{field}: file {str(path)!r} does not exist: "
+                          "give a path relative to jobs/apm/ or an absolute one")
     try:
         data = yaml.safe_load(where.read_text())
     except yaml.YAMLError:

@@ -89,11 +89,13 @@ def win_rates(scores: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
     per_prompt = prompt_scores(scores)
     base = per_prompt[per_prompt["method"] == baseline].drop(columns="method").rename(columns={"score": "base"})
     merged = per_prompt.merge(base, on=["seed", "model", "user", "prompt"])
-    merged["win"] = np.where(merged["score"] > merged["base"], 1.0, np.where(merged["score"] < merged["base"], 0.0, 0.5))
+    merged["win"] = np.where(merged["score"] > merged["base"], 1.0,
+                             np.where(merged["score"] < merged["base"], 0.0, 0.5))
     return merged.groupby(["model", "method"], as_index=False)["win"].mean().rename(columns={"win": "win_rate"})
 
 
-def summarize(scores: pd.DataFrame, baseline: str = "baseline", alpha: float = 0.05, level: float = 0.95) -> pd.DataFrame:
+def summarize(scores: pd.DataFrame, baseline: str = "baseline", alpha: float = 0.05,
+              level: float = 0.95) -> pd.DataFrame:
     """One row per (model, method): mean ± CI over seeds, difference to the baseline and its significance."""
     per_seed = seed_scores(scores)
     wins = win_rates(scores, baseline) if baseline in set(scores["method"]) else None

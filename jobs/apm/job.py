@@ -100,7 +100,8 @@ class Config(JobConfig):
         "llama-8b": RoleConfig(model=ModelSpec(name="meta-llama/Llama-3.1-8B-Instruct"), server=VLLM),
         "qwen-32b": RoleConfig(model=ModelSpec(name="Qwen/Qwen2.5-32B-Instruct"), server=VLLM),
     }
-    user: UserRoleConfig = UserRoleConfig(model=ModelSpec(name="Qwen/Qwen2.5-14B-Instruct"), server=VLLM, temperature=1.0)
+    user: UserRoleConfig = UserRoleConfig(model=ModelSpec(name="Qwen/Qwen2.5-14B-Instruct"), server=VLLM,
+                                          temperature=1.0)
     judge: JudgeRoleConfig = JudgeRoleConfig(model=ModelSpec(name="Qwen/Qwen2.5-72B-Instruct-AWQ"), server=VLLM)
     embedder: EmbedderConfig = EmbedderConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
@@ -209,7 +210,8 @@ def _soft_prompt_task(views: list[UserView], tests: list[list[str]], mctxs: list
     texts = iter(r.completions[0].text for r in hooked.generate(requests))
     out = []
     for method, t in zip(methods, tests, strict=True):
-        rows = [{"method": method.name, "prompt": i, "prompt_text": p, "response": next(texts)} for i, p in enumerate(t)]
+        rows = [{"method": method.name, "prompt": i, "prompt_text": p, "response": next(texts)}
+                for i, p in enumerate(t)]
         out.append((rows, [{"method": method.name, "key": k, "value": str(v)} for k, v in method.info().items()]))
     return out
 
@@ -284,7 +286,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     vocab = load_vocab(b.attributes_file, b.principles_file, b.topics_file, b.attributes, b.principles)
     user_prompts = UserPrompts(config.user.prompts)
     judge_prompts = JudgePrompts(config.judge.prompts)
-    method_prompts = check_method_prompts(read_yaml_file(config.methods.prompts, "methods.prompts"), config.methods.prompts)
+    method_prompts = check_method_prompts(read_yaml_file(config.methods.prompts, "methods.prompts"),
+                                          config.methods.prompts)
 
     user_llm = make_role(config.user, ctx, "user", vocab)
     judge_llm = make_role(config.judge, ctx, "judge", vocab, judge_prompts.scale)
@@ -319,7 +322,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
         # server) at once too, or one base model after another with `soft_prompt.sequential`
         pending, soft_runs = {}, []
         for label, (role, llm) in bases.items():
-            mctxs = [MethodContext(llm, embedder, role, method_prompts, vocab.principles, derive_seed(seed, label, v.user_id))
+            mctxs = [MethodContext(llm, embedder, role, method_prompts, vocab.principles,
+                                   derive_seed(seed, label, v.user_id))
                      for v in views]
             work = [(v, t, m, (list(p.liked), list(p.disliked)) if "oracle" in per_user else None)
                     for v, t, m, p in zip(views, tests, mctxs, people, strict=True)]
@@ -344,13 +348,15 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
                 rows = [{**keys, "user": person.user_id, **r} for r in rows]
                 responses += rows
                 infos += [{**keys, "user": person.user_id, **i} for i in info]
-                prefs = [(p, w) for p, w in zip(vocab.principles, world.users[person.index].preferences, strict=True) if w != 0]
+                prefs = [(p, w) for p, w in zip(vocab.principles, world.users[person.index].preferences, strict=True)
+                         if w != 0]
                 to_judge.append((rows, prefs))
             judge_refs += [_judge_task.options(**opts).remote(group, judge_llm, config.judge, judge_prompts, seed)
                            for group in chunks(to_judge, config.users_per_task)]
         judged += [row for part in ray.get(judge_refs) for row in part]
         seconds["seconds_judge"] = time.perf_counter() - clock
-        seed_scores = evaluate.prompt_scores(evaluate.score_table([j for j in judged if j["seed"] == seed], *judge_prompts.scale))
+        seed_scores = evaluate.prompt_scores(
+            evaluate.score_table([j for j in judged if j["seed"] == seed], *judge_prompts.scale))
         ctx.log(step=step, seed=seed, **seconds,
                 **{f"score_{m}": float(g["score"].mean()) for m, g in seed_scores.groupby("method")})
 
@@ -387,8 +393,8 @@ def result_metrics(summary: pd.DataFrame, scores: pd.DataFrame, failures: dict[s
 
 JOB = Job(
     name="apm",
-    description="APM personalization benchmark: hidden random preference mapping C, simulated users, principle-wise judge; "
-                "baseline, RAG, textual and soft prompt optimization, routing, oracle.",
+    description="APM personalization benchmark: hidden random preference mapping C, simulated users, "
+                "principle-wise judge; baseline, RAG, textual and soft prompt optimization, routing, oracle.",
     config=Config,
     run=run,
 )

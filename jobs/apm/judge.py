@@ -50,13 +50,15 @@ def judge_responses(judge: Any, role: RoleConfig, prompts: JudgePrompts, items: 
         for principle, w in principles:
             user = fill(prompts.user, "judge.user", principle=principle.name, description=principle.description,
                         prompt=item["prompt_text"], response=item["response"], low=low, high=high)
-            params = role.params(derive_seed(seed, "judge", item["prompt_text"], item["response"], principle.name), max_tokens=role.max_tokens)
+            params = role.params(derive_seed(seed, "judge", item["prompt_text"], item["response"], principle.name),
+                                 max_tokens=role.max_tokens)
             requests.append(chat(user, prompts.system, params))
             keys.append((item, principle, w))
     rows = []
     for (item, principle, w), texts in zip(keys, generate_texts(judge, requests), strict=True):
         score = parse_score(texts[0], low, high)
-        rows.append({**{k: v for k, v in item.items() if k not in ("response", "prompt_text")}, "principle": principle.name,
+        rows.append({**{k: v for k, v in item.items() if k not in ("response", "prompt_text")},
+                     "principle": principle.name,
                      "preference": int(w), "judge": float(score if score is not None else (low + high) / 2),
                      "parsed": score is not None})
     return rows

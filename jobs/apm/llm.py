@@ -52,7 +52,8 @@ class RoleConfig(Section):
     @model_validator(mode="after")
     def _needs_model(self) -> RoleConfig:
         if self.kind == "llm" and self.model is None:
-            raise ValueError("a role with kind 'llm' needs `model` (e.g. model: {name: tiny:llama}), or use kind: scripted")
+            raise ValueError("a role with kind 'llm' needs `model` (e.g. model: {name: tiny:llama}), "
+                             "or use kind: scripted")
         return self
 
     @property

@@ -26,7 +26,8 @@ def _bars(ax: Any, summary: pd.DataFrame, methods: list[str], value: str, err: b
         heights = part[value].to_numpy(dtype=float)
         yerr = None
         if err:
-            yerr = np.vstack([heights - part["ci_low"].to_numpy(dtype=float), part["ci_high"].to_numpy(dtype=float) - heights])
+            yerr = np.vstack([heights - part["ci_low"].to_numpy(dtype=float),
+                              part["ci_high"].to_numpy(dtype=float) - heights])
         ax.bar(x + (i - (len(models) - 1) / 2) * width, heights, width, yerr=yerr, capsize=3, label=model)
     ax.set_xticks(x, methods, rotation=20)
     ax.legend(fontsize=8)

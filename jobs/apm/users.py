@@ -35,7 +35,8 @@ class UserPrompts:
             self.choose_user = str(data["choose"]["user"])
             self.candidate = str(data["candidate"])
         except (KeyError, TypeError, AttributeError):
-            raise ConfigError(f"user.prompts: {path} needs write_prompt.user, choose.user and candidate templates") from None
+            raise ConfigError(f"user.prompts: {path} needs write_prompt.user, choose.user "
+                              "and candidate templates") from None
         sample = {"attributes": "a", "topic": "t", "question": "q", "attribute_descriptions": "d", "preferred": "p",
                   "disliked": "d", "prompt": "p", "n": 2, "candidates": "c", "letter": "A", "text": "t"}
         for name, template in (("write_prompt.system", self.write_system), ("write_prompt.user", self.write_user),
@@ -118,12 +119,14 @@ def simulate_user(persona: Persona, user_llm: Any, user_role: RoleConfig, candid
             size = int(rng.integers(lo, hi + 1))
             picks = rng.choice(len(vocab.principles), size=size, replace=False)
             system = " ".join(vocab.principles[int(k)].instruction for k in sorted(picks))
-            requests.append(chat(prompt, system, candidate_role.params(derive_seed(seed, persona.user_id, "cand", i, j))))
+            requests.append(chat(prompt, system,
+                                 candidate_role.params(derive_seed(seed, persona.user_id, "cand", i, j))))
     texts = [t[0] for t in generate_texts(candidate_llm, requests)]
     choose = []
     for i, prompt in enumerate(history_prompts):
         cands = texts[i * cfg.n_candidates:(i + 1) * cfg.n_candidates]
-        block = "\n".join(fill(templates.candidate, "user.candidate", letter=LETTERS[j], text=c) for j, c in enumerate(cands))
+        block = "\n".join(fill(templates.candidate, "user.candidate", letter=LETTERS[j], text=c)
+                          for j, c in enumerate(cands))
         values = {"preferred": _traits(persona.liked), "disliked": _traits(persona.disliked), "prompt": prompt,
                   "n": len(cands), "candidates": block}
         params = user_role.params(derive_seed(seed, persona.user_id, "choose", i), max_tokens=8, temperature=0.0)

@@ -54,7 +54,8 @@ def normalize_item(row: dict[str, Any], *, entry: dict[str, Any], seed: int) -> 
         options = [_text(row, f, spec, "choice") for f in entry["choices_fields"]]
         if len(options) > len(LETTERS):
             raise ExplabError(f"dataset {spec}: {len(options)} choices, at most {len(LETTERS)} are supported")
-        order = np.random.default_rng(int(hashlib.sha1(f"{seed}/{item_id}".encode()).hexdigest()[:8], 16)).permutation(len(options))
+        order = np.random.default_rng(
+            int(hashlib.sha1(f"{seed}/{item_id}".encode()).hexdigest()[:8], 16)).permutation(len(options))
         lines = [f"({LETTERS[j]}) {options[i]}" for j, i in enumerate(order)]
         correct = int(np.flatnonzero(order == 0)[0])
         question = question.rstrip() + "\n\n" + "\n".join(lines)

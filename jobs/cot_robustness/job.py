@@ -131,7 +131,8 @@ def _map(ds: Any, fn: Any, batch_size: int, **kwargs: Any) -> Any:
 
 
 def model_info(entry: EvaluatedModel) -> dict[str, Any]:
-    return {"label": entry.name, "name": entry.model.name, "size_b": float("nan") if entry.size_b is None else entry.size_b,
+    return {"label": entry.name, "name": entry.model.name,
+            "size_b": float("nan") if entry.size_b is None else entry.size_b,
             "system_prompt": entry.system_prompt, "instruction": entry.instruction, "think_prefix": entry.think_prefix,
             "temperature": entry.temperature, "top_p": entry.top_p, "top_k": entry.top_k,
             "max_tokens": entry.max_tokens, "opening": entry.opening}
@@ -183,7 +184,8 @@ def references_dataset(config: Config, items: list[dict[str, Any]], generators: 
               seed=config.references.seed if config.references.seed is not None else seed,
               paragraph_tokens=config.references.paragraph_tokens, segmentation=config.segmentation)
     return _map(ds, stages.judge_answers, config.batch_size, judge_server=judge, prompts=prompts,
-                max_tokens=config.judge.max_tokens, max_answer_chars=config.judge.max_answer_chars, text_column="output",
+                max_tokens=config.judge.max_tokens, max_answer_chars=config.judge.max_answer_chars,
+                text_column="output",
                 strict=config.judge.strict)
 
 
@@ -236,7 +238,8 @@ def intervention_rows(cuts: pd.DataFrame, names: list[str], pool: list[str], see
         for name in names:
             index, paragraph = -1, ""
             if name == "add_random_text":
-                index, paragraph = choose_paragraph(pool, derive_seed(seed, r["model"], r["item_id"], r["tau_target"], name))
+                index, paragraph = choose_paragraph(
+                    pool, derive_seed(seed, r["model"], r["item_id"], r["tau_target"], name))
             rows.append({**r, "intervention": name, "category": INTERVENTIONS[name], "paragraph": paragraph,
                          "pool_index": index})
     return rows
@@ -247,7 +250,8 @@ TRAJECTORY_COLUMNS = [
     "n_steps", "action", "edited_step", "intervention_text", "intervention_meta", "marker", "perturbed_trace",
     "resume_trace", "sample", "continuation", "finish_reason", "continuation_tokens", "answer", "judge_raw",
     "verdict", "verdict_strict", "verdict_lenient", "judge_rule_changed", "continuation_chars", "remainder_chars",
-    "length_overhead", "complete_chars", "original_chars", "length_change", "authors_length_overhead", "doubt_units", "doubt_flags", "doubt_count", "doubt_rate", "doubt_any",
+    "length_overhead", "complete_chars", "original_chars", "length_change", "authors_length_overhead",
+    "doubt_units", "doubt_flags", "doubt_count", "doubt_rate", "doubt_any",
 ]
 
 
@@ -276,7 +280,8 @@ def run_wave(config: Config, ctx: RunContext, models: list[EvaluatedModel], item
     ds = _map(ds, stages.continue_traces, config.batch_size, generators=generators, models=infos,
               continuation=config.continuation.model_dump(), seed=ctx.seed, segmentation=config.segmentation)
     samples = config.batch_size * config.continuation.n
-    ds = _map(ds, stages.judge_answers, samples, judge_server=judge, prompts=prompts, max_tokens=config.judge.max_tokens,
+    ds = _map(ds, stages.judge_answers, samples, judge_server=judge, prompts=prompts,
+              max_tokens=config.judge.max_tokens,
               max_answer_chars=config.judge.max_answer_chars, text_column="complete_output", strict=config.judge.strict)
     ds = _map(ds, stages.continuation_doubt, samples, judge_server=judge, prompts=prompts, doubt=doubt)
     before, traj = collect_all(before, ds)
@@ -342,7 +347,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
 
 JOB = Job(
     name="cot_robustness",
-    description="Perturb a reasoning model's own chain of thought at fixed timesteps (7 interventions) and measure recovery.",
+    description="Perturb a reasoning model's own chain of thought at fixed timesteps (7 interventions) "
+                "and measure recovery.",
     config=Config,
     run=run,
     synthetic={"cot_arithmetic": data.arithmetic_items, "cot_logic": data.logic_items},

@@ -59,7 +59,8 @@ def _aggregate(items: pd.DataFrame, traj: pd.DataFrame, keys: list[str]) -> pd.D
         length_overhead_pct=("length_overhead", "mean"), length_change_pct=("length_change", "mean"),
         authors_length_overhead_pct=("authors_length_overhead", "mean"),
         continuation_chars=("continuation_chars", "mean"), doubt_rate_after=("doubt_rate", "mean"),
-        doubt_any_after=("doubt_any", "mean"), judge_unparsable=("verdict", lambda v: float((v == "unparsable").mean())),
+        doubt_any_after=("doubt_any", "mean"),
+        judge_unparsable=("verdict", lambda v: float((v == "unparsable").mean())),
         judge_rule_changed=("judge_rule_changed", "mean"))
     out = it.join(tr).reset_index()
     out[["length_overhead_pct", "length_change_pct", "authors_length_overhead_pct"]] *= 100.0

@@ -52,7 +52,8 @@ def load_prompts(folder: str | Path | None = None, needed: tuple[str, ...] = ())
     folder = Path(folder) if folder else PACKAGED
     for name in FILES:
         if not (folder / name).is_file():
-            raise ConfigError(f"prompt folder {folder} has no {name}: set prompts_dir to a folder with {', '.join(FILES)}")
+            raise ConfigError(f"prompt folder {folder} has no {name}: "
+                              f"set prompts_dir to a folder with {', '.join(FILES)}")
     inter = read_yaml(folder / "interventions.yaml")
     prompts = {k: _prompt(v, f"interventions.yaml:{k}") for k, v in inter.items() if v is not None}
     for name in needed:

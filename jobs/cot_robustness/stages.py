@@ -109,7 +109,8 @@ def add_markers(df: pd.DataFrame, *, markers: list[str]) -> pd.DataFrame:
     """Each perturbed trace as is (marker "") and, for the forced-doubt ablation, with each marker appended."""
     parts = [df.assign(marker="", resume_trace=df["perturbed_trace"])]
     for m in markers:
-        parts.append(df.assign(marker=m, resume_trace=[perturbations.append_marker(t, m) for t in df["perturbed_trace"]]))
+        parts.append(df.assign(marker=m,
+                               resume_trace=[perturbations.append_marker(t, m) for t in df["perturbed_trace"]]))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -155,7 +156,8 @@ def continue_traces(df: pd.DataFrame, *, generators: dict[str, Any], models: dic
 
 def continuation_doubt(df: pd.DataFrame, *, judge_server: Any, prompts: Any, doubt: dict[str, Any]) -> pd.DataFrame:
     """The doubt judge on each unit of each continuation."""
-    unit_lists = [judge.units(t, doubt["unit"], doubt["max_units"], doubt["max_unit_chars"]) for t in df["continuation"]]
+    unit_lists = [judge.units(t, doubt["unit"], doubt["max_units"], doubt["max_unit_chars"])
+                  for t in df["continuation"]]
     flags = judge.doubt_flags(judge_server, prompts, unit_lists, doubt["max_tokens"])
     return df.assign(doubt_units=[len(u) for u in unit_lists], doubt_flags=flags,
                      doubt_count=[sum(f == "yes" for f in fl) for fl in flags],

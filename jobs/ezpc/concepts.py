@@ -40,7 +40,8 @@ _BULLET = re.compile(r"^\s*(?:[-*•·‣▪–—]+|\(?\d+[.):]|\(?[a-zA-Z][.)]
 def resolve_file(name: str, what: str = "concept file") -> Path:
     """A path as given, else a file of that name in ``jobs/ezpc/concepts/`` (``.txt`` optional)."""
     path = Path(name).expanduser()
-    candidates = [path] if path.is_absolute() or "/" in name else [CONCEPT_DIR / name, CONCEPT_DIR / f"{name}.txt", path]
+    candidates = ([path] if path.is_absolute() or "/" in name
+                  else [CONCEPT_DIR / name, CONCEPT_DIR / f"{name}.txt", path])
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -138,7 +138,8 @@ class Config(JobConfig):
                                   "is file): name files in jobs/ezpc/concepts/ or paths, or set concept_source: llm")
             for name in ds.concepts:
                 vocab.resolve_file(name, f"dataset {ds.name!r}: concept file")
-        if isinstance(self.eval.faithfulness_k, list) and (not self.eval.faithfulness_k or min(self.eval.faithfulness_k) < 1):
+        if isinstance(self.eval.faithfulness_k, list) and (
+                not self.eval.faithfulness_k or min(self.eval.faithfulness_k) < 1):
             raise ConfigError("eval.faithfulness_k must list concept counts ≥ 1 (e.g. [1, 3, 5, 10])")
         return self
 
@@ -377,7 +378,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
                 raise ConfigError(f"dataset {ds.name!r}: no concepts left after concepts.max_class_similarity")
             index = kept.reset_index().set_index("concept").loc[chosen, "index"].to_numpy()
             C = C_full[keep][index]
-            out = evaluate_pair(ds=ds, backbone=backbone, names=names[ds.name], concepts=kept.iloc[index].reset_index(drop=True),
+            out = evaluate_pair(ds=ds, backbone=backbone, names=names[ds.name],
+                                concepts=kept.iloc[index].reset_index(drop=True),
                                 C=C, T=T, config=config, ctx=ctx, cache=cache, pair=pair,
                                 step0=pair * config.train.epochs)
             projections[ds.name], tests[ds.name] = out.pop("A"), out.pop("test")
@@ -404,7 +406,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
         ctx.save_table("transfer", transfer)
         ctx.save_plot("transfer", plots.transfer(transfer))
         cross = transfer[~transfer["in_domain"]]
-        out.update(transfer_retained=float(cross["retained"].mean()), transfer_agreement=float(cross["agreement"].mean()))
+        out.update(transfer_retained=float(cross["retained"].mean()),
+                   transfer_agreement=float(cross["agreement"].mean()))
     return out
 
 
@@ -420,7 +423,8 @@ def summary(results: pd.DataFrame) -> dict[str, float]:
     out["faithfulness_gap"] = out["faith_topk_flip"] - out["faith_random_flip"]
     if len(results) > 1:
         for _, r in results.iterrows():
-            for k in ("acc_clip", "acc_ezpc", "retained", "agreement", "cos_A_C", "faith_topk_flip", "faith_random_flip"):
+            for k in ("acc_clip", "acc_ezpc", "retained", "agreement", "cos_A_C", "faith_topk_flip",
+                      "faith_random_flip"):
                 out[f"{r['dataset']}/{r['backbone_short']}/{k}"] = float(r[k])
     return out
 

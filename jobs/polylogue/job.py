@@ -32,7 +32,8 @@ ARRAY_COLUMNS = ("cos_", "proj_", "rcos_", "rproj_", "mean_", "paragraph")  # pe
 def check_layers(entry: ModelEntry, n_layers: int, steering_layer: int | None, index: int) -> None:
     for layer in [*entry.layers, *([steering_layer] if steering_layer is not None else [])]:
         if not 0 <= layer < n_layers:
-            field = "steering.layer" if layer == steering_layer and layer not in entry.layers else f"models.{index}.layers"
+            field = ("steering.layer" if layer == steering_layer and layer not in entry.layers
+                     else f"models.{index}.layers")
             raise ConfigError(f"{field}: layer {layer} is out of range for {entry.spec.name!r}, which has "
                               f"{n_layers} blocks (0..{n_layers - 1}): pick a layer in range (middle layers work best)")
 
@@ -88,7 +89,8 @@ def run_model(config: Config, ctx: RunContext, entry: ModelEntry, index: int, qu
         if config.judge.enabled:
             kind = "hooked" if config.judge.score == "weighted" else "generator"  # weighted: next-token logits
             own = entry.hooked if kind == "hooked" else entry.generator
-            judge = ctx.model(config.judge.model or entry.spec, kind, config.judge.server if config.judge.model else own)
+            judge = ctx.model(config.judge.model or entry.spec, kind,
+                              config.judge.server if config.judge.model else own)
         vectors, responses = extract(generator=generator, judge=judge, hooked=hooked, n_layers=n_layers,
                                      section=config.persona, judge_cfg=config.judge, seed=ctx.seed + index,
                                      system_in_user=entry.system_in_user)
@@ -146,7 +148,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     if store["steering"]:
         ctx.save_plot("steering_accuracy", plots.steering_curves(pd.concat(store["steering"], ignore_index=True)))
 
-    result = {k: float(np.nanmean([m[k] for m in per_model.values()])) if any(np.isfinite(m[k]) for m in per_model.values())
+    result = {k: float(np.nanmean([m[k] for m in per_model.values()]))
+              if any(np.isfinite(m[k]) for m in per_model.values())
               else float("nan") for k in next(iter(per_model.values()))}
     if len(per_model) > 1:
         result |= {f"{tag}.{k}": v for tag, m in per_model.items() for k, v in m.items()}
@@ -155,7 +158,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
 
 JOB = Job(
     name="polylogue",
-    description="Persona vectors as dynamic signals: the polylogue time series, correctness probes, stage-aware steering.",
+    description="Persona vectors as dynamic signals: the polylogue time series, correctness probes, "
+                "stage-aware steering.",
     config=Config,
     run=run,
     synthetic={"mmlu_pro": synthetic_mmlu_pro},

@@ -98,7 +98,8 @@ def activation_batch(batch: pd.DataFrame, *, hooked: Any, n_layers: int,
 
 
 def mean_activations(rows: pd.DataFrame, hooked: Any, n_layers: int, batch_size: int,
-                     extra: dict[str, list[dict[str, Any]]] | None = None) -> dict[tuple[str, str], tuple[np.ndarray, int]]:
+                     extra: dict[str, list[dict[str, Any]]] | None = None,
+                     ) -> dict[tuple[str, str], tuple[np.ndarray, int]]:
     """(trait, polarity) -> (mean over responses of the response-token mean, (n_layers, d); count)."""
     import ray.data
 
@@ -141,7 +142,8 @@ def load_vectors(ref: str, tag: str, traits: list[str], n_layers: int) -> dict[s
         key = f"{tag}/{trait}"
         if key not in tensors:
             have = ", ".join(sorted(tensors)) or "none"
-            raise ConfigError(f"persona.load: {path} has no vector {key!r} (it has {have}): extract it or drop the trait")
+            raise ConfigError(f"persona.load: {path} has no vector {key!r} (it has {have}): "
+                              "extract it or drop the trait")
         if tensors[key].shape[0] != n_layers:
             raise ConfigError(f"persona.load: {key!r} has {tensors[key].shape[0]} layers, the model has {n_layers}")
         vectors[trait] = tensors[key].astype(np.float32)

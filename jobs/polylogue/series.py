@@ -49,7 +49,8 @@ def series_batch(batch: pd.DataFrame, *, generator: Any, hooked: Any, layers: li
     results = generator.generate(requests)
     responses = [response_tokens(res.completions[0]) for res in results]
     captures = [Capture(point=point(layer), positions="generated") for layer in layers]
-    forwards = hooked.forward([{"token_ids": list(res.prompt_token_ids) + resp, "prompt_length": len(res.prompt_token_ids),
+    forwards = hooked.forward([{"token_ids": list(res.prompt_token_ids) + resp,
+                                "prompt_length": len(res.prompt_token_ids),
                                 "interventions": captures} for res, resp in zip(results, responses, strict=True)])
     paragraphs = hooked.paragraphs(responses)
     out = []

@@ -76,7 +76,8 @@ def run_steering(questions: list[dict[str, Any]], *, hooked: Any, vectors: dict[
         fn_kwargs={"hooked": hooked, "vectors": added, "layer": layer, "params": params, "seed": seed},
     ).to_pandas().sort_values(["setting", "position"]).reset_index(drop=True)
     base = responses[responses.setting == 0].set_index("position")
-    responses["changed"] = [text != base.at[pos, "text"] for pos, text in zip(responses.position, responses.text, strict=True)]
+    responses["changed"] = [text != base.at[pos, "text"]
+                            for pos, text in zip(responses.position, responses.text, strict=True)]
     summary = responses.groupby(["setting", "trait", "stage", "alpha"], as_index=False).agg(
         n=("correct", "size"), accuracy=("correct", "mean"), reached=("reached", "mean"), changed=("changed", "mean"),
         mean_tokens=("n_tokens", "mean"))

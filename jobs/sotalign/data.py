@@ -119,7 +119,8 @@ def describe(data: AlignData) -> dict[str, Any]:
 # ---------------------------------------------------------------- real features through the pipeline
 
 
-def embed_pairs(image_encoder: Any, text_encoder: Any, source: Any, *, options: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def embed_pairs(image_encoder: Any, text_encoder: Any, source: Any, *, options: Any,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Image and text embeddings of the same rows of a paired dataset (row i ↔ row i)."""
     from explab.embeddings import embed
 

@@ -266,7 +266,8 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
 
 JOB = Job(
     name="sotalign",
-    description="SOTAlign: align frozen image and text encoders from few pairs + unpaired data (linear teacher + KL-OT).",
+    description="SOTAlign: align frozen image and text encoders from few pairs + unpaired data "
+                "(linear teacher + KL-OT).",
     config=Config,
     run=run,
     synthetic={"sotalign_shapes": shapes_rows},

@@ -19,8 +19,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 out = Console() if sys.stdout.isatty() else Console(width=200)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
 
-AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")]
-RunsDirOpt = Annotated[str | None, typer.Option("--runs-dir", help="where run directories go (default: ./runs or EXPLAB_RUNS_DIR)")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")]
+RunsDirOpt = Annotated[str | None, typer.Option(
+    "--runs-dir", help="where run directories go (default: ./runs or EXPLAB_RUNS_DIR)")]
 
 
 def _table(title: str, rows: list[dict[str, Any]]) -> Table:
@@ -50,12 +52,16 @@ def jobs_cmd() -> None:
 @app.command("run")
 def run_cmd(
     job: Annotated[str, typer.Argument(help="job name (see `explab jobs`)")],
-    config: Annotated[str | None, typer.Option("-c", "--config", help="YAML file, or a config name of the job (e.g. tiny)")] = None,
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="override a field: --set a.b=value (repeatable)")] = None,
+    config: Annotated[str | None, typer.Option(
+        "-c", "--config", help="YAML file, or a config name of the job (e.g. tiny)")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="override a field: --set a.b=value (repeatable)")] = None,
     runs_dir: RunsDirOpt = None,
     address: AddressOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="check the config and print what it would start; run nothing")] = False,
-    cluster: Annotated[str, typer.Option("--cluster", help="with --dry-run: the cluster.yaml to compare against")] = "cluster.yaml",
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="check the config and print what it would start; run nothing")] = False,
+    cluster: Annotated[str, typer.Option(
+        "--cluster", help="with --dry-run: the cluster.yaml to compare against")] = "cluster.yaml",
 ) -> None:
     """Run a job; the last line printed is the run directory."""
     from explab import runtime
@@ -218,7 +224,8 @@ def show_cmd(run: Annotated[str, typer.Argument(help="run directory, job/run-id,
 
 @app.command("servers")
 def servers_cmd(
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="stop this server (name from the list; repeatable)")] = None,
+    stop: Annotated[list[str] | None, typer.Option(
+        "--stop", help="stop this server (name from the list; repeatable)")] = None,
     stop_all: Annotated[bool, typer.Option("--stop-all", help="stop every explab server")] = False,
     address: AddressOpt = None,
 ) -> None:
@@ -238,7 +245,8 @@ def servers_cmd(
 
 @app.command("demo")
 def demo_cmd(runs_dir: RunsDirOpt = None, address: AddressOpt = None,
-             keep: Annotated[bool, typer.Option("--keep", help="keep the embedded cluster (and dashboard) up until Ctrl-C")] = False) -> None:
+             keep: Annotated[bool, typer.Option(
+                 "--keep", help="keep the embedded cluster (and dashboard) up until Ctrl-C")] = False) -> None:
     """Run a paper job (polylogue, small) end to end on SmolLM2-135M-Instruct on the embedded cluster."""
     from explab.demo import run_demo
 
@@ -247,10 +255,13 @@ def demo_cmd(runs_dir: RunsDirOpt = None, address: AddressOpt = None,
 
 @app.command("sweep")
 def sweep_cmd(
-    spec: Annotated[str, typer.Argument(help="a sweep.yaml (e.g. jobs/quadratic/sweep.yaml); with --resume also a sweep directory")],
+    spec: Annotated[str, typer.Argument(
+        help="a sweep.yaml (e.g. jobs/quadratic/sweep.yaml); with --resume also a sweep directory")],
     runs_dir: RunsDirOpt = None,
     address: AddressOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep without re-running finished trials: give its directory, or its sweep.yaml to resume the newest unfinished sweep of that spec")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="continue an interrupted sweep without re-running finished trials: give its directory, "
+                         "or its sweep.yaml to resume the newest unfinished sweep of that spec")] = False,
 ) -> None:
     """Sweep a job with Ray Tune + Optuna (see README, Sweeps); the last line printed is the sweep directory.
 
@@ -293,11 +304,16 @@ JobsAddressOpt = Annotated[str | None, typer.Option(
 @app.command("submit")
 def submit_cmd(
     job: Annotated[str | None, typer.Argument(help="job name (see `explab jobs`); leave out with --sweep")] = None,
-    config: Annotated[str | None, typer.Option("-c", "--config", help="YAML file in the project, or a config name of the job (e.g. paper)")] = None,
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="override a field: --set a.b=value (repeatable)")] = None,
-    runs_dir: Annotated[str | None, typer.Option("--runs-dir", help="where run directories go, on the cluster (default: the cluster's EXPLAB_RUNS_DIR, else runs/ in the job's working dir)")] = None,
+    config: Annotated[str | None, typer.Option(
+        "-c", "--config", help="YAML file in the project, or a config name of the job (e.g. paper)")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="override a field: --set a.b=value (repeatable)")] = None,
+    runs_dir: Annotated[str | None, typer.Option(
+        "--runs-dir", help="where run directories go, on the cluster (default: the cluster's EXPLAB_RUNS_DIR, "
+                           "else runs/ in the job's working dir)")] = None,
     address: JobsAddressOpt = None,
-    sweep: Annotated[str | None, typer.Option("--sweep", help="submit `explab sweep SWEEP.yaml` instead of a run")] = None,
+    sweep: Annotated[str | None, typer.Option(
+        "--sweep", help="submit `explab sweep SWEEP.yaml` instead of a run")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="with --sweep: resume the sweep")] = False,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="stream the job's logs until it ends")] = False,
 ) -> None:
@@ -340,7 +356,8 @@ def pull_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab sub
 
 
 @app.command("status")
-def status_cmd(job_id: Annotated[str | None, typer.Argument(help="job id from `explab submit` (leave out to list the jobs)")] = None,
+def status_cmd(job_id: Annotated[str | None, typer.Argument(
+                   help="job id from `explab submit` (leave out to list the jobs)")] = None,
                address: JobsAddressOpt = None) -> None:
     """A submitted job's status (or every job on the cluster)."""
     from explab import jobs_api

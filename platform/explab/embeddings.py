@@ -23,8 +23,8 @@ holds a list of captions (COCO's five per image) is embedded by its first captio
 **Pipeline**: the rows go through ``Dataset.map_batches`` with a callable class (`EncodeBatch`)
 on an actor pool — ``EmbedOptions.concurrency`` actors, each with ``num_gpus`` (a fraction is
 fine) and ``num_cpus`` (on explab's embedded Ray the pool must leave a CPU slot to Ray Data's own
-tasks, else `embed` refuses it rather than wait forever) — and the driver writes the outputs, in dataset order, as Parquet shards
-(``part-00000.parquet`` ...: an ``index`` column, a fixed-size-list ``embedding`` column and the
+tasks, else `embed` refuses it rather than wait forever) — and the driver writes the outputs, in dataset order,
+as Parquet shards (``part-00000.parquet`` ...: an ``index`` column, a fixed-size-list ``embedding`` column and the
 ``keep`` columns) plus ``meta.json``. ``EmbedOptions.engine = "local"`` runs the same class
 in-process without Ray (small text lists, debugging).
 
@@ -126,7 +126,8 @@ def _text(cell: Any) -> str:
 def _pick_column(columns: Sequence[str], modality: Modality, column: str | None, what: str) -> str:
     if column is not None:
         if column not in columns:
-            raise ExplabError(f"{what} has no column {column!r} (it has {', '.join(columns)}): set column to one of them")
+            raise ExplabError(f"{what} has no column {column!r} (it has {', '.join(columns)}): "
+                              "set column to one of them")
         return column
     candidates = IMAGE_COLUMNS if modality == "image" else TEXT_COLUMNS
     for c in candidates:
@@ -172,7 +173,8 @@ class EmbeddingSet:
         return json.loads((self.path / "meta.json").read_text())
 
 
-def load_embeddings(ref: EmbeddingSet | str | Path, *, as_frame: bool = False, columns: Sequence[str] | None = None) -> Any:
+def load_embeddings(ref: EmbeddingSet | str | Path, *, as_frame: bool = False,
+                    columns: Sequence[str] | None = None) -> Any:
     """Read a cache entry back: the (n, d) float32 matrix, or (``as_frame``) a pandas DataFrame.
 
     ``ref`` is an `EmbeddingSet` or an entry directory (``EmbeddingSet.path``). ``columns``
@@ -342,7 +344,8 @@ def _compute(spec: EncoderSpec, source: Source, modality: Modality, column: str 
                 writer.add(batch)
         writer.close()
         meta = {"key": key, "format": FORMAT_VERSION, "encoder": {"name": spec.name, **spec.model_dump()},
-                "modality": modality, "column": col, "keep": keep, "data": key_payload["data"], "n": writer.n, "dim": writer.dim,
+                "modality": modality, "column": col, "keep": keep, "data": key_payload["data"],
+                "n": writer.n, "dim": writer.dim,
                 "shards": writer.shards, "seconds": round(time.time() - started, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))

@@ -170,7 +170,8 @@ def client(address: str | None = None) -> Any:
         raise unreachable(address) from None
     except AuthenticationError:
         raise ExplabError(f"the Ray dashboard at {address} refused explab's token: set RAY_AUTH_TOKEN "
-                          "(or RAY_AUTH_TOKEN_PATH) to the cluster's token (`ray get-auth-token` on the head)") from None
+                          "(or RAY_AUTH_TOKEN_PATH) to the cluster's token "
+                          "(`ray get-auth-token` on the head)") from None
     except Exception as error:  # e.g. an HTTP server that is not a Ray dashboard
         raise ExplabError(f"no Ray Jobs API at {address} ({type(error).__name__}: {error}): "
                           "pass the Ray dashboard's address with --address") from None
@@ -256,7 +257,8 @@ def build_sweep_entrypoint(sweep: str, runs_dir: str | None = None, resume: bool
 
         get_job(job)
     args = ["python", "-m", "explab.cli", "sweep", _relative(path, root, "sweep file")]
-    return _with_runs_dir(args, runs_dir, ["--resume"] if resume else []), {"explab_sweep": _relative(path, root, "sweep file"), "explab_job": job,
+    return _with_runs_dir(args, runs_dir, ["--resume"] if resume else []), {
+        "explab_sweep": _relative(path, root, "sweep file"), "explab_job": job,
                                             "explab_runs_dir": runs_dir or CLUSTER_RUNS_DIR.strip('"')}
 
 

@@ -76,7 +76,8 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
         num_cpus=num_cpus,
         include_dashboard=dashboard,
         dashboard_host=LOCALHOST,
-        dashboard_port=_free_port(dashboard_port or int(os.environ.get("EXPLAB_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT))),
+        dashboard_port=_free_port(
+            dashboard_port or int(os.environ.get("EXPLAB_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT))),
         _temp_dir=str(temp_dir),
         logging_level=logging.WARNING,
         configure_logging=True,

@@ -170,7 +170,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     if path.is_dir():
         raise ConfigError(f"{path} is a directory: give a sweep.yaml (or use --resume with a sweep directory)")
     if not path.is_file():
-        raise ConfigError(f"sweep spec {path} does not exist: give the path of a sweep.yaml (e.g. jobs/quadratic/sweep.yaml)")
+        raise ConfigError(f"sweep spec {path} does not exist: "
+                          "give the path of a sweep.yaml (e.g. jobs/quadratic/sweep.yaml)")
     return validate(SweepSpec, read_yaml(path), str(path))
 
 

@@ -8,8 +8,9 @@ Runs (``explab.runs``) report, tagged with ``explab_job`` (the job's name: a ``j
 clash with Prometheus's own), ``run`` (the run id), ``model`` and ``sweep`` (the sweep a trial
 belongs to; empty outside sweeps): progress (a fraction), the job's logged and final metrics
 (one gauge with a ``metric`` tag, so Grafana can template on it), runs started, completed,
-failed and stopped (ended from outside, e.g. by a sweep's scheduler), and run durations. Counters and the duration histogram leave out the run tag: they are
-kept by each node's metrics agent for the life of the cluster, one series per tag set.
+failed and stopped (ended from outside, e.g. by a sweep's scheduler), and run durations. Counters and the duration
+histogram leave out the run tag: they are kept by each node's metrics agent for the life of the cluster,
+one series per tag set.
 
 Ray exports every metric with a ``ray_`` prefix; counters get ``_total``, histograms
 ``_bucket``/``_sum``/``_count`` (`PROMETHEUS_NAMES`). Counters and histograms stay in the export

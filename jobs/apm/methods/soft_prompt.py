@@ -127,7 +127,8 @@ class SoftPromptModel:
             if handle is not None:
                 handle.remove()
 
-    def response_logps(self, prefix: torch.Tensor | None, items: list[tuple[list[int], list[int], list[int]]]) -> torch.Tensor:
+    def response_logps(self, prefix: torch.Tensor | None,
+                       items: list[tuple[list[int], list[int], list[int]]]) -> torch.Tensor:
         """Mean log-probability of each response after its prompt: items are (prompt ids, positions, response ids)."""
         seqs = [p + r for p, _, r in items]
         logits = self._forward(seqs, [pos for _, pos, _ in items], prefix)
@@ -230,11 +231,13 @@ class SoftPromptModel:
         return ids or [self.tok.eos_token_id or 0]
 
     @torch.no_grad()
-    def pair_accuracy(self, prefix: torch.Tensor, items: list[tuple[list[int], list[int], list[int], list[int]]]) -> float:
+    def pair_accuracy(self, prefix: torch.Tensor,
+                      items: list[tuple[list[int], list[int], list[int], list[int]]]) -> float:
         wins = []
         for i in range(0, len(items), 8):
             chunk = items[i:i + 8]
-            lp = self.response_logps(prefix, [(p, pos, c) for p, pos, c, _ in chunk] + [(p, pos, r) for p, pos, _, r in chunk])
+            lp = self.response_logps(prefix, [(p, pos, c) for p, pos, c, _ in chunk]
+                                     + [(p, pos, r) for p, pos, _, r in chunk])
             wins += (lp[: len(chunk)] > lp[len(chunk):]).tolist()
         return float(np.mean(wins))
 
@@ -258,7 +261,8 @@ class SoftPrompt(Method):
             if len(positions) != self.trainer.length:
                 raise ExplabError("soft_prompt: the placeholder tokens moved inside this prompt's chat template")
             request = self.trainer.request(prompt)
-            out.append({"messages": [m.model_dump() for m in request.messages], "params": self.params("respond", prompt),
+            out.append({"messages": [m.model_dump() for m in request.messages],
+                        "params": self.params("respond", prompt),
                         "interventions": self.trainer.steer_specs(self.prefix, ids, positions)})
         return out
 

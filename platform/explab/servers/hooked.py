@@ -124,7 +124,8 @@ class HookedModel(ServerBase):
     def _info(self) -> dict[str, Any]:
         from explab.interventions import n_layers
 
-        return {"model_kind": self.loaded.kind, "device": str(self.device), "dtype": str(self.loaded.dtype).replace("torch.", ""),
+        return {"model_kind": self.loaded.kind, "device": str(self.device),
+                "dtype": str(self.loaded.dtype).replace("torch.", ""),
                 "revision": self.loaded.revision, "n_layers": n_layers(self.model)}
 
     # --- public methods (each request becomes one batcher item: (op, request, group)) --------
@@ -174,7 +175,8 @@ class HookedModel(ServerBase):
         if r.token_ids is not None:
             return list(r.token_ids)
         if r.messages is not None:
-            return encode_request(self.tokenizer, GenerationRequest(messages=r.messages, assistant_prefix=r.assistant_prefix))
+            return encode_request(self.tokenizer,
+                                  GenerationRequest(messages=r.messages, assistant_prefix=r.assistant_prefix))
         return list(self.tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"])
 
     def _padded(self, seqs: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -198,7 +200,8 @@ class HookedModel(ServerBase):
         else:
             seqs = [self._encode(r) for r in requests]
             inputs = self._padded(seqs)
-        lengths = [r.prompt_length if r.prompt_length is not None else len(s) for r, s in zip(requests, seqs, strict=True)]
+        lengths = [r.prompt_length if r.prompt_length is not None else len(s)
+                   for r, s in zip(requests, seqs, strict=True)]
         keep = {}  # without "all" logits, skip the LM head on every other position (B x T x vocab)
         if (all(r.return_logits != "all" for r in requests)
                 and "logits_to_keep" in inspect.signature(self.model.forward).parameters):

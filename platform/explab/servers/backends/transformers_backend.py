@@ -26,4 +26,5 @@ class TransformersBackend:
 
         prompts = [encode_request(self.tokenizer, r) for r in requests]
         outputs = decode(self.model, self.tokenizer, prompts, [r.params for r in requests])
-        return [GenerationResult(prompt_token_ids=p, completions=o.completions) for p, o in zip(prompts, outputs, strict=True)]
+        return [GenerationResult(prompt_token_ids=p, completions=o.completions)
+                for p, o in zip(prompts, outputs, strict=True)]
