@@ -34,7 +34,7 @@ def user_error(err: BaseException) -> ExplabError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, ExplabError):
+        if isinstance(e, ExplabError) and not type(e).__module__.startswith("ray."):  # not Ray's dual wrapper
             return type(e)(str(e))
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     found = _REMOTE_ERROR.findall(str(err))

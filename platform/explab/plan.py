@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from explab.errors import ConfigError
+from explab.models.encoders import EncoderSpec
 from explab.models.spec import ModelSpec
 from explab.servers.options import ServerOptions
 
@@ -110,10 +111,13 @@ def make_plan(job: str, config: BaseModel, cluster: str | Path | None = None) ->
     nodes: list[tuple[str, Any]] = []
     _walk(config, "", nodes)
     specs = {p: v for p, v in nodes if isinstance(v, ModelSpec)}
-    for spec in specs.values():
-        if spec.name not in plan.models:
-            plan.models.append(spec.name)
-        if (problem := check_model_id(spec.name)) is not None:
+    # an encoder's model is named in its own spelling (open_clip:<arch>/<pretrained>, hf:, st:, ...)
+    encoders = {p: v for p, v in nodes if isinstance(v, EncoderSpec)}
+    for path, spec in specs.items():
+        name = encoders[_parent(path)].name if _parent(path) in encoders else spec.name
+        if name not in plan.models:
+            plan.models.append(name)
+        if (problem := check_model_id(name)) is not None:
             plan.problems.append(problem)
     seen: set[tuple[str, str]] = set()
     for path, value in nodes:
