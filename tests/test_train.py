@@ -56,7 +56,9 @@ def test_logit_kd_is_the_tau_squared_kl_sum_over_positions_divided_by_the_batch(
 def test_kd_between_a_model_and_its_copy_is_exactly_zero_and_the_mix_is_the_scaled_ce():
     student = load_model(ModelSpec(name="tiny:llama"))
     teacher = copy.deepcopy(student.model)
-    batch = obj.collate([obj.chat_example(student, r["messages"]) for r in ROWS[:3]], student.tokenizer.pad_token_id)
+    batch = obj.collate(
+        [obj.chat_example(student, r["messages"]) for r in ROWS[:3]], student.tokenizer.pad_token_id
+    )
     alpha = 0.3
     objective = ObjectiveConfig(alpha=alpha, logit_kd="kl", tau=2.0, hidden_layers=[1, -1])
     terms = compute_loss(student.model, teacher, batch, objective)
@@ -107,7 +109,10 @@ def test_training_only_the_projector_leaves_every_other_parameter_bit_identical(
     model = prepare_student(vlm.model, trainer)
     model.train()
     optimizer, scheduler = build_optimizer(model, trainer)
-    rows = [(_chat("What is it?", "A cat.", True), [IMAGE]), (_chat("Colour?", "Red and blue.", True), [255 - IMAGE])]
+    rows = [
+        (_chat("What is it?", "A cat.", True), [IMAGE]),
+        (_chat("Colour?", "Red and blue.", True), [255 - IMAGE]),
+    ]
     batch = obj.collate([obj.chat_example(vlm, m, im) for m, im in rows], vlm.tokenizer.pad_token_id)
     for _ in range(3):
         optimizer.zero_grad()
@@ -125,15 +130,18 @@ def test_lora_trains_only_the_adapters_and_load_trained_merges_them(tmp_path):
     from explab.train import worker
     from explab.train.params import trainable_state
 
-    trainer = TrainerConfig(lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, lr=1e-2,
-                            warmup_ratio=0)
+    trainer = TrainerConfig(
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, lr=1e-2, warmup_ratio=0
+    )
     base = load_model(ModelSpec(name="tiny:llama"))
     before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
     model = prepare_student(base.model, trainer)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     optimizer, _ = build_optimizer(model, trainer)
-    batch = obj.collate([obj.chat_example(base, r["messages"]) for r in ROWS[:2]], base.tokenizer.pad_token_id)
+    batch = obj.collate(
+        [obj.chat_example(base, r["messages"]) for r in ROWS[:2]], base.tokenizer.pad_token_id
+    )
     for _ in range(3):
         optimizer.zero_grad()
         compute_loss(model, None, batch, ObjectiveConfig())["loss"].backward()
@@ -166,16 +174,31 @@ def test_trainer_config_rejects_what_cannot_run():
 def test_zero_configs_carry_the_stage_batch_and_optimizer():
     from explab.train.deepspeed import zero_config
 
-    trainer = TrainerConfig(workers={"use_gpu": True, "num_workers": 4}, batch_size=32, lr=4e-5, weight_decay=0.05,
-                            deepspeed={"stage": 3, "offload_params": True,
-                                       "extra": {"zero_optimization": {"reduce_bucket_size": 1000}}})
+    trainer = TrainerConfig(
+        workers={"use_gpu": True, "num_workers": 4},
+        batch_size=32,
+        lr=4e-5,
+        weight_decay=0.05,
+        deepspeed={
+            "stage": 3,
+            "offload_params": True,
+            "extra": {"zero_optimization": {"reduce_bucket_size": 1000}},
+        },
+    )
     cfg = zero_config(trainer.deepspeed, trainer, 4)
     assert cfg["train_batch_size"] == 32 and cfg["train_micro_batch_size_per_gpu"] == 8
-    assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert (
+        cfg["zero_optimization"]["stage"] == 3
+        and cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    )
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 1000 and cfg["zero_optimization"]["overlap_comm"]
     assert cfg["optimizer"]["params"] == {"lr": 4e-5, "weight_decay": 0.05} and cfg["bf16"]["enabled"]
-    hf = zero_config(trainer.deepspeed.model_copy(update={"stage": 2, "offload_params": False}), trainer, 4, hf=True)
-    assert hf["train_batch_size"] == "auto" and "optimizer" not in hf and hf["zero_optimization"]["stage"] == 2
+    hf = zero_config(
+        trainer.deepspeed.model_copy(update={"stage": 2, "offload_params": False}), trainer, 4, hf=True
+    )
+    assert (
+        hf["train_batch_size"] == "auto" and "optimizer" not in hf and hf["zero_optimization"]["stage"] == 2
+    )
 
 
 def test_workers_split_each_global_batch_without_overlap():
@@ -187,9 +210,11 @@ def test_workers_split_each_global_batch_without_overlap():
 # ---- DPO through trl ------------------------------------------------------------------------------------
 def _pair(image=False):
     question = [{"type": "image"}, {"type": "text", "text": "Is it red?"}] if image else "Is it red?"
-    row = {"prompt": [{"role": "user", "content": question}],
-           "chosen": [{"role": "assistant", "content": "Yes, red."}],
-           "rejected": [{"role": "assistant", "content": "No, blue."}]}
+    row = {
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": "Yes, red."}],
+        "rejected": [{"role": "assistant", "content": "No, blue."}],
+    }
     if image:
         row["images"] = [IMAGE]
     return row
@@ -243,8 +268,14 @@ def _run(tmp_path, name, reporter=None):
 
 
 def _trainer(**kw):
-    base = {"steps": 4, "batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.25, "checkpoint_every": 2,
-            "workers": {"num_workers": 1, "resources_per_worker": {"CPU": 1}}}
+    base = {
+        "steps": 4,
+        "batch_size": 4,
+        "lr": 5e-3,
+        "warmup_ratio": 0.25,
+        "checkpoint_every": 2,
+        "workers": {"num_workers": 1, "resources_per_worker": {"CPU": 1}},
+    }
     for key, value in kw.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) else value
     return TrainerConfig.model_validate(base)
@@ -254,8 +285,13 @@ OBJECTIVE = {"alpha": 0.5, "logit_kd": "kl", "tau": 2.0}
 
 
 def _loop_config(trainer):
-    return {"model": "tiny:llama", "teacher": {"name": "tiny:llama", "tiny": {"num_hidden_layers": 3}},
-            "trainer": trainer.model_dump(), "objective": OBJECTIVE, "examples": ROWS}
+    return {
+        "model": "tiny:llama",
+        "teacher": {"name": "tiny:llama", "tiny": {"num_hidden_layers": 3}},
+        "trainer": trainer.model_dump(),
+        "objective": OBJECTIVE,
+        "examples": ROWS,
+    }
 
 
 def _weights(checkpoint):
@@ -286,10 +322,13 @@ def test_metrics_reach_ctx_log_and_checkpoints_land_in_the_runs_artifacts(one_wo
     assert logged["step"].tolist() == [1, 2, 3, 4]
     assert result.metrics["step"] == 4
     assert Path(result.checkpoint).parent == ctx.path("artifacts", "train").resolve()
-    assert sorted(p.name for p in Path(result.path).glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000004"]
+    kept = sorted(p.name for p in Path(result.path).glob("checkpoint_*") if p.is_dir())
+    assert kept == ["checkpoint_000002", "checkpoint_000004"]
     trained = load_trained("tiny:llama", result.checkpoint, _trainer())
     untrained = load_model(ModelSpec(name="tiny:llama"))
-    batch = obj.collate([obj.chat_example(untrained, r["messages"]) for r in ROWS], untrained.tokenizer.pad_token_id)
+    batch = obj.collate(
+        [obj.chat_example(untrained, r["messages"]) for r in ROWS], untrained.tokenizer.pad_token_id
+    )
     with torch.no_grad():
         ce_before = compute_loss(untrained.model, None, batch, ObjectiveConfig())["ce"].item()
         ce_after = compute_loss(trained.model, None, batch, ObjectiveConfig())["ce"].item()
@@ -309,7 +348,9 @@ def test_two_workers_make_the_same_update_as_one_worker_with_the_whole_batch(one
     untrained = load_model(ModelSpec(name="tiny:llama")).model.state_dict()
     assert any(not torch.allclose(a[n], untrained[n]) for n in a)
     for one, two in zip(single_rows, rows, strict=True):
-        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4) and two["ce"] == pytest.approx(one["ce"], rel=1e-4)
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4) and two["ce"] == pytest.approx(
+            one["ce"], rel=1e-4
+        )
 
 
 def _dies_once_loop(config):
@@ -357,7 +398,9 @@ def test_resume_from_an_earlier_runs_checkpoint_continues_it(one_worker_run, tmp
     rows = []
     midway = str(Path(single.path) / "checkpoint_000002")
     trainer = _trainer(resume_from=midway)
-    result = fit(_run(tmp_path, "resumed", reporter=rows.append), supervised_loop, _loop_config(trainer), trainer)
+    result = fit(
+        _run(tmp_path, "resumed", reporter=rows.append), supervised_loop, _loop_config(trainer), trainer
+    )
     assert [r["step"] for r in rows] == [3, 4]
     a, b = _weights(single.checkpoint), _weights(result.checkpoint)
     for name in a:
@@ -374,8 +417,13 @@ def test_dpo_on_ray_train_raises_p_chosen_over_p_rejected(ray_local, tmp_path):
     row = _pair()
     before = _sequence_logps(load_model(ModelSpec(name="tiny:llama")), row)
     rows = []
-    trainer = TrainerConfig(steps=6, batch_size=1, lr=1e-3, warmup_ratio=0,
-                            workers={"num_workers": 1, "resources_per_worker": {"CPU": 1}})
+    trainer = TrainerConfig(
+        steps=6,
+        batch_size=1,
+        lr=1e-3,
+        warmup_ratio=0,
+        workers={"num_workers": 1, "resources_per_worker": {"CPU": 1}},
+    )
     config = {"model": "tiny:llama", "trainer": trainer.model_dump(), "dpo": {"beta": 0.1}, "pairs": [row]}
     result = fit(_run(tmp_path, "dpo", reporter=rows.append), dpo_loop, config, trainer, name="dpo")
     losses = [r["loss"] for r in rows if "loss" in r]

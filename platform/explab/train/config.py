@@ -29,7 +29,9 @@ class WorkersConfig(Section):
         if self.backend == "auto":
             return "nccl" if self.use_gpu else "gloo"
         if self.backend == "nccl" and not self.use_gpu:
-            raise ConfigError("trainer.workers.backend is nccl without GPUs: set use_gpu: true or backend: gloo")
+            raise ConfigError(
+                "trainer.workers.backend is nccl without GPUs: set use_gpu: true or backend: gloo"
+            )
         return self.backend
 
 
@@ -46,7 +48,8 @@ class DeepSpeedConfig(Section):
     """A DeepSpeed ZeRO stage for GPU workers (the ``gpu`` extra installs DeepSpeed).
 
     `explab.train.deepspeed.zero_config` turns it into DeepSpeed's config dict; ``extra`` is merged
-    over the generated dict last (any DeepSpeed key, e.g. ``{"zero_optimization": {"reduce_bucket_size": 5e8}}``).
+    over the generated dict last (any DeepSpeed key, e.g.
+    ``{"zero_optimization": {"reduce_bucket_size": 5e8}}``).
     """
 
     stage: Literal[2, 3] = 2
@@ -93,8 +96,10 @@ class TrainerConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
         if self.batch_size % self.workers.num_workers:
-            raise ValueError(f"batch_size {self.batch_size} does not split over {self.workers.num_workers} "
-                             "workers: make it a multiple of workers.num_workers")
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split over {self.workers.num_workers} "
+                "workers: make it a multiple of workers.num_workers"
+            )
         if self.deepspeed is not None and not self.workers.use_gpu:
             raise ValueError("deepspeed needs GPU workers: set workers.use_gpu: true or drop deepspeed")
         return self
@@ -105,7 +110,8 @@ class ObjectiveConfig(Section):
 
     CE is next-token cross-entropy on the response tokens (prompt tokens masked). KD is the logit
     distillation term (``logit_kd``: KL(p_T||p_S) = ``kl``, KL(p_S||p_T) = ``rkl``, or none) at
-    temperature ``tau`` plus, when ``hidden_layers`` is set, the MSE between the student's and
+    temperature ``tau`` (summed over the non-padding positions, x tau^2 / B) plus, when
+    ``hidden_layers`` is set, the MSE between the student's and
     teacher's hidden states at those indices (``hidden_states[i]``, -1 = the last). With alpha 0 no
     teacher is needed.
     """

@@ -25,11 +25,14 @@ TAG = "latest"
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if nested else value
     return out
 
 
-def zero_config(ds: DeepSpeedConfig, trainer: TrainerConfig, world_size: int, *, hf: bool = False) -> dict[str, Any]:
+def zero_config(
+    ds: DeepSpeedConfig, trainer: TrainerConfig, world_size: int, *, hf: bool = False
+) -> dict[str, Any]:
     """DeepSpeed's config dict for ``ds.stage`` with the trainer's batch, optimiser and clipping."""
     zero: dict[str, Any] = {"stage": ds.stage, "overlap_comm": True, "contiguous_gradients": True}
     if ds.offload_optimizer:
@@ -49,7 +52,10 @@ def zero_config(ds: DeepSpeedConfig, trainer: TrainerConfig, world_size: int, *,
         "fp16": {"enabled": ds.precision == "fp16"},
     }
     if not hf:
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": trainer.lr, "weight_decay": trainer.weight_decay}}
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": trainer.lr, "weight_decay": trainer.weight_decay},
+        }
     return _merge(config, ds.extra)
 
 
@@ -60,8 +66,10 @@ def initialize(model: nn.Module, trainer: TrainerConfig, world_size: int) -> tup
     try:
         import deepspeed
     except ImportError:
-        raise ConfigError("trainer.deepspeed is set but DeepSpeed is not installed: "
-                          "install the gpu extra (pip install 'explab[gpu]')") from None
+        raise ConfigError(
+            "trainer.deepspeed is set but DeepSpeed is not installed: "
+            "install the gpu extra (pip install 'explab[gpu]')"
+        ) from None
     import torch
 
     assert trainer.deepspeed is not None
@@ -71,8 +79,11 @@ def initialize(model: nn.Module, trainer: TrainerConfig, world_size: int) -> tup
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, trainer))
 
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        lr_scheduler=make_scheduler, config=config)
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        lr_scheduler=make_scheduler,
+        config=config,
+    )
     return engine, optimizer, scheduler
 
 

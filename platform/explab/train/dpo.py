@@ -32,7 +32,9 @@ def _dataset(pairs: list[dict[str, Any]]) -> Any:
         raise ConfigError("the preference set is empty: give at least one {prompt, chosen, rejected} row")
     for key in ("prompt", "chosen", "rejected"):
         if key not in pairs[0]:
-            raise ConfigError(f"preference rows need {key!r}: give rows {{prompt, chosen, rejected[, images]}}")
+            raise ConfigError(
+                f"preference rows need {key!r}: give rows {{prompt, chosen, rejected[, images]}}"
+            )
     if any("images" in row for row in pairs):
         from explab.images import to_pil
 
@@ -40,9 +42,18 @@ def _dataset(pairs: list[dict[str, Any]]) -> Any:
     return Dataset.from_list(pairs)
 
 
-def build_dpo_trainer(policy: Any, reference: Any | None, pairs: list[dict[str, Any]], trainer: TrainerConfig,
-                      dpo: DPOConfig, output_dir: str | Path, *, world_size: int = 1, seed: int = 0,
-                      callbacks: list[Any] | None = None) -> Any:
+def build_dpo_trainer(
+    policy: Any,
+    reference: Any | None,
+    pairs: list[dict[str, Any]],
+    trainer: TrainerConfig,
+    dpo: DPOConfig,
+    output_dir: str | Path,
+    *,
+    world_size: int = 1,
+    seed: int = 0,
+    callbacks: list[Any] | None = None,
+) -> Any:
     """trl's ``DPOTrainer`` for ``policy`` (a `LoadedModel`) against a frozen ``reference``.
 
     ``reference`` None with ``trainer.lora``: the policy with its adapters disabled (the frozen
@@ -53,15 +64,21 @@ def build_dpo_trainer(policy: Any, reference: Any | None, pairs: list[dict[str, 
     from trl import DPOTrainer
 
     if reference is None and trainer.lora is None:
-        raise ConfigError("DPO needs a frozen reference: load one, or set trainer.lora (the base is the reference)")
+        raise ConfigError(
+            "DPO needs a frozen reference: load one, or set trainer.lora (the base is the reference)"
+        )
     model = policy.model
     peft_config = None
     if trainer.lora is not None:
         from peft import LoraConfig as PeftLoraConfig
 
-        peft_config = PeftLoraConfig(r=trainer.lora.r, lora_alpha=trainer.lora.alpha,
-                                     lora_dropout=trainer.lora.dropout,
-                                     target_modules=list(trainer.lora.target_modules), bias="none")
+        peft_config = PeftLoraConfig(
+            r=trainer.lora.r,
+            lora_alpha=trainer.lora.alpha,
+            lora_dropout=trainer.lora.dropout,
+            target_modules=list(trainer.lora.target_modules),
+            bias="none",
+        )
     elif trainer.trainable:
         params.select_trainable(model, trainer.trainable)
     deepspeed = None
@@ -113,10 +130,14 @@ def _report_callback(every_rank: bool) -> Any:
     from transformers.trainer_utils import get_last_checkpoint
 
     class ReportToRayTrain(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-                   **kwargs: Any) -> None:
-            values = {k.replace("/", "_"): float(v) for k, v in (logs or {}).items()
-                      if isinstance(v, int | float) and not isinstance(v, bool)}
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
+            values = {
+                k.replace("/", "_"): float(v)
+                for k, v in (logs or {}).items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
             worker.report({"step": state.global_step, **values})
 
         def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -151,13 +172,23 @@ def dpo_loop(config: dict[str, Any]) -> None:
     reference_spec = config.get("reference") or (None if trainer.lora is not None else config["model"])
     reference = worker.load(reference_spec, train=False) if reference_spec is not None else None
     with tempfile.TemporaryDirectory(prefix="explab-dpo-") as output_dir:
-        hf_trainer = build_dpo_trainer(policy, reference, list(config["pairs"]), trainer, dpo, output_dir,
-                                       world_size=world_size, seed=int(config.get("seed", 0)),
-                                       callbacks=[_report_callback(every_rank=trainer.deepspeed is not None)])
+        hf_trainer = build_dpo_trainer(
+            policy,
+            reference,
+            list(config["pairs"]),
+            trainer,
+            dpo,
+            output_dir,
+            world_size=world_size,
+            seed=int(config.get("seed", 0)),
+            callbacks=[_report_callback(every_rank=trainer.deepspeed is not None)],
+        )
         hf_trainer = ray_hf.prepare_trainer(hf_trainer)
         with worker.restore(trainer.resume_from) as path:
             resume = str(path / HF_DIR) if path is not None else None
             if resume is not None and not Path(resume).is_dir():
-                raise ConfigError(f"checkpoint {path} has no {HF_DIR}/ (not a DPO checkpoint): resume DPO from a "
-                                  "checkpoint of dpo_loop")
+                raise ConfigError(
+                    f"checkpoint {path} has no {HF_DIR}/ (not a DPO checkpoint): resume DPO from a "
+                    "checkpoint of dpo_loop"
+                )
             hf_trainer.train(resume_from_checkpoint=resume)

@@ -47,14 +47,23 @@ def _relay_callback(queue: Any) -> Any:
 
 def _log_row(ctx: Any, row: dict[str, Any]) -> None:
     step = row.pop("step", None)
-    values = {k: float(v) for k, v in row.items()
-              if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
+    values = {
+        k: float(v)
+        for k, v in row.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
     if values:
         ctx.log(step=None if step is None else int(step), **values)
 
 
-def fit(ctx: Any, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], trainer: TrainerConfig,
-        *, name: str = "train") -> TrainResult:
+def fit(
+    ctx: Any,
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    trainer: TrainerConfig,
+    *,
+    name: str = "train",
+) -> TrainResult:
     """Run ``loop`` on ``trainer.workers`` with ``loop_config`` (plain data: it travels to the workers).
 
     ``name`` names this training phase inside the run (``artifacts/<name>/``); use one per phase.
@@ -70,8 +79,10 @@ def fit(ctx: Any, loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
 
     storage = ctx.path("artifacts").resolve()
     if (storage / name).exists():
-        raise ConfigError(f"this run already has a training phase named {name!r} ({storage / name}): "
-                          "give each fit() of a run its own name")
+        raise ConfigError(
+            f"this run already has a training phase named {name!r} ({storage / name}): "
+            "give each fit() of a run its own name"
+        )
     storage.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         runtime.init()
@@ -87,8 +98,11 @@ def fit(ctx: Any, loop: Callable[[dict[str, Any]], None], loop_config: dict[str,
     torch_trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
-                                     resources_per_worker=dict(workers.resources_per_worker)),
+        scaling_config=ScalingConfig(
+            num_workers=workers.num_workers,
+            use_gpu=workers.use_gpu,
+            resources_per_worker=dict(workers.resources_per_worker),
+        ),
         torch_config=TorchConfig(backend=workers.process_group_backend),
         run_config=run_config,
     )

@@ -53,18 +53,28 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor], hidden: bool) -> 
     return model(**inputs, output_hidden_states=hidden, use_cache=False)
 
 
-def compute_loss(model: nn.Module, teacher: nn.Module | None, batch: dict[str, torch.Tensor],
-                 objective: ObjectiveConfig, *, global_tokens: int | None = None,
-                 global_batch: int | None = None) -> dict[str, torch.Tensor]:
+def compute_loss(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    objective: ObjectiveConfig,
+    *,
+    global_tokens: int | None = None,
+    global_batch: int | None = None,
+    global_positions: int | None = None,
+) -> dict[str, torch.Tensor]:
     """The objective on one (local) batch: ``{"loss", "ce", "kd"}`` (kd only when distilling).
 
     ``global_tokens`` / ``global_batch``: the trained-token count and batch size over all workers
     (default: this batch's). CE is its token sum over ``global_tokens``, the logit KD its position
     sum x tau^2 over ``global_batch``, and the hidden MSE is weighted by this batch's share of the
-    tokens, each multiplied by the number of shares so that DDP's gradient average restores them."""
+    non-padding positions (``global_positions``: their count over all workers), each multiplied by
+    the number of shares so that DDP's gradient average restores them."""
     labels = batch["labels"]
     local_tokens = objectives.trained_tokens(labels)
     local_batch = labels.shape[0]
+    local_positions = int(batch["attention_mask"].sum())
+    global_positions = global_positions or local_positions
     global_tokens = global_tokens or local_tokens
     global_batch = global_batch or local_batch
     shares = global_batch / local_batch  # the number of workers when the shares are equal
@@ -79,12 +89,32 @@ def compute_loss(model: nn.Module, teacher: nn.Module | None, batch: dict[str, t
             t_out = _forward(teacher, batch, hidden)
         kd = ce.new_zeros(())
         if objective.logit_kd != "none":
-            kd = kd + objectives.logit_kd(out.logits, t_out.logits, objective.tau,
-                                          reverse=objective.logit_kd == "rkl") * local_batch / global_batch * shares
+            # padding positions are left out (without padding this is the recipe's all-position sum), so
+            # that the loss does not depend on how a global batch is split and padded
+            kd = (
+                kd
+                + objectives.logit_kd(
+                    out.logits,
+                    t_out.logits,
+                    objective.tau,
+                    reverse=objective.logit_kd == "rkl",
+                    mask=batch["attention_mask"],
+                )
+                * local_batch
+                / global_batch
+                * shares
+            )
         if hidden:
             mask = batch["attention_mask"]
-            kd = kd + objectives.hidden_mse(out.hidden_states, t_out.hidden_states, objective.hidden_layers,
-                                            mask=mask) * local_tokens / max(global_tokens, 1) * shares
+            kd = (
+                kd
+                + objectives.hidden_mse(
+                    out.hidden_states, t_out.hidden_states, objective.hidden_layers, mask=mask
+                )
+                * local_positions
+                / max(global_positions, 1)
+                * shares
+            )
         terms["kd"] = kd
         terms["loss"] = objectives.mix(kd, ce, objective.alpha)
     else:
@@ -133,8 +163,10 @@ def supervised_loop(config: dict[str, Any]) -> None:
             row = rows[i]
             encoded = objectives.chat_example(student, row["messages"], row.get("images"))
             if trainer.max_length:
-                encoded = {k: v[:, :trainer.max_length] if k in ("input_ids", "attention_mask", "labels") else v
-                           for k, v in encoded.items()}
+                encoded = {
+                    k: v[:, : trainer.max_length] if k in ("input_ids", "attention_mask", "labels") else v
+                    for k, v in encoded.items()
+                }
             cache[i] = encoded
         return cache[i]
 
@@ -149,7 +181,8 @@ def supervised_loop(config: dict[str, Any]) -> None:
 
         optimizer, scheduler = build_optimizer(model, trainer)
         train_model = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": student.kind == "vlm"})
+            model, parallel_strategy_kwargs={"find_unused_parameters": student.kind == "vlm"}
+        )
     dtype = next(params.unwrap(train_model).parameters()).dtype
     dev = worker.device()
 
@@ -162,14 +195,24 @@ def supervised_loop(config: dict[str, Any]) -> None:
         _save_state(path, model, optimizer, scheduler, engine, rank)
 
     for step in range(start, trainer.steps):
-        local = objectives.collate([example(i) for i in step_rows(step, trainer.batch_size, len(rows), rank,
-                                                                  world_size)], pad)
+        local = objectives.collate(
+            [example(i) for i in step_rows(step, trainer.batch_size, len(rows), rank, world_size)], pad
+        )
         local = _to(local, dev, dtype)
-        tokens = torch.tensor(objectives.trained_tokens(local["labels"]), device=dev)
+        counts = torch.tensor(
+            [objectives.trained_tokens(local["labels"]), int(local["attention_mask"].sum())], device=dev
+        )
         if world_size > 1:
-            dist.all_reduce(tokens)
-        terms = compute_loss(train_model, teacher, local, objective, global_tokens=int(tokens),
-                             global_batch=trainer.batch_size)
+            dist.all_reduce(counts)
+        terms = compute_loss(
+            train_model,
+            teacher,
+            local,
+            objective,
+            global_tokens=int(counts[0]),
+            global_batch=trainer.batch_size,
+            global_positions=int(counts[1]),
+        )
         lr = scheduler.get_last_lr()[0]
         if engine is not None:
             engine.backward(terms["loss"])
@@ -178,11 +221,14 @@ def supervised_loop(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if trainer.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], trainer.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], trainer.grad_clip
+                )
             optimizer.step()
             scheduler.step()
-        metrics = {k: float(v.detach()) / (trainer.batch_size / local["labels"].shape[0])
-                   for k, v in terms.items()}
+        metrics = {
+            k: float(v.detach()) / (trainer.batch_size / local["labels"].shape[0]) for k, v in terms.items()
+        }
         if world_size > 1:  # sum the shares: the global batch's values (as one worker would report)
             values = torch.tensor([metrics[k] for k in sorted(metrics)], device=dev, dtype=torch.float64)
             dist.all_reduce(values)
@@ -201,7 +247,10 @@ def _save_state(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, en
         save_checkpoint(engine, path, rank)
         return
     worker.save_weights(path, params.trainable_state(model))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path / worker.OPTIMIZER_FILE)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        path / worker.OPTIMIZER_FILE,
+    )
 
 
 def _load_state(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, engine: Any) -> None:
@@ -213,8 +262,10 @@ def _load_state(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, en
     weights = worker.load_weights(path)
     missing = set(params.trainable_state(model)) - set(weights)
     if missing:
-        raise ConfigError(f"checkpoint {path} lacks trainable parameters ({sorted(missing)[0]}, ...): resume with "
-                          "the trainer.trainable and trainer.lora settings it was trained with")
+        raise ConfigError(
+            f"checkpoint {path} lacks trainable parameters ({sorted(missing)[0]}, ...): resume with "
+            "the trainer.trainable and trainer.lora settings it was trained with"
+        )
     with torch.no_grad():
         named = dict(params.unwrap(model).named_parameters())
         for name, value in weights.items():
@@ -224,7 +275,9 @@ def _load_state(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, en
     scheduler.load_state_dict(state["scheduler"])
 
 
-def load_trained(spec: Any, checkpoint: str | Path, trainer: TrainerConfig, *, merge_lora: bool = True) -> Any:
+def load_trained(
+    spec: Any, checkpoint: str | Path, trainer: TrainerConfig, *, merge_lora: bool = True
+) -> Any:
     """The model ``spec`` with the trained parameters of ``checkpoint`` (a `fit` result's
     ``checkpoint``), as a `explab.models.LoadedModel` in eval mode on the spec's device.
 
@@ -238,8 +291,10 @@ def load_trained(spec: Any, checkpoint: str | Path, trainer: TrainerConfig, *, m
     named = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(named))
     if unknown:
-        raise ConfigError(f"checkpoint {checkpoint} holds {unknown[0]!r}, which {loaded.spec.name!r} lacks: "
-                          "load it with the model spec and trainer settings it was trained with")
+        raise ConfigError(
+            f"checkpoint {checkpoint} holds {unknown[0]!r}, which {loaded.spec.name!r} lacks: "
+            "load it with the model spec and trainer settings it was trained with"
+        )
     with torch.no_grad():
         for name, value in weights.items():
             named[name].copy_(value.to(named[name].dtype))

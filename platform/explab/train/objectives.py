@@ -25,8 +25,12 @@ def next_token_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "
     spans several workers, as `explab.train.loops` does)."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
@@ -44,24 +48,36 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (picked * keep).sum(-1)
 
 
-def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                     ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+def dpo_sigmoid_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """DPO's sigmoid loss per pair: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) on
     sequence log-probabilities (`sequence_logprob`). It is ln 2 when policy = reference."""
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     return -F.logsigmoid(beta * margin)
 
 
-def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0,
-             reverse: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+def logit_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tau: float = 2.0,
+    reverse: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logit distillation: KL(p_T || p_S) at temperature ``tau`` (``reverse``: KL(p_S || p_T)).
 
     Summed over every position and the vocabulary, times tau^2, divided by the batch size B (the
     recovery recipe of SPECS-2 §1: ``reduction=sum x tau^2 / B``, no mask). ``mask`` [B, T] (1 =
     keep) restricts the sum to chosen positions, e.g. to leave out padding."""
     if student_logits.shape != teacher_logits.shape:
-        raise ExplabError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                          f"{tuple(teacher_logits.shape)} differ: distil between models with one vocabulary")
+        raise ExplabError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: distil between models with one vocabulary"
+        )
     log_s = F.log_softmax(student_logits.float() / tau, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / tau, dim=-1)
     if reverse:
@@ -73,9 +89,12 @@ def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: fl
     return per_position.sum() * tau**2 / student_logits.shape[0]
 
 
-def hidden_mse(student_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
-               teacher_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
-               layers: list[int], mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_mse(
+    student_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    teacher_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    layers: list[int],
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Hidden-state distillation: the mean over ``layers`` of MSE(h_S[l], h_T[l]).
 
     ``*_hidden`` are ``output_hidden_states`` tuples (entry 0 = embeddings, -1 = after the final
@@ -87,11 +106,15 @@ def hidden_mse(student_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
         try:
             s, t = student_hidden[layer].float(), teacher_hidden[layer].float()
         except IndexError:
-            raise ExplabError(f"hidden layer {layer} is out of range (the models have {len(student_hidden)} "
-                              "hidden states): pick indices in range") from None
+            raise ExplabError(
+                f"hidden layer {layer} is out of range (the models have {len(student_hidden)} "
+                "hidden states): pick indices in range"
+            ) from None
         if s.shape != t.shape:
-            raise ExplabError(f"hidden states at layer {layer} differ in shape ({tuple(s.shape)} vs "
-                              f"{tuple(t.shape)}): distil between layers of one width")
+            raise ExplabError(
+                f"hidden states at layer {layer} differ in shape ({tuple(s.shape)} vs "
+                f"{tuple(t.shape)}): distil between layers of one width"
+            )
         sq = (s - t).pow(2).mean(-1)
         if mask is None:
             losses.append(sq.mean())
@@ -109,7 +132,9 @@ def mix(kd: torch.Tensor, ce: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 # ---- chat-formatted examples ------------------------------------------------------------------------
-def chat_example(loaded: Any, messages: list[dict[str, Any]], images: list[Any] | None = None) -> dict[str, Any]:
+def chat_example(
+    loaded: Any, messages: list[dict[str, Any]], images: list[Any] | None = None
+) -> dict[str, Any]:
     """One training example from chat ``messages`` whose last turn is the assistant's response.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` ([1, T] tensors) and, with images,
@@ -118,8 +143,10 @@ def chat_example(loaded: Any, messages: list[dict[str, Any]], images: list[Any] 
     prompt (image tokens included, as the processor expands them). ``loaded`` is a
     `explab.models.LoadedModel` (its processor for a VLM, else its tokenizer)."""
     if not messages or messages[-1].get("role") != "assistant":
-        raise ExplabError("a training example's messages must end with the assistant's response: "
-                          "append {'role': 'assistant', 'content': ...}")
+        raise ExplabError(
+            "a training example's messages must end with the assistant's response: "
+            "append {'role': 'assistant', 'content': ...}"
+        )
     tokenizer = loaded.tokenizer
     template_owner = loaded.processor if images else tokenizer
     if not getattr(template_owner, "chat_template", None):
@@ -127,8 +154,10 @@ def chat_example(loaded: Any, messages: list[dict[str, Any]], images: list[Any] 
     prompt = template_owner.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
     full = template_owner.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
-        raise ExplabError("the chat template does not render the prompt as a prefix of the full chat: "
-                          "this model's template cannot mask prompt tokens by prefix")
+        raise ExplabError(
+            "the chat template does not render the prompt as a prefix of the full chat: "
+            "this model's template cannot mask prompt tokens by prefix"
+        )
     if images:
         if loaded.processor is None or loaded.kind != "vlm":
             raise ExplabError(f"model {loaded.spec.name!r} is a {loaded.kind}: only a VLM takes images")
@@ -140,8 +169,10 @@ def chat_example(loaded: Any, messages: list[dict[str, Any]], images: list[Any] 
     prompt_ids = _prompt_ids(loaded, prompt, images)
     n_prompt = len(prompt_ids)
     if not torch.equal(ids[0, :n_prompt], prompt_ids):
-        raise ExplabError("the prompt's tokens are not a prefix of the full chat's tokens: the tokenizer "
-                          "merges across the response boundary; mask by another rule")
+        raise ExplabError(
+            "the prompt's tokens are not a prefix of the full chat's tokens: the tokenizer "
+            "merges across the response boundary; mask by another rule"
+        )
     labels = ids.clone()
     labels[:, :n_prompt] = IGNORE_INDEX
     out = {k: v for k, v in enc.items()}
@@ -152,8 +183,9 @@ def chat_example(loaded: Any, messages: list[dict[str, Any]], images: list[Any] 
 
 def _prompt_ids(loaded: Any, prompt: str, images: list[Any] | None) -> torch.Tensor:
     if images:
-        return loaded.processor(images=images, text=[prompt], return_tensors="pt",
-                                add_special_tokens=False)["input_ids"][0]
+        return loaded.processor(images=images, text=[prompt], return_tensors="pt", add_special_tokens=False)[
+            "input_ids"
+        ][0]
     return loaded.tokenizer([prompt], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
 
 

@@ -18,15 +18,23 @@ def select_trainable(model: nn.Module, fragments: list[str]) -> list[str]:
     if fragments:
         for fragment in fragments:
             if not any(fragment in name for name in names):
-                roots = sorted({name.split(".")[0] if not name.startswith("model.") else ".".join(name.split(".")[:2])
-                                for name in names})
-                raise ConfigError(f"trainer.trainable: no parameter name contains {fragment!r}: "
-                                  f"pick a fragment of a parameter name (modules: {', '.join(roots)})")
+                roots = sorted(
+                    {
+                        name.split(".")[0] if not name.startswith("model.") else ".".join(name.split(".")[:2])
+                        for name in names
+                    }
+                )
+                raise ConfigError(
+                    f"trainer.trainable: no parameter name contains {fragment!r}: "
+                    f"pick a fragment of a parameter name (modules: {', '.join(roots)})"
+                )
         for name, param in model.named_parameters():
             param.requires_grad_(any(fragment in name for fragment in fragments))
     trainable = [name for name, param in model.named_parameters() if param.requires_grad]
     if not trainable:
-        raise ConfigError("nothing to train: every parameter is frozen; check trainer.trainable and trainer.lora")
+        raise ConfigError(
+            "nothing to train: every parameter is frozen; check trainer.trainable and trainer.lora"
+        )
     return trainable
 
 
@@ -38,10 +46,17 @@ def add_lora(model: nn.Module, config: LoraConfig) -> Any:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in config.target_modules if t not in names]
     if missing:
-        raise ConfigError(f"trainer.lora.target_modules: no module named {missing[0]!r} in this model: "
-                          f"use module names such as q_proj, v_proj")
-    peft_config = PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                 target_modules=list(config.target_modules), bias="none")
+        raise ConfigError(
+            f"trainer.lora.target_modules: no module named {missing[0]!r} in this model: "
+            f"use module names such as q_proj, v_proj"
+        )
+    peft_config = PeftLoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+    )
     return get_peft_model(model, peft_config)
 
 

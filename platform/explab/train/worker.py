@@ -62,8 +62,10 @@ def restore(resume_from: str | None = None) -> Iterator[Path | None]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from:
         if not (Path(resume_from) / STATE_FILE).is_file():
-            raise ConfigError(f"trainer.resume_from {resume_from!r} is not a training checkpoint (no {STATE_FILE}): "
-                              "give a checkpoint_* directory of an earlier run's artifacts")
+            raise ConfigError(
+                f"trainer.resume_from {resume_from!r} is not a training checkpoint (no {STATE_FILE}): "
+                "give a checkpoint_* directory of an earlier run's artifacts"
+            )
         checkpoint = ray.train.Checkpoint.from_directory(resume_from)
     if checkpoint is None:
         yield None
@@ -79,8 +81,13 @@ def steps_done(path: Path | None) -> int:
     return int(json.loads((path / STATE_FILE).read_text())["step"])
 
 
-def report(metrics: dict[str, Any], save: Callable[[Path], None] | None = None, *, every_rank: bool = False,
-           step: int | None = None) -> None:
+def report(
+    metrics: dict[str, Any],
+    save: Callable[[Path], None] | None = None,
+    *,
+    every_rank: bool = False,
+    step: int | None = None,
+) -> None:
     """Report ``metrics`` to Ray Train from every worker (it is a barrier: all ranks must call it).
 
     With ``save``, rank 0 (or ``every_rank``, for sharded states such as DeepSpeed's) writes a
@@ -96,9 +103,13 @@ def report(metrics: dict[str, Any], save: Callable[[Path], None] | None = None, 
         path = Path(tmp)
         save(path)
         if rank == 0:
-            (path / STATE_FILE).write_text(json.dumps({"step": step if step is not None else metrics.get("step")}))
+            (path / STATE_FILE).write_text(
+                json.dumps({"step": step if step is not None else metrics.get("step")})
+            )
         name = f"checkpoint_{int(step if step is not None else metrics.get('step', 0)):06d}"
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
+        )
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
