@@ -301,8 +301,9 @@ TRAJECTORY_COLUMNS = [
     "model", "size_b", "domain", "item_id", "intervention", "category", "tau_target", "tau_actual", "cut_count",
     "n_steps", "action", "edited_step", "intervention_text", "intervention_meta", "marker", "perturbed_trace",
     "resume_trace", "sample", "continuation", "finish_reason", "continuation_tokens", "answer", "judge_raw",
-    "verdict", "verdict_strict", "verdict_lenient", "judge_rule_changed", "continuation_chars", "remainder_chars",
-    "length_overhead", "complete_chars", "original_chars", "length_change", "authors_length_overhead", "doubt_units", "doubt_flags", "doubt_count", "doubt_rate", "doubt_any",
+    "verdict", "correct", "verdict_strict", "verdict_lenient", "judge_rule_changed", "continuation_chars",
+    "remainder_chars", "length_overhead", "complete_chars", "original_chars", "length_change",
+    "authors_length_overhead", "doubt_units", "doubt_flags", "doubt_count", "doubt_rate", "doubt_any",
 ]
 
 
