@@ -20,7 +20,7 @@ from explab.errors import ModelError
 from explab.models import tiny_diffusion
 from explab.models.loaded import LoadedModel, finish, resolve_device, resolve_dtype, vae_processor
 from explab.models.spec import ModelSpec
-from explab.models.tiny_vlm import internvl, llava_next, qwen2_5_vl
+from explab.models.tiny_vlm import internvl, llava_next, qwen2_5_vl, text_defaults
 from explab.models.tokenizer import IMAGE_TOKEN, ROLE_TOKENS, byte_tokenizer
 
 SEED = 0
@@ -46,22 +46,6 @@ def _merge(
     return merged
 
 
-def _text_defaults(tok: Any) -> dict[str, Any]:
-    return {
-        "vocab_size": len(tok),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        # head size 32: the smallest vLLM's CPU attention kernels accept (16 is refused)
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 512,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-    }
-
-
 def _hf_config(cls: type, defaults: dict[str, Any], overrides: dict[str, Any], family: str) -> Any:
     return cls(**_merge(defaults, overrides, cls().to_dict(), f"tiny:{family}"))
 
@@ -76,7 +60,7 @@ def _llama(overrides: dict[str, Any]) -> Built:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = byte_tokenizer()
-    model = LlamaForCausalLM(_hf_config(LlamaConfig, _text_defaults(tok), overrides, "llama"))
+    model = LlamaForCausalLM(_hf_config(LlamaConfig, text_defaults(tok), overrides, "llama"))
     _stop_at_turn_end(model, tok)
     return model, tok, None
 
@@ -85,7 +69,7 @@ def _qwen(overrides: dict[str, Any]) -> Built:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = byte_tokenizer()  # Qwen2 differs from Llama: q/k/v biases, tied embeddings here
-    defaults = {**_text_defaults(tok), "tie_word_embeddings": True}
+    defaults = {**text_defaults(tok), "tie_word_embeddings": True}
     model = Qwen2ForCausalLM(_hf_config(Qwen2Config, defaults, overrides, "qwen"))
     _stop_at_turn_end(model, tok)
     return model, tok, None
@@ -95,7 +79,7 @@ def _gpt2(overrides: dict[str, Any]) -> Built:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = byte_tokenizer()
-    ids = {k: v for k, v in _text_defaults(tok).items() if k.endswith("token_id")}
+    ids = {k: v for k, v in text_defaults(tok).items() if k.endswith("token_id")}
     defaults = {"vocab_size": len(tok), "n_positions": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, **ids}
     model = GPT2LMHeadModel(_hf_config(GPT2Config, defaults, overrides, "gpt2"))
     _stop_at_turn_end(model, tok)
@@ -116,7 +100,7 @@ def _llava(overrides: dict[str, Any]) -> Built:
         "patch_size": PATCH_SIZE,
         "projection_dim": 32,
     }
-    text = {"model_type": "llama", **_text_defaults(tok)}
+    text = {"model_type": "llama", **text_defaults(tok)}
     defaults = {
         "vision_config": vision,
         "text_config": text,

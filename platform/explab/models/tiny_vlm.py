@@ -19,13 +19,14 @@ IMAGE_SIZE = 32
 Built = tuple[Any, Any, Any]  # model, tokenizer, processor
 
 
-def _text(tok: Any) -> dict[str, Any]:
-    """The language model's size: the same small decoder as ``tiny:llama`` / ``tiny:qwen``."""
+def text_defaults(tok: Any) -> dict[str, Any]:
+    """The small decoder every tiny language model uses (``tiny:llama``/``qwen`` and the VLMs' LLMs)."""
     return {
         "vocab_size": len(tok),
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
+        # head size 32: the smallest vLLM's CPU attention kernels accept (16 is refused)
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
         "max_position_embeddings": 512,
@@ -57,7 +58,7 @@ def llava_next(overrides: dict[str, Any], config_of: Any) -> Built:
             "patch_size": patch,
             "projection_dim": 32,
         },
-        "text_config": {"model_type": "llama", **_text(tok)},
+        "text_config": {"model_type": "llama", **text_defaults(tok)},
         "image_token_index": tok.convert_tokens_to_ids(IMAGE_TOKEN),
         "vision_feature_layer": -2,
         "vision_feature_select_strategy": "default",
@@ -101,7 +102,7 @@ def qwen2_5_vl(overrides: dict[str, Any], config_of: Any) -> Built:
 
     # an image part is <|vision_start|><|image_pad|><|vision_end|>; the processor expands the pad
     tok = byte_tokenizer(extra_special=QWEN_VISION, image_placeholder="".join(QWEN_VISION[:3:2]) + QWEN_VISION[1])
-    text = _text(tok)
+    text = text_defaults(tok)
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     # M-RoPE splits the rotary half-dimension into (temporal, height, width) sections
     mrope = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
@@ -178,7 +179,7 @@ def internvl(overrides: dict[str, Any], config_of: Any) -> Built:
             "image_size": [IMAGE_SIZE, IMAGE_SIZE],
             "patch_size": [patch, patch],
         },
-        "text_config": {"model_type": "qwen2", **_text(tok)},
+        "text_config": {"model_type": "qwen2", **text_defaults(tok)},
         "image_token_id": tok.context_image_token_id,
         "image_seq_length": (IMAGE_SIZE // patch // 2) ** 2,
         "downsample_ratio": 0.5,
