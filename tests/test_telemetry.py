@@ -137,7 +137,8 @@ def test_sweep_trials_are_runs_tagged_with_their_sweep(head_jobs):
     assert counts() == (spec["num_samples"],) * 2  # every trial started and ended as a run
     sweeps = {labels["sweep"] for labels, _ in head_jobs.samples["ray_explab_runs_started_total"].values()
               if labels["explab_job"] == "quadratic"}
-    assert sweeps and "" not in sweeps
+    # the tag is the sweep's id: its directory under the runs dir
+    assert sweeps == {p.name for p in (head_jobs.runs_dir / "sweeps" / "quadratic").iterdir()}
     assert head_jobs.values("ray_explab_job_metric", explab_job="quadratic", metric="objective")
 
 
@@ -209,6 +210,32 @@ def test_failed_and_stopped_runs_are_counted_as_such(fake_instruments, tmp_path,
     assert manifest["status"] == status
     assert len(fake_instruments[status].calls) == 1 and not fake_instruments["completed"].calls
     assert fake_instruments["duration"].calls[0][1]["status"] == status
+
+
+def test_a_sweep_trial_is_counted_by_the_driver_not_by_itself(fake_instruments, tmp_path, monkeypatch):
+    # a trial actor may die before Ray exports its last counts: its run sets gauges only
+    from explab import runs
+    from explab.job import Job
+
+    monkeypatch.setattr(runs, "_tune_experiment", lambda: "tune")  # as inside a Tune trial
+    run_dir, _ = runs.execute(Job("toy", "toy", ToyConfig, _toy), ToyConfig(), tmp_path, sweep="s1")
+    assert not fake_instruments["started"].calls and not fake_instruments["completed"].calls
+    assert not fake_instruments["duration"].calls
+    run = {"explab_job": "toy", "run": run_dir.name, "model": "", "sweep": "s1"}
+    assert fake_instruments["progress"].calls[-1] == (1.0, run)
+    # the driver counts each trial once, with its end's status; one it never saw start counts as started
+    counts = telemetry.TrialCounts()
+    counts.started("t1", "toy", "tiny:llama", "s1")
+    counts.started("t2", "toy", "tiny:llama", "s1")
+    counts.ended("t1", "completed", "toy", "tiny:llama", "s1")
+    counts.ended("t2", "stopped", "toy", "tiny:llama", "s1")
+    counts.ended("t3", "failed", "toy", "tiny:llama", "s1")
+    tags = {"explab_job": "toy", "model": "tiny:llama", "sweep": "s1"}
+    assert fake_instruments["started"].calls == [(1, tags)] * 3
+    assert [len(fake_instruments[s].calls) for s in ("completed", "stopped", "failed")] == [1, 1, 1]
+    assert sorted(t["status"] for _, t in fake_instruments["duration"].calls) == ["completed", "failed", "stopped"]
+    with pytest.raises(ValueError, match="not one of"):
+        counts.ended("t4", "done", "toy", "", "s1")
 
 
 def test_run_metrics_are_silent_without_ray(monkeypatch):

@@ -247,8 +247,10 @@ class RunContext:
         self._step = 0
         self._models: dict[str, dict[str, Any]] = {}
         self.manifest: dict[str, Any] = {}
-        self.sweep = sweep if sweep is not None else _tune_experiment()
-        self.run_metrics = RunMetrics(job, run_dir.name, _model_tag(config), self.sweep)
+        trial = _tune_experiment()
+        self.sweep = sweep if sweep is not None else trial
+        # a sweep trial's start and end are counted by the sweep's driver (see telemetry.TrialCounts)
+        self.run_metrics = RunMetrics(job, run_dir.name, _model_tag(config), self.sweep, counted=not trial)
         self._progress: list[Progress] = []
         seed_everything(self.seed)
 
@@ -359,7 +361,7 @@ def _model_tag(config: BaseModel) -> str:
 
 
 def _tune_experiment() -> str:
-    """The Tune experiment (sweep) this process runs a trial of, or ""."""
+    """The Tune experiment this process runs a trial of, or "" outside Tune trials."""
     if "ray.tune" not in sys.modules:
         return ""
     try:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from explab import store, sweep_report
+from explab import store, sweep_report, telemetry
 from explab.config import apply_overrides, read_yaml, set_dotted, validate
 from explab.errors import ConfigError, ExplabError
 from explab.sweep_spec import (  # noqa: F401 - the spec's names stay importable from explab.sweep
@@ -172,13 +172,15 @@ def _completed(run_dir: Path, config: BaseModel) -> dict[str, Any] | None:
         return None
 
 
-def run_trial(params: dict[str, Any], *, job_name: str, base: dict[str, Any], trials_dir: str) -> None:
+def run_trial(params: dict[str, Any], *, job_name: str, base: dict[str, Any], trials_dir: str,
+              sweep: str = "") -> None:
     """Tune's function trainable: one run of the job with the trial's params.
 
     Runs in a Tune trial actor of the driver's cluster (Ray is initialised there, so servers are
     shared). A trial that finds a completed run of its own config (a resumed sweep that was killed
     between the trial's end and Tune's next state save) reports that run again instead of
-    re-running it.
+    re-running it. The run's metrics are tagged with ``sweep`` (the sweep's id); the driver counts
+    the trial's start and end (`telemetry.TrialCounts`).
     """
     from ray import tune
 
@@ -209,7 +211,7 @@ def run_trial(params: dict[str, Any], *, job_name: str, base: dict[str, Any], tr
         tune.report({**row, RUN_DIR_KEY: str(run_dir)})
 
     try:
-        _, result = execute(job, config, run_dir=run_dir, reporter=report)
+        _, result = execute(job, config, run_dir=run_dir, reporter=report, sweep=sweep)
     finally:
         release_private_servers()
     tune.report({**final_metrics(last, result), FINAL_KEY: 1, RUN_DIR_KEY: str(run_dir)})
@@ -259,6 +261,17 @@ class _Sink:
         self.task = progress.add_task("sweep", total=total, completed=done, best="") if progress else None
         self.durable: set[str] = set()
         self.pending = False
+        self.counts = telemetry.TrialCounts()
+        self._model = _model_name(plan)
+
+    def started(self, trial: Any) -> None:
+        self.counts.started(trial.trial_id, self.plan.spec.job, self._model, self.sweep_dir.name)
+
+    def ended(self, trial: Any) -> None:
+        """Count a trial's end as a run's: failed, completed, or stopped (by the scheduler)."""
+        state = sweep_report.trial_rows([trial], self.plan.spec, self.sweep_dir, finished=trial)[0]["status"]
+        status = {"failed": "failed", "completed": "completed"}.get(state, "stopped")
+        self.counts.ended(trial.trial_id, status, self.plan.spec.job, self._model, self.sweep_dir.name)
 
     def update(self, trials: list[Any], finished: Any | None) -> None:
 
@@ -292,16 +305,32 @@ def saved_finished(experiment: Path) -> set[str]:
 _SINK: _Sink | None = None
 
 
+def _model_name(plan: Plan) -> str:
+    """The model tag of the sweep's runs (the base config's; a sweep rarely varies the model)."""
+    from explab.runs import _model_tag
+
+    try:
+        return _model_tag(trial_config(load_job(plan.spec.job), plan.base, {}))
+    except Exception:  # noqa: BLE001 - a tag, never a reason to fail the sweep
+        return ""
+
+
 class SweepProgress(Callback):
     """Drives whatever sink the live sweep set. Stateless: Tune pickles it with the Tuner and
     `Tuner.restore` brings it back (by reference to this module, so it sees the new sink)."""
 
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if _SINK is not None:
+            _SINK.started(trial)
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if _SINK is not None:
+            _SINK.ended(trial)
             _SINK.update(trials, trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if _SINK is not None:
+            _SINK.ended(trial)
             _SINK.update(trials, trial)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -472,7 +501,8 @@ def _fit(plan: Plan, sweep_dir: Path, manifest: dict[str, Any], resume: bool, pr
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     experiment = sweep_dir / TUNE_DIR
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, job_name=spec.job, base=plan.base, trials_dir=str(sweep_dir / TRIALS_DIR)),
+        tune.with_parameters(run_trial, job_name=spec.job, base=plan.base, trials_dir=str(sweep_dir / TRIALS_DIR),
+                             sweep=sweep_dir.name),
         {"cpu": spec.resources_per_trial.cpu, "gpu": spec.resources_per_trial.gpu},
     )
     done = 0

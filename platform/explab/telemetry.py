@@ -8,9 +8,11 @@ Runs (``explab.runs``) report, tagged with ``explab_job`` (the job's name: a ``j
 clash with Prometheus's own), ``run`` (the run id), ``model`` and ``sweep`` (the sweep a trial
 belongs to; empty outside sweeps): progress (a fraction), the job's logged and final metrics
 (one gauge with a ``metric`` tag, so Grafana can template on it), runs started, completed,
-failed and stopped (ended from outside, e.g. by a sweep's scheduler), and run durations. Counters and the duration
-histogram leave out the run tag: they are kept by each node's metrics agent for the life of the cluster,
-one series per tag set.
+failed and stopped (ended from outside, e.g. by a sweep's scheduler), and run durations. Counters and the
+duration histogram leave out the run tag: they are kept by each node's metrics agent for the life of the
+cluster, one series per tag set. A sweep's trials are counted by the sweep's driver (`TrialCounts`): a
+trial actor can die before Ray exports its last counts; a driver is flushed when it exits. The ``sweep``
+tag is the sweep's id (its directory's name).
 
 Ray exports every metric with a ``ray_`` prefix; counters get ``_total``, histograms
 ``_bucket``/``_sum``/``_count`` (`PROMETHEUS_NAMES`). Counters and histograms stay in the export
@@ -170,11 +172,16 @@ def _run_instruments() -> dict[str, Any]:
 class RunMetrics:
     """One run's metrics. Every call is a no-op while Ray is not initialized, and never raises:
     a metrics hiccup must not fail a run. ``started`` is counted once, on the first call made
-    with Ray up, so started >= completed + failed + stopped always holds."""
+    with Ray up, so started >= completed + failed + stopped always holds.
 
-    def __init__(self, job: str, run: str, model: str = "", sweep: str = ""):
+    ``counted=False`` leaves the counters and the duration to someone else: a sweep's trial is
+    counted by the sweep's driver (`TrialCounts`), because a trial actor that Tune ends may die
+    before Ray exports what it counted last (its metrics leave the process every 10 s)."""
+
+    def __init__(self, job: str, run: str, model: str = "", sweep: str = "", *, counted: bool = True):
         self.tags = {"explab_job": job, "run": run, "model": model or "", "sweep": sweep or ""}
         self.count_tags = {k: self.tags[k] for k in RUN_COUNT_TAGS}
+        self.counted = counted
         self._started = False
         self._start_time = time.time()
         self._warned = False
@@ -188,7 +195,8 @@ class RunMetrics:
             m = _run_instruments()
             if not self._started:
                 self._started = True
-                m["started"].inc(1, tags=self.count_tags)
+                if self.counted:
+                    m["started"].inc(1, tags=self.count_tags)
             return m
         except Exception as error:  # pragma: no cover - defensive
             self._warn(error)
@@ -236,12 +244,55 @@ class RunMetrics:
         try:
             if status == "completed":
                 m["progress"].set(1.0, tags=self.tags)
-            m[status].inc(1, tags=self.count_tags)
-            m["duration"].observe(time.time() - self._start_time, tags={**self.count_tags, "status": status})
+            if self.counted:
+                _count_end(m, self.count_tags, status, time.time() - self._start_time)
         except Exception as error:
             self._warn(error)
         finally:
             keeper.drop(explab_job=self.tags["explab_job"], run=self.tags["run"])
+
+
+def _count_end(m: dict[str, Any], count_tags: dict[str, str], status: str, duration_s: float) -> None:
+    m[status].inc(1, tags=count_tags)
+    m["duration"].observe(duration_s, tags={**count_tags, "status": status})
+
+
+class TrialCounts:
+    """A sweep's trials counted as runs, from the sweep's driver (a long-lived process that Ray
+    flushes at exit): started when Tune starts a trial, completed/failed/stopped with its duration
+    when Tune ends it. Never raises; a no-op while Ray is not initialized."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[dict[str, str], float]] = {}
+
+    def started(self, trial_id: str, job: str, model: str, sweep: str) -> None:
+        tags = {"explab_job": job, "model": model or "", "sweep": sweep or ""}
+        self._open[trial_id] = (tags, time.time())
+        m = self._instruments()
+        if m is not None:
+            m["started"].inc(1, tags=tags)
+
+    def ended(self, trial_id: str, status: str, job: str, model: str, sweep: str) -> None:
+        """Count the trial's end; a trial this driver never saw start (resumed mid-way) is counted
+        as started too, so started >= completed + failed + stopped holds."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
+        if trial_id not in self._open:
+            self.started(trial_id, job, model, sweep)
+        tags, start = self._open.pop(trial_id)
+        m = self._instruments()
+        if m is not None:
+            _count_end(m, tags, status, time.time() - start)
+
+    @staticmethod
+    def _instruments() -> dict[str, Any] | None:
+        try:
+            import ray
+
+            return _run_instruments() if ray.is_initialized() else None
+        except Exception as error:  # pragma: no cover - defensive
+            logger.warning("explab sweep trial counts not recorded: %s", error)
+            return None
 
 
 def _is_number(value: Any) -> bool:
