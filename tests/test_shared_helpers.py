@@ -90,3 +90,15 @@ def test_user_error_finds_the_explab_error_behind_a_wrapped_or_remote_failure():
     assert type(user_error(remote)) is ConfigError and str(user_error(remote)) == "field 'x': fix it"
     assert user_error(ValueError("plain")) is None
     assert issubclass(ConfigError, ExplabError)
+
+
+def test_unit_rows_scales_each_row_to_norm_one_and_keeps_zero_rows_and_dtype():
+    import numpy as np
+
+    from explab.vectors import unit_rows
+
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-3, 0.0]], dtype=np.float32)
+    out = unit_rows(x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(unit_rows(np.array([0.0, 2.0])), [0.0, 1.0])  # a single vector

@@ -22,6 +22,7 @@ from explab.errors import ConfigError
 from explab.interventions import Capture, PointName
 from explab.models import EncoderSpec, ModelSpec, load_encoder
 from explab.servers import ServerOptions
+from explab.vectors import unit_rows
 
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -41,11 +42,6 @@ class EmbedderConfig(Section):
         return self
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
 class HashingEmbedder:
     def __init__(self, dim: int = 1024):
         self.dim = dim
@@ -62,7 +58,7 @@ class HashingEmbedder:
                 counts[idx] = counts.get(idx, 0.0) + sign
             for idx, c in counts.items():
                 out[row, idx] = np.sign(c) * np.log1p(abs(c))
-        return _normalize(out)
+        return unit_rows(out)
 
 
 class HookedEmbedder:
@@ -78,7 +74,7 @@ class HookedEmbedder:
         results = self.handle.forward([{"text": t or " ", "interventions": capture} for t in texts])
         acts = [np.asarray(r.captures[self.point], dtype=np.float32) for r in results]
         pooled = np.stack([a.mean(axis=0) if self.pooling == "mean" else a[-1] for a in acts])
-        return _normalize(pooled)
+        return unit_rows(pooled)
 
 
 class EncoderEmbedder:
@@ -97,7 +93,7 @@ class EncoderEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         if self._encoder is None:
             self._encoder = load_encoder(self.spec)
-        return _normalize(self._encoder.encode(list(texts), "text"))
+        return unit_rows(self._encoder.encode(list(texts), "text"))
 
 
 def make_embedder(cfg: EmbedderConfig, ctx: Any) -> Any:

@@ -35,6 +35,7 @@ from explab.job import Job
 from explab.models import EncoderSpec, ModelSpec
 from explab.runs import RunContext
 from explab.servers import ServerOptions
+from explab.vectors import unit_rows
 from jobs.ezpc import concepts as vocab
 from jobs.ezpc import explain, metrics, plots, shapes
 from jobs.ezpc.model import TrainResult, train_projection
@@ -192,10 +193,6 @@ def vocabulary(ds: DatasetConfig, names: list[str], config: Config, ctx: RunCont
     return frame.set_index("key").loc[order].reset_index()[["concept", "cls"]]
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
-
-
 def cache_root(config: Config, ctx: RunContext) -> Path:
     """Where embeddings are cached: ``cache_dir``, else the pipeline's own (`explab.embeddings.cache_root`
     of this run's runs folder: $EXPLAB_CACHE, or ``cache/`` beside the runs dir)."""
@@ -217,7 +214,7 @@ def image_embeddings(backbone: EncoderSpec, ds: DatasetConfig, split: str, limit
     frame = result.frame()
     if not len(frame):
         return np.zeros((0, result.dim), np.float32), np.zeros(0, dtype=int)
-    V = unit(np.stack(frame.pop("embedding").to_numpy()).astype(np.float32))
+    V = unit_rows(np.stack(frame.pop("embedding").to_numpy()).astype(np.float32))
     return V, frame[ds.label_column].to_numpy().astype(int)
 
 
@@ -363,11 +360,11 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
             texts += [t.format(n) for n in names[ds.name] for t in config.class_templates]
         unique = list(dict.fromkeys(texts))
         where = {t: i for i, t in enumerate(unique)}
-        E = unit(embed(backbone, unique, modality="text", options=config.text_embed, cache_dir=cache).array())
+        E = unit_rows(embed(backbone, unique, modality="text", options=config.text_embed, cache_dir=cache).array())
         for ds in config.datasets:
             full = vocabularies[ds.name]
             C_full = E[[where[config.concepts.template.format(c)] for c in full["concept"]]]
-            T = np.stack([unit(E[[where[t.format(n)] for t in config.class_templates]].mean(axis=0))
+            T = np.stack([unit_rows(E[[where[t.format(n)] for t in config.class_templates]].mean(axis=0))
                           for n in names[ds.name]])
             keep = np.ones(len(full), dtype=bool)
             if config.concepts.max_class_similarity is not None:

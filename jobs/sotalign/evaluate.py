@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def normalize(Z: np.ndarray) -> np.ndarray:
-    Z = np.asarray(Z, dtype=np.float64)
-    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+from explab.vectors import unit_rows
 
 
 def recall_at(sim: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
@@ -37,7 +34,7 @@ def retrieval(img: np.ndarray, txt: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)
     """Image→text and text→image recall@k, and the mean R@1 of both directions. Without ``groups``
     row i of each matches; with ``groups`` (COCO: 5 captions an image) text j shows image
     ``groups[j]`` and every caption of an image counts as correct (`grouped_recall`)."""
-    sim = normalize(img) @ normalize(txt).T
+    sim = unit_rows(np.asarray(img, np.float64)) @ unit_rows(np.asarray(txt, np.float64)).T
     if groups is None:
         i2t, t2i = recall_at(sim, ks), recall_at(sim.T, ks)
     else:
@@ -49,7 +46,7 @@ def retrieval(img: np.ndarray, txt: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)
 
 def zero_shot(img: np.ndarray, class_txt: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of assigning each image to the most similar class-prompt embedding."""
-    sim = normalize(img) @ normalize(class_txt).T
+    sim = unit_rows(np.asarray(img, np.float64)) @ unit_rows(np.asarray(class_txt, np.float64)).T
     if not np.isfinite(sim).all():  # argmax would pick the first NaN: undefined, not a prediction
         return float("nan")
     pred = sim.argmax(axis=1)
