@@ -439,13 +439,15 @@ def test_a_sweep_never_picks_a_trial_whose_metric_is_nan(tmp_path, ray_local):
 
 
 def test_a_sweep_metric_the_job_never_reports_is_an_error(tmp_path, ray_local, cli):
-    spec = quadratic_spec(tmp_path / "typo.yaml", metric="objectiv", num_samples=2)
+    spec = quadratic_spec(tmp_path / "typo.yaml", metric="objectiv", num_samples=16, max_concurrent=1)
     code, _, err = cli("sweep", str(spec), "--runs-dir", str(tmp_path / "runs"))
     lines = [line for line in err.strip().splitlines() if line.strip() and "Ray dashboard" not in line]
     assert code != 0 and "no trial reported a finite value of metric 'objectiv'" in lines[-1], err
     assert "the job reported: cost, distance, f, objective" in lines[-1]
     (sweep_dir,) = (tmp_path / "runs" / "sweeps" / "quadratic").iterdir()
-    assert strict_json(sweep_dir / "manifest.json")["status"] == "failed"
+    manifest = strict_json(sweep_dir / "manifest.json")
+    assert manifest["status"] == "failed"
+    assert manifest["trials"] <= 2  # the sweep ended after the first finished trial, not after all 16
 
 
 def test_a_trial_asking_for_more_cpus_than_any_node_has_is_refused_before_the_sweep_exists(tmp_path, ray_local, cli):
@@ -525,6 +527,20 @@ def test_the_token_goes_only_over_https_or_to_a_loopback_address(monkeypatch):
     for address in ("http://10.0.0.5:8265", "http://ray.example.org:8265", "head:8265"):
         assert not jobs_api.token_may_travel(address), address
     monkeypatch.setenv("EXPLAB_ALLOW_PLAIN_TOKEN", "1")
+    assert jobs_api.token_may_travel("http://10.0.0.5:8265")
+
+
+def test_allow_plain_token_is_a_flag_of_every_command_that_talks_to_a_cluster(monkeypatch, cli):
+    from explab import cli as cli_module
+    from explab import jobs_api
+
+    for command in ("submit", "pull", "status", "logs", "stop"):
+        code, out, _ = cli(command, "--help")
+        assert code == 0 and "--allow-plain-token" in out, command
+    monkeypatch.delenv("EXPLAB_ALLOW_PLAIN_TOKEN", raising=False)
+    cli_module._allow_plain_token(False)
+    assert not jobs_api.token_may_travel("http://10.0.0.5:8265")
+    cli_module._allow_plain_token(True)  # what the flag does before the command runs
     assert jobs_api.token_may_travel("http://10.0.0.5:8265")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -301,6 +302,20 @@ JobsAddressOpt = Annotated[str | None, typer.Option(
     "--address", help="Ray dashboard address, http://HOST:8265 (default: RAY_ADDRESS if it is http(s), else http://127.0.0.1:8265)")]
 
 
+def _allow_plain_token(value: bool) -> bool:
+    if value:  # read where the token is attached (jobs_api.token_may_travel)
+        from explab.jobs_api import PLAIN_TOKEN_ENV
+
+        os.environ[PLAIN_TOKEN_ENV] = "1"
+    return value
+
+
+PlainTokenOpt = Annotated[bool, typer.Option(
+    "--allow-plain-token", callback=_allow_plain_token,
+    help="send the Ray auth token even over plain http to a non-loopback address (default: only https or a "
+         "loopback/tunnelled address; same as EXPLAB_ALLOW_PLAIN_TOKEN=1)")]
+
+
 @app.command("submit")
 def submit_cmd(
     job: Annotated[str | None, typer.Argument(help="job name (see `explab jobs`); leave out with --sweep")] = None,
@@ -312,6 +327,7 @@ def submit_cmd(
         "--runs-dir", help="where run directories go, on the cluster (default: the cluster's EXPLAB_RUNS_DIR, "
                            "else runs/ in the job's working dir)")] = None,
     address: JobsAddressOpt = None,
+    allow_plain_token: PlainTokenOpt = False,
     sweep: Annotated[str | None, typer.Option(
         "--sweep", help="submit `explab sweep SWEEP.yaml` instead of a run")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="with --sweep: resume the sweep")] = False,
@@ -345,7 +361,8 @@ def submit_cmd(
 
 @app.command("pull")
 def pull_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab submit`")],
-             runs_dir: RunsDirOpt = None, address: JobsAddressOpt = None) -> None:
+             runs_dir: RunsDirOpt = None, address: JobsAddressOpt = None,
+             allow_plain_token: PlainTokenOpt = False) -> None:
     """Bring a finished submitted job's run (or sweep) directory back into the local runs dir."""
     from explab.pull import pull
 
@@ -358,7 +375,7 @@ def pull_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab sub
 @app.command("status")
 def status_cmd(job_id: Annotated[str | None, typer.Argument(
                    help="job id from `explab submit` (leave out to list the jobs)")] = None,
-               address: JobsAddressOpt = None) -> None:
+               address: JobsAddressOpt = None, allow_plain_token: PlainTokenOpt = False) -> None:
     """A submitted job's status (or every job on the cluster)."""
     from explab import jobs_api
 
@@ -378,7 +395,7 @@ def status_cmd(job_id: Annotated[str | None, typer.Argument(
 @app.command("logs")
 def logs_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab submit`")],
              follow: Annotated[bool, typer.Option("--follow", "-f", help="stream the logs until the job ends")] = False,
-             address: JobsAddressOpt = None) -> None:
+             address: JobsAddressOpt = None, allow_plain_token: PlainTokenOpt = False) -> None:
     """A submitted job's output (stdout and stderr of its driver)."""
     from explab import jobs_api
 
@@ -394,7 +411,7 @@ def logs_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab sub
 
 @app.command("stop")
 def stop_cmd(job_id: Annotated[str, typer.Argument(help="job id from `explab submit`")],
-             address: JobsAddressOpt = None) -> None:
+             address: JobsAddressOpt = None, allow_plain_token: PlainTokenOpt = False) -> None:
     """Stop a submitted job."""
     from explab import jobs_api
 

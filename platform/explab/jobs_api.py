@@ -15,7 +15,7 @@ copied to a staging folder that becomes the working dir; a tracked file that loo
 (`SECRET_PATTERNS`) stops the submission. Runs go to a durable folder on the cluster
 (`CLUSTER_RUNS_DIR`: the cluster's ``EXPLAB_RUNS_DIR``, else ``~/explab-runs``), never into Ray's
 temporary working-dir package. The cluster token is sent only over https or to a loopback
-(tunnelled) address, unless ``EXPLAB_ALLOW_PLAIN_TOKEN=1``.
+(tunnelled) address, unless ``--allow-plain-token`` / ``EXPLAB_ALLOW_PLAIN_TOKEN=1``.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def _auth_headers(address: str | None = None) -> dict[str, str]:
         headers = {}
     if headers and address is not None and not token_may_travel(address):
         raise ExplabError(f"refusing to send the Ray auth token in clear text to {address}: use https, or an SSH "
-                          "tunnel to 127.0.0.1 (`ray dashboard cluster.yaml`), or set "
-                          f"{PLAIN_TOKEN_ENV}=1 to send it anyway")
+                          "tunnel to 127.0.0.1 (`ray dashboard cluster.yaml`), or pass --allow-plain-token "
+                          f"(or set {PLAIN_TOKEN_ENV}=1) to send it anyway")
     return headers
 
 

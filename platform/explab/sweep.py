@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 from ray.tune.search.optuna import OptunaSearch
 
 from explab import store, sweep_report, telemetry
@@ -35,6 +35,7 @@ from explab.errors import ConfigError, ExplabError
 from explab.sweep_spec import (  # noqa: F401 - the spec's names stay importable from explab.sweep
     BASE_FILE,
     FINAL_KEY,
+    NAMES_KEY,
     RUN_DIR_KEY,
     SPEC_FILE,
     TRIALS_DIR,
@@ -214,7 +215,14 @@ def run_trial(params: dict[str, Any], *, job_name: str, base: dict[str, Any], tr
         _, result = execute(job, config, run_dir=run_dir, reporter=report, sweep=sweep)
     finally:
         release_private_servers()
-    tune.report({**final_metrics(last, result), FINAL_KEY: 1, RUN_DIR_KEY: str(run_dir)})
+    tune.report(final_report(last, result, run_dir))
+
+
+def final_report(last: dict[str, Any], result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A trial's last report: its final metrics, the markers, and the names of every metric the job
+    logged or returned (finite or not), so `UnreportedMetric` can tell a typo from a diverged run."""
+    return {**final_metrics(last, result), FINAL_KEY: 1, RUN_DIR_KEY: str(run_dir),
+            NAMES_KEY: " ".join(sorted({*last, *result}))}
 
 
 def final_metrics(last: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +241,7 @@ def _replay(run_dir: Path, result: dict[str, Any]) -> None:
         row = {k: v for k, v in row.items() if k != "time" and not _missing(v)}
         last.update({k: v for k, v in row.items() if k != "step"})
         tune.report({**row, RUN_DIR_KEY: str(run_dir)})
-    tune.report({**final_metrics(last, result), FINAL_KEY: 1, RUN_DIR_KEY: str(run_dir)})
+    tune.report(final_report(last, result, run_dir))
 
 
 def _missing(value: Any) -> bool:
@@ -336,6 +344,26 @@ class SweepProgress(Callback):
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if _SINK is not None and _SINK.pending:
             _SINK.update(trials, None)
+
+
+class UnreportedMetric(Stopper):
+    """Ends the sweep as soon as a trial finishes whose job never logged or returned a goal metric
+    (a typo in the spec, or the wrong job): every other trial would miss it too. A metric that was
+    reported but not finite (a diverged trial) does not count; the sweep then fails with one line
+    (`sweep_report.write_outputs` names what the job did report)."""
+
+    def __init__(self, metrics: list[str]):
+        self.metrics = list(metrics)
+        self.missing = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        names = result.get(NAMES_KEY)
+        if result.get(FINAL_KEY) and isinstance(names, str):
+            self.missing |= any(m not in names.split() for m in self.metrics)
+        return False
+
+    def stop_all(self) -> bool:
+        return self.missing
 
 
 class Search(OptunaSearch):
@@ -515,7 +543,7 @@ def _fit(plan: Plan, sweep_dir: Path, manifest: dict[str, Any], resume: bool, pr
         tuner = tune.Tuner(trainable, tune_config=_tune_config(spec), run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            verbose=0, callbacks=[SweepProgress()],
+            verbose=0, callbacks=[SweepProgress()], stop=UnreportedMetric([g.metric for g in spec.goals]),
         ))
     bar = _progress_bar(spec) if progress else None
     tune_logger = logging.getLogger("ray.tune")

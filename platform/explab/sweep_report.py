@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from explab import store
-from explab.sweep_spec import FINAL_KEY, RUN_DIR_KEY, TRIALS_DIR, SweepSpec, attempts
+from explab.sweep_spec import FINAL_KEY, NAMES_KEY, RUN_DIR_KEY, TRIALS_DIR, SweepSpec, attempts
 
 STATUSES = ("completed", "stopped_early", "failed")
 FINISHED = set(STATUSES)
@@ -22,7 +22,7 @@ _TUNE_KEYS = {
     "training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname", "pid",
     "time_this_iter_s", "timestamp", "date", "time_since_restore", "timesteps_since_restore",
     "iterations_since_restore", "config", "checkpoint_dir_name", "trial_id", "done", "experiment_tag",
-    "should_checkpoint", "step", FINAL_KEY, RUN_DIR_KEY,
+    "should_checkpoint", "step", FINAL_KEY, RUN_DIR_KEY, NAMES_KEY,
 }
 
 

@@ -17,6 +17,7 @@ from explab.errors import ConfigError
 
 FINAL_KEY = "explab_final"  # set on the report that carries the job's final metrics
 RUN_DIR_KEY = "explab_run_dir"
+NAMES_KEY = "explab_metric_names"  # on the final report: every metric name the job logged or returned
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 SPEC_FILE = "sweep.yaml"
