@@ -7,6 +7,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# the S3-compatible server of tests/test_mirror.py (started there, on 127.0.0.1): its address and fake
+# credentials are set before any Ray starts, so that Ray's workers (sweep trials) can reach it too
+S3_PORT = _free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="explab-tests",
+                  AWS_SECRET_ACCESS_KEY="explab-tests", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_EC2_METADATA_DISABLED="true")
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One embedded Ray instance for the whole test session (no dashboard: faster start)."""

@@ -1,9 +1,11 @@
 """Where explab keeps things on disk: the runs folder and the cache beside it.
 
-- runs: ``--runs-dir``, else ``EXPLAB_RUNS_DIR``, else ``./runs``;
+- runs: ``--runs-dir``, else ``EXPLAB_RUNS_DIR``, else ``./runs``; an object-store URI
+  (``s3://bucket/runs``) is worked on through its local mirror (`explab.mirror`);
 - cache (computed once, reused across runs: embeddings, converted models): ``$EXPLAB_CACHE/<name>``
   when ``EXPLAB_CACHE`` is set, else ``<runs-dir>/../cache/<name>`` (``./cache/<name>`` next to
-  ``./runs`` by default). On a multi-node cluster point both at shared storage.
+  ``./runs`` by default; beside the mirror for a URI runs dir). On a multi-node cluster point both at
+  shared storage, or give the runs dir as a URI.
 """
 
 from __future__ import annotations
@@ -11,11 +13,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from explab import mirror
+
 DEFAULT_RUNS_DIR = "runs"
 
 
 def runs_root(runs_dir: str | Path | None = None) -> Path:
-    return Path(runs_dir or os.environ.get("EXPLAB_RUNS_DIR", DEFAULT_RUNS_DIR)).expanduser()
+    """The local runs folder: the path given, or for an object-store URI its mirror folder."""
+    location = runs_dir or os.environ.get("EXPLAB_RUNS_DIR", DEFAULT_RUNS_DIR)
+    if mirror.is_uri(location):
+        return mirror.local_for(str(location))
+    return Path(location).expanduser()
+
+
+def readable_root(runs_dir: str | Path | None = None) -> Path:
+    """`runs_root`, with a URI's runs brought down into the mirror first (all but their artifacts)."""
+    location = runs_dir or os.environ.get("EXPLAB_RUNS_DIR", DEFAULT_RUNS_DIR)
+    if mirror.is_uri(location):
+        return mirror.sync_down(str(location))
+    return runs_root(location)
 
 
 def runs_root_of(run_dir: str | Path) -> Path:
@@ -27,4 +43,7 @@ def cache_dir(name: str, runs_dir: str | Path | None = None) -> Path:
     """The absolute cache directory for ``name`` (e.g. ``"models"``, ``"embeddings"``); not created here."""
     if os.environ.get("EXPLAB_CACHE"):
         return (Path(os.environ["EXPLAB_CACHE"]).expanduser() / name).resolve()
-    return runs_root(runs_dir).resolve().parent / "cache" / name
+    root = runs_root(runs_dir).resolve()
+    if mirror.uri_for(root) is not None:  # a URI's mirror: the cache stays on this node, beside the mirror
+        return mirror.mirror_root().parent / "cache" / name
+    return root.parent / "cache" / name

@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from explab import __version__, store
+from explab import __version__, mirror, store
 from explab.config import dump_config
 from explab.errors import ExplabError, one_line
-from explab.paths import DEFAULT_RUNS_DIR, runs_root, runs_root_of  # noqa: F401 - importable from here
+from explab.paths import DEFAULT_RUNS_DIR, readable_root, runs_root, runs_root_of  # noqa: F401 - importable from here
 from explab.telemetry import RunMetrics
 
 TRACKED_PACKAGES = (
@@ -67,7 +67,14 @@ EPHEMERAL_MARKER = "/runtime_resources/"  # Ray unpacks a job's working dir (and
 
 def check_runs_dir(runs_dir: str | Path | None = None) -> Path:
     """The runs root, refused in one line when it cannot hold run directories (a file, or under one,
-    or not writable); called before Ray starts so that bad input costs nothing."""
+    or not writable; an object-store URI that cannot be reached); called before Ray starts so that bad
+    input costs nothing."""
+    location = runs_dir or os.environ.get("EXPLAB_RUNS_DIR")
+    if mirror.is_uri(location):
+        try:
+            return mirror.check(str(location))
+        except mirror.MirrorError as err:
+            raise ExplabError(f"runs dir {err}") from None
     root = runs_root(runs_dir)
     absolute = root.resolve()
     if EPHEMERAL_MARKER in absolute.as_posix() or any(part.startswith("_ray_pkg_") for part in absolute.parts):
@@ -432,6 +439,7 @@ def create_run(job: str, config: BaseModel, runs_dir: str | Path | None = None, 
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    mirror.sync_up(run_dir)  # a URI runs dir: the run shows there as running
     return ctx
 
 
@@ -448,6 +456,13 @@ def execute(job: Any, config: BaseModel, runs_dir: str | Path | None = None, *,
     the Tune experiment when this is a trial).
     """
     ctx = create_run(job.name, config, runs_dir, run_dir=run_dir, reporter=reporter, sweep=sweep)
+    try:
+        return _execute(job, config, ctx)
+    finally:
+        mirror.sync_up(ctx.run_dir)  # a URI runs dir: everything the run wrote, by any means, is there
+
+
+def _execute(job: Any, config: BaseModel, ctx: RunContext) -> tuple[Path, dict]:
     ctx.run_metrics.start()
     start = time.time()
     try:
@@ -566,7 +581,7 @@ def list_runs(runs_dir: str | Path | None = None, job: str | None = None) -> lis
     """Every run under the runs root, oldest first. A run with a damaged or missing manifest is
     listed with status ``damaged`` (and what is wrong) instead of hiding the others; a run whose
     process died reads as ``crashed``. Leftover temporary files of finished runs are removed."""
-    root = runs_root(runs_dir)
+    root = readable_root(runs_dir)
     rows = []
     for run_dir in _run_dirs(root, job):
         info = read_run(run_dir)
@@ -587,7 +602,7 @@ def mark_crashed(runs_dir: str | Path | None = None, job: str | None = None) -> 
     unknown), compact the metrics it flushed into ``metrics.parquet`` and remove leftover
     temporary files and half-created run directories; returns the runs marked."""
     marked = []
-    root = runs_root(runs_dir)
+    root = readable_root(runs_dir)
     for partial in root.glob(f"{job or '*'}/.*{PARTIAL_SUFFIX}"):  # a run killed while being created
         if partial.is_dir() and time.time() - partial.stat().st_mtime > 60:
             shutil.rmtree(partial, ignore_errors=True)
@@ -604,6 +619,7 @@ def mark_crashed(runs_dir: str | Path | None = None, job: str | None = None) -> 
         shutil.rmtree(run_dir / METRICS_PARTS, ignore_errors=True)
         store.remove_temporaries(run_dir)
         store.write_json(run_dir / "manifest.json", manifest)
+        mirror.sync_up(run_dir)
         marked.append(run_dir)
     return marked
 
@@ -613,7 +629,7 @@ def resolve_run(ref: str, runs_dir: str | Path | None = None) -> Path:
     path = Path(ref)
     if (path / "manifest.json").is_file() or (path / "config.yaml").is_file():
         return path
-    root = runs_root(runs_dir)
+    root = readable_root(runs_dir)
     if (root / ref).is_dir() and (root / ref).parent.parent == root:
         return root / ref
     matches = [p for p in _run_dirs(root, None) if p.name.startswith(ref)]

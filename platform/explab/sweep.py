@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from ray.tune import Callback, Stopper
 from ray.tune.search.optuna import OptunaSearch
 
-from explab import store, sweep_report, telemetry
+from explab import mirror, store, sweep_report, telemetry
 from explab.config import apply_overrides, read_yaml, set_dotted, validate
 from explab.errors import ConfigError, ExplabError
 from explab.sweep_spec import (  # noqa: F401 - the spec's names stay importable from explab.sweep
@@ -174,14 +174,15 @@ def _completed(run_dir: Path, config: BaseModel) -> dict[str, Any] | None:
 
 
 def run_trial(params: dict[str, Any], *, job_name: str, base: dict[str, Any], trials_dir: str,
-              sweep: str = "") -> None:
+              sweep: str = "", mirror_root: str = "") -> None:
     """Tune's function trainable: one run of the job with the trial's params.
 
     Runs in a Tune trial actor of the driver's cluster (Ray is initialised there, so servers are
     shared). A trial that finds a completed run of its own config (a resumed sweep that was killed
     between the trial's end and Tune's next state save) reports that run again instead of
     re-running it. The run's metrics are tagged with ``sweep`` (the sweep's id); the driver counts
-    the trial's start and end (`telemetry.TrialCounts`).
+    the trial's start and end (`telemetry.TrialCounts`). ``mirror_root`` is the driver's object-store
+    mirror (`explab.mirror`), so that a trial uploads what it writes under ``trials_dir`` wherever it runs.
     """
     from ray import tune
 
@@ -192,6 +193,8 @@ def run_trial(params: dict[str, Any], *, job_name: str, base: dict[str, Any], tr
     # a trial worker joins the driver's Ray (no runtime.init here): quiet Ray Data as runtime.init does,
     # without importing it (seconds) for jobs that do not use it
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    if mirror_root:
+        os.environ["EXPLAB_MIRROR"] = mirror_root
     if "ray.data" in sys.modules:
         _quiet_ray_data()
     job = load_job(job_name)
@@ -335,6 +338,7 @@ class SweepProgress(Callback):
         if _SINK is not None:
             _SINK.ended(trial)
             _SINK.update(trials, trial)
+            mirror.sync_up(_SINK.sweep_dir / TUNE_DIR)  # an object-store runs dir: --resume works from anywhere
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if _SINK is not None:
@@ -422,6 +426,9 @@ def run_sweep(spec_path: str | Path, runs_dir: str | Path | None = None, address
     if resume:
         from ray.tune import Tuner
 
+        from explab.paths import readable_root
+
+        readable_root(runs_dir)  # an object-store runs dir: its sweeps (and their Tune state) come down first
         sweep_dir = find_sweep(spec_path, runs_dir)
         if not Tuner.can_restore(str((sweep_dir / TUNE_DIR).resolve())):
             raise ExplabError(f"{sweep_dir} has no Tune state to resume (it stopped before its first trial): "
@@ -530,7 +537,7 @@ def _fit(plan: Plan, sweep_dir: Path, manifest: dict[str, Any], resume: bool, pr
     experiment = sweep_dir / TUNE_DIR
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, job_name=spec.job, base=plan.base, trials_dir=str(sweep_dir / TRIALS_DIR),
-                             sweep=sweep_dir.name),
+                             sweep=sweep_dir.name, mirror_root=str(mirror.mirror_root())),
         {"cpu": spec.resources_per_trial.cpu, "gpu": spec.resources_per_trial.gpu},
     )
     done = 0
@@ -570,6 +577,9 @@ def _fit(plan: Plan, sweep_dir: Path, manifest: dict[str, Any], resume: bool, pr
             os.environ["RAY_AIR_NEW_OUTPUT"] = engine
         if bar is not None:
             bar.stop()
+    # an object-store runs dir: Tune's state goes up, the run directories of trials on other nodes come down
+    mirror.sync_up(experiment)
+    mirror.sync_down_local(sweep_dir / TRIALS_DIR)
     trials = _load_trials(experiment)
     rows = sweep_report.trial_rows(trials, spec, sweep_dir)
     finished = sum(r["status"] in sweep_report.FINISHED for r in rows)
