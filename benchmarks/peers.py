@@ -197,7 +197,23 @@ def bench_model(spec: dict, args: argparse.Namespace) -> dict[str, Any]:
         systems[name].capture(torch.tensor(ids[:2]))
         systems[name].steer(torch.tensor(ids[:2]), layer, vector, 2)
 
+    workloads = {w.strip() for w in args.workloads.split(",")}
     # 1. capture
+    if "capture" in workloads:
+        _capture(systems, ids, args, report)
+
+    # 2. steered generation, one setting
+    if "steer" in workloads:
+        _steer(systems, texts, ids, layer, vector, eos, args, report)
+
+    # 3. steering sweep: strengths x prompts
+    if "sweep" in workloads:
+        _sweep(systems, texts, ids, layer, vector, eos, args, report)
+    report["server_batching"] = server.stats()["batching"]["batcher"]
+    return report
+
+
+def _capture(systems: dict[str, Any], ids: list[list[int]], args: argparse.Namespace, report: dict) -> None:
     res: dict[str, Any] = {}
     t, _ = _timed(lambda: systems["explab"].capture(ids))
     res["explab"] = t
@@ -207,8 +223,11 @@ def bench_model(spec: dict, args: argparse.Namespace) -> dict[str, Any]:
         res[name] = t
     report["capture"] = _rates(res, args.prompts, args.prompts * args.tokens)
 
-    # 2. steered generation, one setting
-    res, toks, outs = {}, {}, {}
+
+def _steer(systems: dict[str, Any], texts: list[str], ids: list[list[int]], layer: int, vector: torch.Tensor,
+           eos: set[int], args: argparse.Namespace, report: dict) -> None:
+    res: dict[str, Any] = {}
+    outs: dict[str, Any] = {}
     t, out = _timed(lambda: systems["explab"].steer(texts, layer, vector, 1.0, args.new_tokens))
     res["explab"], outs["explab"] = t, [_useful(o, eos) for o in out]
     for name in ("transformer_lens", "nnsight"):
@@ -220,7 +239,9 @@ def bench_model(spec: dict, args: argparse.Namespace) -> dict[str, Any]:
     report["steer"] = _rates(res, args.prompts, toks)
     report["steer"]["tokens_agree"] = _agree(outs, eos)
 
-    # 3. steering sweep: strengths x prompts
+
+def _sweep(systems: dict[str, Any], texts: list[str], ids: list[list[int]], layer: int, vector: torch.Tensor,
+           eos: set[int], args: argparse.Namespace, report: dict) -> None:
     alphas = [2.0 * k / max(args.strengths - 1, 1) for k in range(args.strengths)]
     sweep_texts, sweep_ids = texts[: args.sweep_prompts], ids[: args.sweep_prompts]
     res, outs = {}, {}
@@ -249,8 +270,6 @@ def bench_model(spec: dict, args: argparse.Namespace) -> dict[str, Any]:
     toks = {k: sum(map(len, v)) for k, v in outs.items()}
     report["sweep"] = _rates(res, len(alphas) * len(sweep_ids), toks)
     report["sweep"]["tokens_agree"] = _agree(outs, eos)
-    report["server_batching"] = server.stats()["batching"]["batcher"]
-    return report
 
 
 def _agree(outs: dict[str, list[list[int]]], eos: set[int]) -> dict[str, float]:
@@ -274,6 +293,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="llama,smollm2", help="comma list of: llama, smollm2")
+    parser.add_argument("--workloads", default="capture,steer,sweep", help="comma list of: capture, steer, sweep")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64, help="prompt length in tokens")
     parser.add_argument("--new-tokens", type=int, default=32)
