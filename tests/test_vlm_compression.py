@@ -130,3 +130,59 @@ def test_a_pruned_checkpoint_reloads_through_the_loader_with_identical_logits(tm
     assert parameter_count(again.model) == parameter_count(loaded.model)
     ex = _inputs(loaded)[0]
     assert torch.equal(_logits(again.model, ex), _logits(loaded.model, ex))
+
+
+# ---------------------------------------------------------------- recovery (the pieces `fit` runs, in-process)
+
+
+def _train(student, teacher, mode, rows, steps):
+    from explab.train.loops import build_optimizer, compute_loss, prepare_student
+    from jobs.vlm_compression.config import RecoveryConfig
+    from jobs.vlm_compression.recovery import objective_of, trainer_of
+
+    cfg = RecoveryConfig(trainer={"lr": 3e-3, "batch_size": 4, "warmup_ratio": 0.0, "steps": steps}, epochs=None)
+    trainer, objective = trainer_of(mode, cfg, len(rows), vision=True), objective_of(mode, cfg)
+    model = prepare_student(student.model, trainer)
+    model.train()
+    optimizer, scheduler = build_optimizer(model, trainer)
+    batch = obj.collate([obj.chat_example(student, r["messages"], r["images"]) for r in rows],
+                        student.tokenizer.pad_token_id)
+    for _ in range(trainer.steps):
+        optimizer.zero_grad()
+        compute_loss(model, teacher.model if teacher else None, batch, objective)["loss"].backward()
+        optimizer.step()
+        scheduler.step()
+    model.eval()
+    return model
+
+
+def _kl(student, teacher, rows):
+    batch = obj.collate([obj.chat_example(teacher, r["messages"], r["images"]) for r in rows],
+                        teacher.tokenizer.pad_token_id)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        return float(obj.logit_kd(student(**inputs).logits, teacher.model(**inputs).logits, 2.0,
+                                  mask=batch["attention_mask"]))
+
+
+def test_kd_from_the_unpruned_teacher_reduces_the_pruned_students_kl_on_held_out_data(tmp_path):
+    teacher = load_model(MHA)
+    pruned = load_model(MHA)
+    layerwise.remove_blocks(pruned.model, [1])
+    student = load_model(ModelSpec(name=str(save_pruned(pruned, tmp_path / "p")), device="cpu"))
+    train, held_out = data.training_rows(4, seed=1), data.training_rows(2, seed=2)
+    before = _kl(student.model, teacher, held_out)
+    trained = _train(student, teacher, "kd", train[:8], steps=10)
+    after = _kl(trained, teacher, held_out)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_projector_only_recovery_leaves_the_pruned_backbone_bit_identical(tmp_path):
+    pruned = load_model(GQA)
+    widthwise.apply(pruned.model, widthwise.WidthPlan(attn={2: [0]}, mlp={1: [3]}, layer_ratio=0.0,
+                                                      removed_parameters=0))
+    student = load_model(ModelSpec(name=str(save_pruned(pruned, tmp_path / "p")), device="cpu"))
+    before = {n: p.detach().clone() for n, p in student.model.named_parameters()}
+    trained = _train(student, None, "mm", data.training_rows(2, seed=3)[:4], steps=3)
+    changed = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("multi_modal_projector" in n for n in changed)

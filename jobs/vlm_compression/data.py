@@ -74,30 +74,35 @@ def _mc(question: str, options: list[str]) -> str:
     return f"{question} {listed} Answer with the letter."
 
 
-def items_of(s: Scene, rng: np.random.Generator) -> list[Item]:
-    """The three questions about one scene (options in a seeded order)."""
+def items_of(s: Scene, rng: np.random.Generator, image: bool = True) -> list[Item]:
+    """The three questions about one scene (options in a seeded order). Without ``image`` the question
+    starts with the scene's description (checkable by a text-only model)."""
     colours = list(rng.permutation(list(COLOURS)))
     counts = [str(c) for c in rng.permutation([1, 2, 3])]
     asked = str(rng.choice(SHAPES)) if rng.random() < 0.5 else s.shape
+    lead = "" if image else describe(s) + " "
+    img = s.image if image else None
     return [
-        Item("shapes_colour", _mc("What colour are the shapes?", colours), LETTERS[:3], colours.index(s.colour),
-             s.image),
-        Item("shapes_count", _mc("How many shapes are there?", counts), LETTERS[:3], counts.index(str(s.count)),
-             s.image),
-        Item("shapes_yesno", f"Is there a {asked}? Answer yes or no.", ["yes", "no"], 0 if asked == s.shape else 1,
-             s.image),
+        Item("shapes_colour", lead + _mc("What colour are the shapes?", colours), list(LETTERS[:3]),
+             colours.index(s.colour), img),
+        Item("shapes_count", lead + _mc("How many shapes are there?", counts), list(LETTERS[:3]),
+             counts.index(str(s.count)), img),
+        Item("shapes_yesno", lead + f"Is there a {asked}? Answer yes or no.", ["yes", "no"],
+             0 if asked == s.shape else 1, img),
     ]
 
 
-def vqa_items(n_scenes: int, seed: int, size: int = 32) -> list[Item]:
+def vqa_items(n_scenes: int, seed: int, size: int = 32, image: bool = True) -> list[Item]:
     """``n_scenes`` scenes x the three benchmarks."""
     rng = np.random.default_rng(seed)
-    return [it for _ in range(n_scenes) for it in items_of(scene(rng, size), rng)]
+    return [it for _ in range(n_scenes) for it in items_of(scene(rng, size), rng, image)]
 
 
-def messages(item: Item, with_answer: bool, image: bool = True) -> list[dict[str, Any]]:
-    """Chat turns for ``item`` (user turn with the image part; the answer as the assistant turn)."""
-    content: Any = [{"type": "image"}, {"type": "text", "text": item.question}] if image else item.question
+def messages(item: Item, with_answer: bool) -> list[dict[str, Any]]:
+    """Chat turns for ``item`` (user turn with its image part, if any; the answer as the assistant turn)."""
+    content: Any = item.question
+    if item.image is not None:
+        content = [{"type": "image"}, {"type": "text", "text": item.question}]
     turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
     if with_answer:
         turns.append({"role": "assistant", "content": item.options[item.answer]})
@@ -107,8 +112,8 @@ def messages(item: Item, with_answer: bool, image: bool = True) -> list[dict[str
 def training_rows(n_scenes: int, seed: int, size: int = 32, image: bool = True) -> list[dict[str, Any]]:
     """Rows for `explab.train.supervised_loop`: ``{"messages", "images"}`` (answers as responses)."""
     rows = []
-    for it in vqa_items(n_scenes, seed, size):
-        row: dict[str, Any] = {"messages": messages(it, True, image)}
+    for it in vqa_items(n_scenes, seed, size, image):
+        row: dict[str, Any] = {"messages": messages(it, True)}
         if image:
             row["images"] = [it.image]
         rows.append(row)
