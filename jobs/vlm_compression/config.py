@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from explab.config import JobConfig, Section
 from explab.models import ModelSpec
@@ -16,6 +16,11 @@ Method = Literal["layerwise", "widthwise"]
 # none: zero-shot; mm: projector only; sft: full fine-tuning (or LoRA with recovery.lora); kd: logit KD;
 # hidden_kd: hidden-state KD; sft_hidden: alpha * hidden KD + (1 - alpha) * CE (the paper's best)
 Recovery = Literal["none", "mm", "sft", "lora", "kd", "hidden_kd", "sft_hidden"]
+
+
+def one_or_many(value: Any) -> Any:
+    """A scalar is a one-element list (a sweep trial sets one method / ratio / mode / fraction)."""
+    return [value] if isinstance(value, (str, int, float)) else value
 
 
 class LayerConfig(Section):
@@ -53,6 +58,8 @@ class RecoveryConfig(Section):
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(lr=2e-5, batch_size=16, steps=100))
     epochs: float | None = 1.0  # steps from the data size (fraction x rows / batch); None: trainer.steps
 
+    _lists = field_validator("modes", "fractions", mode="before")(one_or_many)
+
     @model_validator(mode="after")
     def _check(self) -> RecoveryConfig:
         if any(not 0 < f <= 1 for f in self.fractions):
@@ -83,6 +90,8 @@ class Config(JobConfig):
     recovery: RecoveryConfig = RecoveryConfig()
     data: DataConfig = DataConfig()
     eval_batch: int = Field(16, ge=1)  # requests in flight to a server at once
+
+    _lists = field_validator("methods", "ratios", mode="before")(one_or_many)
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -165,10 +165,14 @@ def _removed(info: dict[str, Any]) -> str:
 
 
 def summarize(avg: pd.DataFrame) -> dict[str, float]:
-    """``avg_relative``: the mean over pruned settings (one setting in a sweep trial); per method and
-    recovery mode too."""
+    """``avg_relative``: the mean over the recovered settings (the zero-shot ones when nothing was
+    recovered; a sweep trial has one setting), ``zero_shot``: over the zero-shot ones; and per method
+    and recovery mode."""
     pruned = avg[avg["method"] != "unpruned"]
-    out = {"avg_relative": float(pruned["avg_relative"].mean())}
+    zero = pruned[pruned["recovery"] == "none"]
+    recovered = pruned[pruned["recovery"] != "none"]
+    out = {"avg_relative": float((recovered if len(recovered) else zero)["avg_relative"].mean()),
+           "zero_shot": float(zero["avg_relative"].mean())}
     for (method, recovery), group in pruned.groupby(["method", "recovery"]):
         out[f"{method}_{recovery}"] = float(group["avg_relative"].mean())
     return out
