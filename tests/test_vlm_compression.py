@@ -212,6 +212,18 @@ def test_sweep_spec_resolves_for_every_value_of_its_grid():
         ["widthwise"], [0.3], ["kd"], [0.05])
 
 
+@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
+def test_every_config_validates_and_the_paper_one_keeps_remote_code_off(name):
+    from explab.config import read_yaml
+    from jobs.vlm_compression.config import Config
+
+    config = Config.model_validate(read_yaml(JOB_DIR / "configs" / f"{name}.yaml"))
+    assert not config.model.trust_remote_code
+    if name == "paper":
+        assert config.model.name == "llava-hf/llava-1.5-7b-hf" and config.recovery.trainer.deepspeed.stage == 3
+        assert (config.width.attn_layers, config.width.mlp_layers) == ((3, 21), (3, 20))
+
+
 def test_tiny_run_writes_every_table_plot_and_pruned_checkpoint(tmp_path, ray_local, cli):
     # one method keeps the test in budget (each served model and each Ray Train fit costs seconds);
     # the layerwise path is the same code with the other pruning function, tested above
