@@ -14,8 +14,10 @@ from jobs.vlm_compression.layerwise import angular_distance, block_influence
 
 
 def block_captures(n_layers: int) -> list[Capture]:
-    """Captures of each block's input (``resid_pre``) and output (``resid_post``) at every position."""
-    return [Capture(point=p(i)) for i in range(n_layers) for p in (points.resid_pre, points.resid_post)]
+    """Captures at every position of each block's input (``resid_pre``) and the last block's output: block
+    i's output is block i+1's input, so L + 1 captures give every block's input and output."""
+    last = Capture(point=points.resid_post(n_layers - 1))
+    return [Capture(point=points.resid_pre(i)) for i in range(n_layers)] + [last]
 
 
 def requests(texts: list[str], images: list[Any | None], n_layers: int) -> list[ForwardRequest]:
@@ -36,8 +38,9 @@ def influence(hooked: Any, texts: list[str], images: list[Any | None], n_layers:
     reqs = requests(texts, images, n_layers)
     for start in range(0, len(reqs), batch):
         for result in hooked.forward(reqs[start:start + batch]):
-            ins = [torch.from_numpy(result.captures[points.resid_pre(i)]) for i in range(n_layers)]
-            outs = [torch.from_numpy(result.captures[points.resid_post(i)]) for i in range(n_layers)]
+            states = [torch.from_numpy(np.array(result.captures[points.resid_pre(i)])) for i in range(n_layers)]
+            states.append(torch.from_numpy(np.array(result.captures[points.resid_post(n_layers - 1)])))
+            ins, outs = states[:-1], states[1:]
             for i in range(n_layers):
                 bi[i] += block_influence(ins[i], outs[i])
                 for n in range(1, n_layers - i + 1):

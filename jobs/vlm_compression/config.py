@@ -28,6 +28,7 @@ class LayerConfig(Section):
 
     n_samples: int = Field(50, ge=1)
     angular: bool = False
+    batch: int = Field(4, ge=1)  # calibration requests per server call (each returns L + 1 [T, d] captures)
 
 
 class WidthConfig(Section):

@@ -85,7 +85,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     layer_rows = calib[: config.layer.n_samples]
     bi, angular = calibrate.influence(
         hooked, [render(base, r["messages"], generation_prompt=False) for r in layer_rows],
-        [(r.get("images") or [None])[0] for r in layer_rows], n_layers, config.eval_batch)
+        [(r.get("images") or [None])[0] for r in layer_rows], n_layers, config.layer.batch)
     groups = _taylor(base, calib, config) if "widthwise" in config.methods else []
     importance = _importance_table(bi, groups)
     ctx.save_table("importance", importance)
