@@ -58,13 +58,18 @@ def _taylor(base: Any, rows: list[dict[str, Any]], config: Config) -> list[width
 
 
 def _evaluate(ctx: RunContext, spec: ModelSpec, config: Config, base: Any, items: list[data.Item],
-              texts: list[str], stop: bool) -> dict[str, float]:
+              texts: list[str]) -> dict[str, float]:
+    """Serve a pruned checkpoint, score it, and stop its server (each checkpoint is evaluated once)."""
     handle = ctx.model(spec, "hooked", config.server)
     try:
         return evaluate.scores(handle, base, items, texts, config.eval_batch)
     finally:
-        if stop:
-            stop_server(handle.name)
+        stop_server(handle.name)
+
+
+def _spec_of(config: Config, path: Any) -> ModelSpec:
+    """The base spec's device and dtype for a checkpoint directory (absolute: Ray workers have another cwd)."""
+    return config.model.model_copy(update={"name": str(path.resolve()), "tiny": {}, "gguf_file": None})
 
 
 def run(config: Config, ctx: RunContext) -> dict[str, float]:
@@ -114,11 +119,11 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
             "removed": _removed(info), "parameters": after["parameters"],
             "block_parameters": after["block_parameters"], "n_blocks": after["n_blocks"],
             "block_compression": 1 - after["block_parameters"] / base_sizes["block_parameters"],
-            "parameters_before": base_sizes["parameters"], "path": str(path),
+            "parameters_before": base_sizes["parameters"], "path": str(path.resolve()),
         })
-        spec = config.model.model_copy(update={"name": str(path), "tiny": {}})
+        spec = _spec_of(config, path)
         checkpoints[(method, ratio)] = (spec, info)
-        score = _evaluate(ctx, spec, config, base, items, texts, stop=True)
+        score = _evaluate(ctx, spec, config, base, items, texts)
         evals += evaluate.rows({"method": method, "ratio": ratio, "recovery": "none", "fraction": 0.0}, score,
                                base_score)
         ctx.log(step=step, ratio=ratio, avg_relative=_avg(score, base_score))
@@ -131,8 +136,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
                 name = f"recover-{method}-{ratio:g}-{mode}-{fraction:g}"
                 path, metrics = recover(ctx, spec, config.model, mode, fraction, train_rows, config.recovery, vision,
                                         ctx.path("artifacts", "recovered", name), name, info)
-                rec_spec = config.model.model_copy(update={"name": str(path), "tiny": {}})
-                score = _evaluate(ctx, rec_spec, config, base, items, texts, stop=True)
+                rec_spec = _spec_of(config, path)
+                score = _evaluate(ctx, rec_spec, config, base, items, texts)
                 evals += evaluate.rows({"method": method, "ratio": ratio, "recovery": mode, "fraction": fraction},
                                        score, base_score)
                 ctx.log(step=step, ratio=ratio, fraction=fraction, avg_relative=_avg(score, base_score),
