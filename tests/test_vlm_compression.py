@@ -225,10 +225,11 @@ def test_every_config_validates_and_the_paper_one_keeps_remote_code_off(name):
 
 
 def test_tiny_run_writes_every_table_plot_and_pruned_checkpoint(tmp_path, ray_local, cli):
-    # one method keeps the test in budget (each served model and each Ray Train fit costs seconds);
-    # the layerwise path is the same code with the other pruning function, tested above
+    # in the suite's time budget: one method, zero-shot only (each served model costs ~8 s, a Ray Train fit
+    # ~25 s); the recovery's loss and what it trains are tested in-process above, and the full tiny config
+    # (both methods, KD through explab.train.fit) is what `explab run vlm_compression -c tiny` runs
     code, out, err = cli("run", "vlm_compression", "-c", "tiny", "--runs-dir", str(tmp_path),
-                         "--set", "methods=[widthwise]")
+                         "--set", "methods=[widthwise]", "--set", "recovery.modes=[none]")
     assert code in (0, None), err
     run_dir = Path(out.strip().splitlines()[-1])
     importance = pd.read_parquet(run_dir / "tables" / "importance.parquet")
@@ -243,14 +244,14 @@ def test_tiny_run_writes_every_table_plot_and_pruned_checkpoint(tmp_path, ray_lo
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert int(pruned["parameters"].iloc[0]) in {m.get("n_params") for m in manifest["models"]}
     table = pd.read_parquet(run_dir / "tables" / "eval.parquet")
-    assert set(table["recovery"]) == {"none", "kd"}
+    assert set(table["recovery"]) == {"none"} and set(table["method"]) == {"unpruned", "widthwise"}
     assert set(table["benchmark"]) == {"shapes_colour", "shapes_count", "shapes_yesno", "perplexity"}
     base = table[table["method"] == "unpruned"]
     assert (base[base["score"] > 0]["relative"] == 1.0).all() and base[base["score"] == 0]["relative"].isna().all()
     accuracy = table[table["benchmark"] != "perplexity"]["score"]
     assert ((accuracy >= 0) & (accuracy <= 1)).all() and (table[table["benchmark"] == "perplexity"]["score"] > 1).all()
-    assert (run_dir / "artifacts" / "recovered" / "recover-widthwise-0.25-kd-0.5" / "pruned.json").is_file()
     for name in ("block_influence", "relative_vs_compression", "recovery_vs_fraction"):
         assert (run_dir / "plots" / f"{name}.png").stat().st_size > 500, name
     result = json.loads((run_dir / "result.json").read_text())
-    assert {"avg_relative", "zero_shot", "widthwise_kd", "widthwise_none"} <= set(result)
+    assert {"avg_relative", "zero_shot", "widthwise_none"} <= set(result)
+    np.testing.assert_equal([result["avg_relative"], result["zero_shot"]], [result["widthwise_none"]] * 2)
