@@ -19,6 +19,7 @@ from explab.models.loaded import (  # noqa: F401 - LoadedModel and the resolvers
     resolve_dtype,
     vae_processor,
 )
+from explab.models.pruned import is_pruned, load_pruned
 from explab.models.spec import ModelSpec
 from explab.models.tiny import build_tiny
 
@@ -185,7 +186,10 @@ def _load_transformers(
 
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     auto = AutoModelForImageTextToText if kind == "vlm" else AutoModelForCausalLM
-    model = auto.from_pretrained(where, dtype=dtype, **common).to(device)
+    if is_pruned(where):  # a structurally pruned checkpoint: shapes from its pruned.json
+        model = load_pruned(where, kind, dtype, device, spec.trust_remote_code)
+    else:
+        model = auto.from_pretrained(where, dtype=dtype, **common).to(device)
     tokenizer = _load_tokenizer(where, common)
     if kind == "vlm":
         processor = AutoProcessor.from_pretrained(where, tokenizer=tokenizer, **common)

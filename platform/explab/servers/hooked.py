@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from explab.errors import ExplabError
 from explab.interventions.specs import Capture, Interventions, batch_key
-from explab.models import load_model
+from explab.models import load_model, parameter_count
 from explab.servers.base import ServerBase
 from explab.servers.prompts import encode_request
 from explab.servers.types import ChatMessage, GenerationRequest, GenerationResult
@@ -126,7 +126,8 @@ class HookedModel(ServerBase):
 
         return {"model_kind": self.loaded.kind, "device": str(self.device),
                 "dtype": str(self.loaded.dtype).replace("torch.", ""),
-                "revision": self.loaded.revision, "n_layers": n_layers(self.model)}
+                "revision": self.loaded.revision, "n_layers": n_layers(self.model),
+                "n_params": parameter_count(self.model)}
 
     # --- public methods (each request becomes one batcher item: (op, request, group)) --------
     async def forward(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
