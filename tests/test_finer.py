@@ -154,7 +154,7 @@ def test_released_benchmark_offline_is_one_clear_error():
 # ---- the job ------------------------------------------------------------------------------------------
 def test_tiny_config_runs_end_to_end_through_explab_run(tmp_path, ray_local, cli):
     code, out, err = cli("run", "finer", "-c", "tiny", "--runs-dir", str(tmp_path),
-                         "--set", "n_images.train=4", "--set", "n_images.test=3")
+                         "--set", "n_images.train=2", "--set", "n_images.test=2")
     assert code in (0, None), err
     run_dir = Path(out.strip().splitlines()[-1])
     built = pd.read_parquet(run_dir / "tables" / "items.parquet")
