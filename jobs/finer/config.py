@@ -55,4 +55,3 @@ class Config(JobConfig):
     tuning: TuningConfig | None = Field(default_factory=TuningConfig)  # None: evaluate the base models only
     ablations: list[TuningConfig] = Field(default_factory=list)  # e.g. SFT, negatives-only
     server: dict[str, Any] = Field(default_factory=dict)  # HookedModel server options (num_gpus, max_batch, ...)
-    torch_threads: int | None = None  # intra-op threads in the driver while exporting
