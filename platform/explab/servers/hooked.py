@@ -38,8 +38,11 @@ class ForwardRequest(BaseModel):
     """One sequence for a hooked forward pass: ``text``, chat ``messages`` or ``token_ids``.
 
     ``images`` (H×W×3 uint8 arrays) go through the VLM's processor with the text, which must
-    hold the model's image token. ``prompt_length``: positions from here on count as *generated*
-    for the interventions' position sets (teacher-forced responses); default: all are prompt.
+    hold the model's image token, or with chat ``messages``: the processor's chat template renders
+    them with the images at the start of the first user turn (plus the generation prompt and
+    ``assistant_prefix``), so a caller needs no model-specific image placeholder.
+    ``prompt_length``: positions from here on count as *generated* for the interventions' position
+    sets (teacher-forced responses); default: all are prompt.
     ``capture_reduce="mean"`` returns each capture averaged over its captured positions (one row,
     NaN when none was captured; ``capture_positions`` still lists them), so a caller that needs a
     mean over many layers and tokens does not ship every position back. ``interventions`` takes spec
@@ -78,6 +81,7 @@ class ForwardResult(BaseModel):
     captures: dict[str, Any]  # key -> np.ndarray (positions × ...)
     capture_positions: dict[str, Any]  # key -> np.ndarray of sequence positions
     logits: Any | None = None  # np.ndarray: (V,) for "last", (T, V) for "all"
+    next_token: str | None = None  # with return_logits "last": the greedy next token ("" for a special one)
     grids: dict[str, list[Any]] = Field(default_factory=dict)  # key -> [np.ndarray (H_t, W_t, D)] per image
 
 
@@ -216,8 +220,10 @@ class HookedModel(ServerBase):
         results = []
         for row, (r, seq) in enumerate(zip(requests, seqs, strict=True)):
             logits = None
+            next_token = None
             if r.return_logits == "last":
                 logits = _np(out.logits[row, -1])
+                next_token = self.tokenizer.decode([int(out.logits[row, -1].argmax())], skip_special_tokens=True)
             elif r.return_logits == "all":
                 logits = _np(out.logits[row, width - len(seq):])
             asked = _captured(r.interventions)  # only this row's captures
@@ -230,6 +236,7 @@ class HookedModel(ServerBase):
                 captures=row_caps,
                 capture_positions={k: _np(positions[k][row]) for k in asked},
                 logits=logits,
+                next_token=next_token,
                 grids={k: [_np(g) for g in self._grids(session, k, row)] for k in r.grids},
             ))
         return results
@@ -250,9 +257,13 @@ class HookedModel(ServerBase):
             raise ExplabError(f"model {self.spec.name!r} is a {self.loaded.kind}: only a VLM takes `images`")
         texts = []
         for r in requests:
-            if r.text is None:
-                raise ExplabError("a request with `images` needs `text` holding the model's image token")
-            texts.append(r.text)
+            if r.text is not None:
+                texts.append(r.text)
+            elif r.messages is not None:
+                texts.append(self._vision_chat(r))
+            else:
+                raise ExplabError("a request with `images` needs `text` holding the model's image token, "
+                                  "or chat `messages`")
         images = [img for r in requests for img in (r.images or [])]
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
         mask = inputs["attention_mask"]
@@ -263,6 +274,21 @@ class HookedModel(ServerBase):
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
         return inputs, seqs
+
+    def _vision_chat(self, r: ForwardRequest) -> str:
+        """``r.messages`` rendered by the processor's chat template, the images opening the first user turn.
+        A BOS the template renders is dropped: the processor's tokenizer adds its own."""
+        owner = self.loaded.processor if getattr(self.loaded.processor, "chat_template", None) else self.tokenizer
+        messages, placed = [], False
+        for m in r.messages or []:
+            content: list[dict[str, Any]] = [{"type": "text", "text": m.content}]
+            if m.role == "user" and not placed:
+                content = [{"type": "image"} for _ in r.images or []] + content
+                placed = True
+            messages.append({"role": m.role, "content": content})
+        text = owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + r.assistant_prefix
+        bos = self.tokenizer.bos_token
+        return text[len(bos):] if bos and text.startswith(bos) else text
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[HookedGeneration]:
         from explab.interventions.decode import decode

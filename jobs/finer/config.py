@@ -1,0 +1,57 @@
+"""The job's settings; defaults are the authors' (DPO: sigmoid, beta 0.1, LoRA r 32 on q/v, lr 5e-6,
+one epoch, cosine, warmup 0.1)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from explab.config import JobConfig, Section
+from explab.models import ModelSpec
+from explab.train import DPOConfig, LoraConfig, TrainerConfig
+from jobs.finer.benchmark import BuildConfig
+from jobs.finer.scenes import SceneConfig
+from jobs.finer.tuning import Method
+
+
+def _paper_trainer() -> TrainerConfig:
+    return TrainerConfig(lr=5e-6, batch_size=32, warmup_ratio=0.1, schedule="cosine",
+                         lora=LoraConfig(r=32, alpha=64.0, target_modules=["q_proj", "v_proj"]))
+
+
+class TuningConfig(Section):
+    """One FINER-Tuning variant: the objective and which questions the pairs ask."""
+
+    name: str = Field("finer_tuned", pattern=r"^[A-Za-z0-9_]+$")
+    method: Method = "dpo"
+    mode: Literal["pon", "both", "neg"] = "pon"  # pon: the positive or the negative question per probe (authors)
+    format: Literal["answer", "letter"] = "answer"  # answer: the authors' templates; letter: the MC row itself
+    epochs: float | None = Field(1.0, gt=0)  # sets trainer.steps from the pair count; None: trainer.steps
+    trainer: TrainerConfig = Field(default_factory=_paper_trainer)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+
+
+class HubBenchmark(Section):
+    """A published benchmark on the Hugging Face hub, read into the job's item schema (`hub.py`)."""
+
+    name: str
+    data: str  # hf:<dataset id>
+    format: Literal["finer_mcq", "pope", "mcq_letter"] = "finer_mcq"
+    split: str = "test"
+    config_name: str | None = None
+    limit: int | None = Field(None, ge=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class Config(JobConfig):
+    models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(name="Qwen/Qwen2.5-VL-7B-Instruct")],
+                                    min_length=1)
+    scenes: SceneConfig = Field(default_factory=SceneConfig)
+    build: BuildConfig = Field(default_factory=BuildConfig)
+    n_images: dict[Literal["train", "test"], int] = Field(default_factory=lambda: {"train": 2000, "test": 500})
+    synthetic_eval: bool = True  # evaluate on the synthetic test split
+    benchmarks: list[HubBenchmark] = Field(default_factory=list)  # released benchmarks (FINER-CompreCap, POPE, ...)
+    tuning: TuningConfig | None = Field(default_factory=TuningConfig)  # None: evaluate the base models only
+    ablations: list[TuningConfig] = Field(default_factory=list)  # e.g. SFT, negatives-only
+    server: dict[str, Any] = Field(default_factory=dict)  # HookedModel server options (num_gpus, max_batch, ...)

@@ -1,0 +1,131 @@
+"""finer: fine-grained negative queries (FINER) and FINER-Tuning.
+
+1. Benchmark: synthetic scenes with known scene graphs -> positive queries -> minimal-edit negatives
+   -> paired 5-option MC items of four kinds (`benchmark.py`); released benchmarks read into the same
+   schema (`hub.py`).
+2. Evaluation of each model through a shared `HookedModel` (the authors' MC prompt, greedy <= 2
+   tokens, the letter parsed): paired accuracy, row accuracy, invalid share, accuracy vs granularity.
+3. FINER-Tuning: pos-or-neg preference pairs from training scenes, DPO against the frozen base
+   (`tuning.py`, `explab.train`), the tuned model re-evaluated; ablations (SFT, negatives-only, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from explab.job import Job
+from explab.models import ModelSpec
+from explab.runs import RunContext
+from explab.servers import stop_server
+from jobs.finer import hub, plots, tuning
+from jobs.finer.benchmark import Synthetic, items, synthetic, training_pairs
+from jobs.finer.config import Config, TuningConfig
+from jobs.finer.evaluate import evaluate
+from jobs.finer.metrics import by_granularity, score
+
+
+def _items(config: Config, data: Synthetic, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = [row for p in data.probes.get("test", []) for row in items(p, rng, config.build, "test", "synthetic")]
+    return pd.DataFrame(rows)
+
+
+def _pairs(config: Config, variant: TuningConfig, data: Synthetic, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    return [row for p in data.probes.get("train", [])
+            for row in training_pairs(p, data.images[p.image_id], rng, variant.mode, variant.format, config.build)]
+
+
+def _score_rows(model: str, variant: str, scored: pd.DataFrame) -> tuple[list[dict], list[pd.DataFrame]]:
+    rows, levels = [], []
+    for benchmark, frame in scored.groupby("benchmark", sort=False):
+        splits = [("all", frame)] + list(frame.groupby("kind", sort=False))
+        for split, part in splits:
+            rows.append({"model": model, "variant": variant, "tuned": variant != "base", "benchmark": benchmark,
+                         "split": split, **score(part)})
+        levels.append(by_granularity(frame).assign(model=model, variant=variant, benchmark=benchmark))
+    return rows, levels
+
+
+def _evaluate(ctx: RunContext, config: Config, spec: ModelSpec, eval_sets: dict[str, Any]) -> pd.DataFrame:
+    handle = ctx.model(spec, "hooked", config.server or None)
+    frames = []
+    for name, (frame, images) in eval_sets.items():
+        frames.append(evaluate(handle, frame, images).assign(benchmark=name))
+    return pd.concat(frames, ignore_index=True), handle
+
+
+def run(config: Config, ctx: RunContext) -> dict[str, float]:
+    eval_sets: dict[str, Any] = {}
+    data = synthetic(config.scenes, config.build, dict(config.n_images), config.seed)
+    built = _items(config, data, config.seed + 1)
+    if config.synthetic_eval and not built.empty:
+        eval_sets["synthetic"] = (built, data.images)
+    for bench in config.benchmarks:
+        eval_sets[bench.name] = hub.load(bench)
+    all_items = pd.concat([frame.assign(benchmark=name) for name, (frame, _) in eval_sets.items()],
+                          ignore_index=True)
+    ctx.save_table("items", all_items)
+    ctx.save_json("construction", {"probes": {k: len(v) for k, v in data.probes.items()},
+                                   "skipped": data.skipped, "images": len(data.images)})
+    rows: list[dict] = []
+    levels: list[pd.DataFrame] = []
+    predictions: list[pd.DataFrame] = []
+    variants = [v for v in [config.tuning, *config.ablations] if v is not None]
+    result: dict[str, float] = {}
+    for m, spec in enumerate(config.models):
+        scored, _ = _evaluate(ctx, config, spec, eval_sets)
+        predictions.append(scored.assign(model=spec.name, variant="base"))
+        r, lv = _score_rows(spec.name, "base", scored)
+        rows += r
+        levels += lv
+        base = r[0]
+        ctx.log(step=m, **{f"base_{k}": v for k, v in base.items() if isinstance(v, float)})
+        if m == 0:
+            result.update({"base_paired_accuracy": base["paired_accuracy"], "base_row_accuracy": base["row_accuracy"]})
+        for variant in variants:
+            pairs = _pairs(config, variant, data, config.seed + 2)
+            trainer = variant.trainer
+            if variant.epochs is not None:
+                trainer = trainer.model_copy(update={"steps": max(1, math.ceil(variant.epochs * len(pairs)
+                                                                               / trainer.batch_size))})
+            phase = f"{variant.name}_{m}"
+            trained = tuning.train(ctx, spec, pairs, variant.method, trainer, variant.dpo, phase, config.seed)
+            tuned = tuning.export(ctx, spec, trained, trainer, phase)
+            scored, handle = _evaluate(ctx, config, tuned, eval_sets)
+            stop_server(handle.name)
+            predictions.append(scored.assign(model=spec.name, variant=variant.name))
+            r, lv = _score_rows(spec.name, variant.name, scored)
+            rows += r
+            levels += lv
+            ctx.log(step=m, **{f"{variant.name}_{k}": v for k, v in r[0].items() if isinstance(v, float)},
+                    **{f"{variant.name}_train_{k}": float(v) for k, v in trained.metrics.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)})
+            if m == 0:
+                result[f"{variant.name}_paired_accuracy"] = r[0]["paired_accuracy"]
+                result[f"{variant.name}_row_accuracy"] = r[0]["row_accuracy"]
+    table = pd.DataFrame(rows)
+    granularity = pd.concat(levels, ignore_index=True)
+    ctx.save_table("eval", table)
+    ctx.save_table("granularity", granularity)
+    ctx.save_table("predictions", pd.concat(predictions, ignore_index=True).drop(columns=["choices"]))
+    ctx.save_plot("paired_accuracy", plots.paired_by_split(table[table["benchmark"] == table["benchmark"].iloc[0]]))
+    ctx.save_plot("granularity", plots.granularity(granularity))
+    if config.tuning is not None:
+        result["paired_accuracy"] = result[f"{config.tuning.name}_paired_accuracy"]
+        result["gain"] = result["paired_accuracy"] - result["base_paired_accuracy"]
+    else:
+        result["paired_accuracy"] = result["base_paired_accuracy"]
+    return result
+
+
+JOB = Job(
+    name="finer",
+    description="FINER: fine-grained negative queries (paired MC benchmark) and FINER-Tuning with DPO on VLMs.",
+    config=Config,
+    run=run,
+)

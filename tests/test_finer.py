@@ -1,0 +1,174 @@
+"""finer: paired metric and parser, construction on synthetic scenes (planted truths), hub loading offline,
+the job end to end through `explab run finer -c tiny`, and its sweep spec."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from explab.errors import ConfigError, ExplabError
+from jobs.finer import queries as q
+from jobs.finer.benchmark import BuildConfig, items, mc_prompt, row_options, synthetic, training_pairs
+from jobs.finer.metrics import check_pairs, parse_letter, score
+from jobs.finer.scenes import COLOURS, SceneConfig, render
+
+ROOT = Path(__file__).parents[1]
+
+
+# ---- metric and parser ------------------------------------------------------------------------------
+def _rows(pos_pred, neg_pred, image_b="img0", qtype_b="multi_obj_neg"):
+    return pd.DataFrame([
+        {"pair_id": "p0", "image_id": "img0", "qtype": "multi_obj_pos", "gt_index": 1, "pred": pos_pred},
+        {"pair_id": "p0", "image_id": image_b, "qtype": qtype_b, "gt_index": 3, "pred": neg_pred},
+        {"pair_id": "p1", "image_id": "img1", "qtype": "wh_pos", "gt_index": 0, "pred": 2},
+        {"pair_id": "p1", "image_id": "img1", "qtype": "wh_neg", "gt_index": 4, "pred": 4},
+    ])
+
+
+def test_pairs_with_exactly_one_right_row_score_zero_paired_and_half_row_accuracy():
+    s = score(_rows(1, 0))  # p0: pos right, neg wrong; p1: pos wrong, neg right
+    assert s["paired_accuracy"] == 0.0 and s["row_accuracy"] == 0.5
+    assert s["pos_accuracy"] == 0.5 and s["neg_accuracy"] == 0.5 and s["invalid"] == 0.0
+    s = score(_rows(1, 3).assign(pred=[1, 3, 0, 4]))
+    assert s["paired_accuracy"] == 1.0 and s["row_accuracy"] == 1.0
+    assert score(_rows(-1, 3))["invalid"] == 0.25
+
+
+def test_mismatched_pairs_are_refused():
+    with pytest.raises(ExplabError, match="spans images"):
+        check_pairs(_rows(1, 3, image_b="img9").assign(correct=True))
+    with pytest.raises(ExplabError, match="mixes qtypes"):
+        check_pairs(_rows(1, 3, qtype_b="multi_attr_neg").assign(correct=True))
+    with pytest.raises(ExplabError, match="one _pos and one _neg"):
+        check_pairs(_rows(1, 3, qtype_b="multi_obj_pos").assign(correct=True))
+    with pytest.raises(ExplabError, match="_pos or _neg"):
+        check_pairs(_rows(1, 3, qtype_b="multi_obj").assign(correct=True))
+
+
+def test_parser_maps_letters_parentheses_and_junk():
+    assert parse_letter("B") == 1 and parse_letter("(c)") == 2 and parse_letter("zzz") == -1
+    assert parse_letter(" e.") == 4 and parse_letter("") == -1 and parse_letter("12") == -1
+
+
+# ---- construction -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world():
+    scenes = SceneConfig(grid=3, min_objects=1, max_objects=3)
+    return scenes, synthetic(scenes, BuildConfig(), {"train": 20, "test": 20}, seed=3)
+
+
+def test_every_negative_differs_in_exactly_one_element_and_is_false_and_every_positive_is_true(world):
+    _, data = world
+    kinds = set()
+    for split in ("train", "test"):
+        for p in data.probes[split]:
+            scene = data.scenes[p.image_id]
+            kinds.add(p.kind)
+            assert q.holds(scene, p.positive), p
+            assert len(p.negatives) == 4 and len(set(p.negatives)) == 4
+            for n in p.negatives:
+                assert q.differences(p.positive, n) == 1 and not q.holds(scene, n), (p, n)
+            for d in p.neg_distractors:  # the neg row's other rejections: one edit of the asked negative
+                assert q.differences(p.negatives[0], d) == 1 and not q.holds(scene, d) and d != p.positive
+    assert kinds == set(q.KINDS)
+
+
+def test_rows_come_in_pairs_on_one_image_with_five_options_and_the_right_answer_where_gt_points(world):
+    _, data = world
+    rng = np.random.default_rng(0)
+    for p in data.probes["test"]:
+        pos, neg = items(p, rng, BuildConfig(), "test", "synthetic")
+        assert (pos["pair_id"], pos["image_id"]) == (neg["pair_id"], neg["image_id"])
+        assert (pos["qtype"], neg["qtype"]) == (f"{p.kind}_pos", f"{p.kind}_neg")
+        for row, polarity in ((pos, "pos"), (neg, "neg")):
+            question, options = row_options(p, polarity)
+            assert len(row["choices"]) == 5 and row["choices"][row["gt_index"]] == options[0]
+            assert row["question"] == question
+        assert neg["question"] != pos["question"]  # the neg row asks the negative query
+    prompt = mc_prompt("Q?", list("vwxyz"))
+    assert prompt.splitlines() == ["Select the best answer for the multiple-choice question.", "Q?", "(A) v", "(B) w",
+                                   "(C) x", "(D) y", "(E) z",
+                                   "Please answer with a single capital letter (A, B, C, D, or E):"]
+
+
+def test_renderer_paints_each_object_in_its_cell_with_its_colour(world):
+    scenes, data = world
+    for image_id in list(data.scenes)[:10]:
+        scene, image = data.scenes[image_id], data.images[image_id]
+        cell = scenes.image_size // scene.grid
+        for o in scene.objects:
+            patch = image[o.row * cell:(o.row + 1) * cell, o.col * cell:(o.col + 1) * cell].reshape(-1, 3)
+            assert (patch == COLOURS[o.colour]).all(-1).any(), (image_id, o)
+    assert render(scene, 32).shape == (32, 32, 3)
+
+
+def test_training_pairs_accept_the_truth_and_reject_the_hallucination(world):
+    _, data = world
+    rng = np.random.default_rng(1)
+    for p in data.probes["train"][:12]:
+        pos, neg = training_pairs(p, data.images[p.image_id], rng, "both", "answer", BuildConfig())
+        assert pos["chosen"][0]["content"] == q.yes(p.positive)
+        assert neg["chosen"][0]["content"] == q.no_but(p.negatives[0], p.positive)
+        if p.kind != "wh":
+            assert neg["rejected"][0]["content"] == q.yes(p.negatives[0])
+        (only,) = training_pairs(p, None, rng, "neg", "letter", BuildConfig())
+        assert only["polarity"] == "neg" and only["chosen"][0]["content"] in "ABCDE"
+        assert only["chosen"][0]["content"] != only["rejected"][0]["content"]
+
+
+# ---- released benchmarks ---------------------------------------------------------------------------------
+def test_released_benchmark_offline_is_one_clear_error():
+    from jobs.finer import hub
+    from jobs.finer.config import HubBenchmark
+
+    bench = HubBenchmark(name="finer_comprecap", data="hf:xiaorui638/finer-comprecap-mcq")
+    with pytest.raises(ConfigError, match="cannot load hf:xiaorui638/finer-comprecap-mcq"):
+        hub.load(bench)
+
+
+# ---- the job ------------------------------------------------------------------------------------------
+def test_tiny_config_runs_end_to_end_through_explab_run(tmp_path, ray_local, cli):
+    code, out, err = cli("run", "finer", "-c", "tiny", "--runs-dir", str(tmp_path),
+                         "--set", "n_images.train=2", "--set", "n_images.test=2")
+    assert code in (0, None), err
+    run_dir = Path(out.strip().splitlines()[-1])
+    built = pd.read_parquet(run_dir / "tables" / "items.parquet")
+    assert set(built["kind"]) == set(q.KINDS) and len(built) % 2 == 0
+    assert (built.groupby("pair_id")["polarity"].apply(sorted).map(tuple) == ("neg", "pos")).all()
+    table = pd.read_parquet(run_dir / "tables" / "eval.parquet")
+    assert set(table["variant"]) == {"base", "finer_tuned"}
+    assert set(table["split"]) == {"all", *q.KINDS}
+    for col in ("paired_accuracy", "row_accuracy", "invalid"):
+        assert table[col].between(0, 1).all()
+    assert (table["paired_accuracy"] <= table["row_accuracy"] + 1e-9).all() or (table["invalid"] > 0).any()
+    gran = pd.read_parquet(run_dir / "tables" / "granularity.parquet")
+    assert {"granularity", "row_accuracy", "paired_accuracy", "variant"} <= set(gran.columns)
+    preds = pd.read_parquet(run_dir / "tables" / "predictions.parquet")
+    assert (preds["pred"] == preds["response"].map(parse_letter)).all()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert {"base_paired_accuracy", "finer_tuned_paired_accuracy", "gain"} <= set(result)
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    # DPO through trl with LoRA (B = 0 at the start): the first step's policy is the reference, loss ln 2
+    assert "loss" in metrics.columns and metrics["loss"].dropna().iloc[0] == pytest.approx(math.log(2), abs=1e-4)
+    for name in ("plots/paired_accuracy.png", "plots/granularity.png"):
+        assert (run_dir / name).stat().st_size > 500, name
+    assert list((run_dir / "artifacts").glob("finer_tuned_0/checkpoint_*/model.safetensors"))
+    assert (run_dir / "artifacts" / "finer_tuned_0_model" / "model.safetensors").is_file()
+
+
+def test_sweep_spec_and_paper_config_resolve_against_the_config():
+    from explab.config import load_config
+    from explab.job import get_job
+    from explab.sweep import resolve
+    from explab.sweep_spec import load_spec
+
+    path = ROOT / "jobs" / "finer" / "sweep.yaml"
+    plan = resolve(load_spec(path), path)
+    assert plan.spec.job == "finer" and {"tuning.dpo.beta", "tuning.trainer.lr"} <= set(plan.spec.space)
+    job = get_job("finer")
+    paper = load_config(job.config, job.config_path("paper"))
+    assert paper.tuning.dpo.beta == 0.1 and paper.tuning.trainer.lr == 5e-6 and paper.tuning.trainer.lora.r == 32
+    assert [a.method for a in paper.ablations] == ["sft", "dpo", "dpo"] and paper.tuning.trainer.deepspeed
