@@ -4,8 +4,8 @@
 forest"}) turns the class's top ``bases`` descriptors into one variant per value (``"<descriptor>,
 <phrase>"``); each variant is scored like a search descriptor (same N slot seeds). A value's score
 is the mean over the bases; its delta is that minus the mean of the axis's other values; the axis's
-gap is max − min. The favoured value is the slice the classifier leans on, and the axis with the
-largest gap is the attribute discovered for the class.
+gap is max − min. The favoured value (none when the gap is 0) is the slice the classifier leans on,
+and the axis with the largest gap is the attribute discovered for the class.
 
 **Validation.** On a labelled set with group columns (Waterbirds' place, CelebA's Male), the
 black box classifies every image; for each (class, axis, value) the accuracy on images of that
@@ -83,7 +83,8 @@ def slice_scores(cls: str, target: int, bases: Sequence[str], axes: Sequence[Axi
         for value, score in by_value.items():
             others = [s for v, s in by_value.items() if v != value]
             rows.append({"class": cls, "attribute": axis.name, "value": value, "phrase": axis.values[value],
-                         "score": score, "delta": score - float(np.mean(others)), "favoured": value == favoured,
+                         "score": score, "delta": score - float(np.mean(others)),
+                         "favoured": value == favoured and gap > 0,
                          "attribute_gap": gap, "n_bases": len(bases)})
     frame = pd.DataFrame(rows)
     order = frame.drop_duplicates("attribute").sort_values("attribute_gap", ascending=False)["attribute"].tolist()

@@ -45,14 +45,16 @@ class Deduper:
 
     def accept(self, candidates: Sequence[str], limit: int) -> list[str]:
         """The first ``limit`` candidates that duplicate nothing accepted (now or before); registers them."""
-        fresh = [c for c in dict.fromkeys(candidates) if key(c) not in self.keys]
+        first = {}
+        for c in candidates:  # exact duplicates (same normalised text) never reach the encoder
+            if key(c) not in self.keys:
+                first.setdefault(key(c), c)
+        fresh = list(first.values())
         vectors = self.embedder.embed(fresh) if self.embedder is not None and fresh else None
         out: list[str] = []
         for i, c in enumerate(fresh):
             if len(out) == limit:
                 break
-            if key(c) in self.keys:
-                continue
             if vectors is not None:
                 v = vectors[i]
                 if len(self.vectors) and float((self.vectors @ v).max()) > self.threshold:

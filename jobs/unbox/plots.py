@@ -45,7 +45,8 @@ def descriptor_grid(renders: dict[str, list[tuple[str, float, list[np.ndarray]]]
     for r, (cls, d, s, ims) in enumerate(rows):
         for c, im in enumerate(ims):
             axes[r, c].imshow(im)
-        label = "\n".join(textwrap.wrap(f"[{cls}] {d} ({s:.2f})", 40)[:4])
+        text = f"[{cls}] {d} ({s:.2f})".encode("ascii", "replace").decode()  # the plot font has no other glyphs
+        label = "\n".join(textwrap.wrap(text, 40)[:4])
         axes[r, 0].set_title(label, fontsize=6, loc="left")
     fig.tight_layout()
     return fig

@@ -72,7 +72,7 @@ def load_prompts(path: str | Path) -> dict[str, str]:
 
 def clean_line(line: str, cls: str, template: str, max_chars: int) -> str | None:
     """One descriptor from one line of LLM output (bullets, numbers and quotes stripped), or None."""
-    line = "".join(ch for ch in line if ch.isprintable())
+    line = "".join(ch for ch in line if ch.isprintable() and ch != "\ufffd")
     line = re.sub(r"^\s*(?:[-*•]+|\d+[.)]|\(\d+\))\s*", "", line).strip().strip("\"'`").strip()
     line = re.sub(r"\s+", " ", line).rstrip(" .,;:")
     if sum(ch.isalpha() for ch in line) < 3:
