@@ -180,6 +180,17 @@ def test_planted_job_ranks_water_first_names_the_background_and_validates_the_sl
         assert (run_dir / "plots" / f"{name}.png").stat().st_size > 1000, name
 
 
+def test_every_config_validates_and_paper_holds_the_papers_loop():
+    job = get_job("unbox")
+    names = sorted(p.stem for p in (JOB_DIR / "configs").glob("*.yaml"))
+    assert {"tiny", "small", "planted", "paper", "paper_waterbirds", "paper_celeba"} <= set(names)
+    configs = {n: load_config(job.config, job.config_path(n)) for n in names}
+    paper = configs["paper"]
+    assert (paper.search.descriptors, paper.search.images, paper.search.rounds, paper.search.memory) == (10, 4, 10, 20)
+    assert paper.dedup.threshold == 0.9 and paper.renderer.model.name == "black-forest-labs/FLUX.1-schnell"
+    assert paper.classifier.name == "resnet50" and configs["small"].proposer.model.name == "smollm2-135m-instruct"
+
+
 def test_sweep_spec_resolves_against_the_job():
     sweep = pytest.importorskip("explab.sweep")
     source = JOB_DIR / "sweep.yaml"
@@ -202,7 +213,7 @@ def test_tiny_config_runs_end_to_end_through_explab_run(tmp_path, ray_local, cli
     assert queries["search_per_class"] == {c: int(per_class[c]) * sc.images for c in config.classes}
     assert queries["search"] == int(per_class.sum()) * sc.images
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert {m["server"] for m in manifest["models"].values()} == {"generator", "diffuser"}
+    assert {m["server"] for m in manifest["models"]} == {"generator", "diffuser"}
     for name in TABLES:
         assert len(pd.read_parquet(run_dir / "tables" / f"{name}.parquet")) > 0 or name == "concepts", name
     for name in PLOTS:
