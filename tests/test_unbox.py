@@ -63,6 +63,45 @@ def test_black_box_gives_probabilities_only_and_counts_every_image():
     assert box.query_counts() == {"search": 3, "fidelity": 2} and box.queries == 5
 
 
+def test_torchvision_checkpoint_black_box_equals_the_model_it_hides(tmp_path):
+    import torchvision
+    from torchvision.transforms import v2
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("resnet18", weights=None, num_classes=2).eval()
+    torch.save(model.state_dict(), tmp_path / "erm.pt")
+    box = build_blackbox(ClassifierConfig(kind="torchvision", name="resnet18", weights=None, device="cpu",
+                                          checkpoint=str(tmp_path / "erm.pt"), classes=["land", "water"],
+                                          image_size=64))
+    images = [np.random.default_rng(i).integers(0, 256, (80, 96, 3), dtype=np.uint8) for i in range(3)]
+    prep = v2.Compose([v2.Resize(64, antialias=True), v2.CenterCrop(64),
+                       v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    x = torch.stack([prep(torch.from_numpy(im).permute(2, 0, 1).float() / 255) for im in images])
+    with torch.no_grad():
+        expected = torch.softmax(model(x), dim=-1).double().numpy()
+    np.testing.assert_allclose(box.predict_proba(images), expected, atol=1e-5)
+    assert box.classes == ("land", "water") and box.queries == 3
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_blackbox(ClassifierConfig(kind="torchvision", name="resnet18", weights=None, device="cpu",
+                                        checkpoint=str(tmp_path / "missing.pt"), classes=["a", "b"]))
+
+
+def test_open_clip_zero_shot_black_box_is_the_softmax_of_scaled_cosines():
+    from explab.models import load_encoder
+
+    box = build_blackbox(ClassifierConfig(kind="open_clip", name="tiny:clip", classes=["heron", "crow"],
+                                          templates=["a photo of a {}."], logit_scale=100.0, device="cpu"))
+    images = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(2)]
+    enc = load_encoder({"name": "tiny:clip", "device": "cpu"})
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    from explab.images import to_pil
+
+    logits = 100 * unit(enc.encode([to_pil(x) for x in images], "image")) @ unit(
+        enc.encode(["a photo of a heron.", "a photo of a crow."], "text")).T
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(box.predict_proba(images), expected / expected.sum(1, keepdims=True), atol=1e-4)
+
+
 def test_planted_classifier_config_is_checked_in_one_line():
     with pytest.raises(ConfigError, match=r"name classes \['heron'\]"):
         ClassifierConfig(kind="planted", classes=["a", "b"], rules=[{"cls": "heron", "colour": "blue", "weight": 1}])

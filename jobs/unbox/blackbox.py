@@ -180,7 +180,7 @@ def _pixels(images: list[np.ndarray]) -> torch.Tensor:
 # ---------------------------------------------------------------- building one
 def build_blackbox(cfg: ClassifierConfig) -> BlackBox:
     """The black box a config names (see the module docstring)."""
-    from explab.models.loaded import resolve_device
+    from explab.models import resolve_device
 
     device = resolve_device(cfg.device)
     if cfg.kind == "planted":
@@ -231,7 +231,7 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _open_clip(cfg: ClassifierConfig) -> BlackBox:
     from explab.images import to_pil
-    from explab.models.encoders import load_encoder
+    from explab.models import load_encoder
 
     encoder = load_encoder({"name": cfg.name, "device": cfg.device})
     classes = list(cfg.classes or [])

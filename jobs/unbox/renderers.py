@@ -65,14 +65,12 @@ class DiffuserRenderer:
         self.family = handle.describe().get("family")
 
     def render(self, descriptors: Sequence[str], seeds: Sequence[int]) -> list[list[np.ndarray]]:
-        from explab.servers.diffuser import DiffusionRequest
-
         common: dict[str, Any] = {"steps": self.cfg.steps, "guidance": self.cfg.guidance, "size": self.cfg.size}
         if self.family == "flux":
             common["max_sequence_length"] = self.cfg.max_sequence_length
         elif self.cfg.negative_prompt is not None:
             common["negative_prompt"] = self.cfg.negative_prompt
-        requests = [DiffusionRequest(prompt=d, seed=int(s), **common) for d in descriptors for s in seeds]
+        requests = [{"prompt": d, "seed": int(s), **common} for d in descriptors for s in seeds]
         results = self.handle.generate(requests) if requests else []
         n = len(seeds)
         return [[np.asarray(r.image) for r in results[i * n:(i + 1) * n]] for i in range(len(descriptors))]
