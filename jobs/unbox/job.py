@@ -110,6 +110,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, Any]:
     search_queries = box.query_counts().get("search", 0)
 
     ranked = {c: table[table["class"] == c] for c in config.classes}
+    found_any = [c for c in config.classes if len(ranked[c])]  # a class whose proposer gave nothing has no audits
     concepts = pd.concat([recurring(ranked[c], c, config.proposer.template, config.concepts)
                           for c in config.classes], ignore_index=True)
     ctx.save_table("concepts", concepts)
@@ -121,9 +122,9 @@ def run(config: Config, ctx: RunContext) -> dict[str, Any]:
         slices = pd.concat([
             slice_scores(c, targets[c], ranked[c]["descriptor"].head(config.slices.bases).tolist(), config.slices.axes,
                          seeds, renderer=renderer, box=box, specificity=sc.specificity)
-            for c in config.classes], ignore_index=True)
+            for c in found_any], ignore_index=True)
         if config.slices.validation is not None:
-            slices = validate_slices(slices, config.slices.validation, box, config.classes, ctx.seed)
+            slices = validate_slices(slices, config.slices.validation, box, found_any, ctx.seed)
         ctx.save_table("slices", slices)
         ctx.save_plot("slice_gaps", plots.slice_gaps(slices))
         found = discovered(slices)
@@ -133,7 +134,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, Any]:
             if fav["acc_gap"].notna().any():
                 out["slice_acc_gap"] = float(fav["acc_gap"].mean())
     if config.fidelity.enabled:
-        top = {c: ranked[c]["descriptor"].head(config.fidelity.top).tolist() for c in config.classes}
+        top = {c: ranked[c]["descriptor"].head(config.fidelity.top).tolist() for c in found_any}
         fid, renders = fidelity(top, targets, config.proposer.template, holdout, renderer=renderer, box=box)
         ctx.save_table("fidelity", fid)
         out["fidelity_top1"] = float(fid.loc[~fid["baseline"], "top1_rate"].mean())
@@ -141,7 +142,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, Any]:
         out["fidelity_mean_p"] = float(fid.loc[~fid["baseline"], "mean_p"].mean())
         k = config.plots.grid_descriptors
         grid = {c: [(d, float(ranked[c]["score"].iloc[i]), renders[c][i]) for i, d in enumerate(top[c][:k])]
-                for c in config.classes}
+                for c in found_any}
         ctx.save_plot("top_descriptors", plots.descriptor_grid(grid))
     ctx.save_plot("best_per_round", plots.best_per_round(rounds))
     counts = box.query_counts()
