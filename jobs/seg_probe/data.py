@@ -53,11 +53,12 @@ def scene(size: int, rng: np.random.Generator, max_shapes: int = 3) -> tuple[np.
     return np.clip(img, 0, 255).astype(np.uint8), mask
 
 
-def scene_rows(*, n: int = 16, size: int = 64, max_shapes: int = 3, seed: int = 0) -> list[dict[str, Any]]:
-    """``synthetic:seg_scenes``: ``n`` scenes (see the module docstring); class names in `SCENE_CLASSES`."""
+def scene_rows(*, n: int = 16, size: int = 64, max_shapes: int = 3, seed: int = 0,
+               stream: int = 0) -> list[dict[str, Any]]:
+    """``synthetic:seg_scenes``: ``n`` scenes (see the module docstring); ``stream`` draws an independent set."""
     if n < 1 or size < 8:
         raise ConfigError(f"seg_scenes needs n >= 1 and size >= 8 (got n={n}, size={size}): raise them")
-    rng = np.random.default_rng([seed, 18])
+    rng = np.random.default_rng([seed, stream, 18])
     rows = []
     for i in range(n):
         image, mask = scene(size, rng, max_shapes)
