@@ -33,7 +33,7 @@ from explab.runs import RunContext
 from explab.servers.options import ServerOptions
 from jobs.seg_probe import plots
 from jobs.seg_probe.data import SCENE_CLASSES, check_hf_available, scene_rows
-from jobs.seg_probe.features import FeatureSet, Layer, extract, layer_list
+from jobs.seg_probe.features import FeatureSet, Layer, Variant, extract, layer_list
 from jobs.seg_probe.knockout import confused_pairs, knockout_layers, knockout_sets, knockout_spec
 from jobs.seg_probe.probes import (
     LinearProbe,
@@ -156,14 +156,20 @@ def _dataset(source: DataSource, ctx: RunContext) -> Any:
 
 
 def _features(config: Config, ctx: RunContext, hooked: Any, source: DataSource, layers: list[Layer],
-              extra: list[Any]) -> FeatureSet:
+              bidirectional: bool) -> FeatureSet:
+    """Features of ``source`` at ``layers`` (variant ``causal``) and, with ``bidirectional``, at its LLM layers
+    under bidirectional image attention (variant ``bidirectional``), from one pass over the data."""
+    variants = [Variant.of("causal", layers)]
+    if bidirectional:
+        extra = [Bidirectional(image=True, layers=config.bidirectional.layers)]
+        variants.append(Variant.of("bidirectional", [ly for ly in layers if ly.stage == "llm"], extra))
     prep = {"size": config.image_size, "offset": config.label_offset, "ignore_index": config.ignore_index,
             "n_classes": config.n_classes, "image_column": source.image_column, "label_column": source.label_column,
             "half": config.features.half}
     key = {"slug": f"{config.model.name.replace('/', '_').replace(':', '_')}-{source.split}",
            "model": config.model.model_dump(mode="json"), "data": source.model_dump(mode="json"), "seed": ctx.seed}
-    return extract(hooked, _dataset(source, ctx), layers, root=cache_dir("seg_probe", runs_root_of(ctx.run_dir)),
-                   key=key, prompt=config.prompt, extra=extra, prep=prep, batch_size=config.features.batch_size,
+    return extract(hooked, _dataset(source, ctx), variants, root=cache_dir("seg_probe", runs_root_of(ctx.run_dir)),
+                   key=key, prompt=config.prompt, prep=prep, batch_size=config.features.batch_size,
                    shard_images=config.features.shard_images)
 
 
@@ -198,19 +204,20 @@ def token_labels_of(config: Config, labels: torch.Tensor, grid: tuple[int, int])
 
 
 def probe_layers(config: Config, ctx: RunContext, layers: list[Layer], train: FeatureSet, val: FeatureSet,
-                 *, probes: dict[str, LinearProbe] | None = None, log: bool = True) -> Probed:
-    """Train (or reuse ``probes``) and score a probe per layer; one layer's features in memory at a time."""
+                 *, variant: str = "causal", probes: dict[str, LinearProbe] | None = None, log: bool = True) -> Probed:
+    """Train (or reuse ``probes``) and score a probe per layer on ``variant``'s features; one layer's features
+    in memory at a time."""
     out = Probed()
     train_labels, val_labels = train.labels(), val.labels()
     progress = ctx.progress(len(layers), "probes") if log else None
     for depth, ly in enumerate(layers):
-        x_val = val.layer(ly.name)
+        x_val = val.layer(ly.name, variant)
         grid = tuple(x_val.shape[1:3])
         val_tokens = token_labels_of(config, val_labels, grid)
         if probes is not None:
             probe = probes[ly.name]
         else:
-            x_train = train.layer(ly.name)
+            x_train = train.layer(ly.name, variant)
             target = train_labels if config.probe.mode == "upsample" else token_labels_of(config, train_labels, grid)
             probe = train_probe(x_train, target, config.n_classes, config.probe, ignore_index=config.ignore_index,
                                 seed=ctx.seed)
@@ -251,7 +258,7 @@ def run_knockout(config: Config, ctx: RunContext, hooked: Any, layers: list[Laye
     kc = config.knockout
     labels = val.labels()
     n_images = val.n if kc.images is None else min(kc.images, val.n)
-    images = _val_images(config, ctx, n_images)
+    images = val.images(n_images)
     rng = np.random.default_rng(ctx.seed)
     rows: list[dict[str, Any]] = []
     llm = [ly for ly in layers if ly.stage == "llm"]
@@ -295,18 +302,6 @@ def run_knockout(config: Config, ctx: RunContext, hooked: Any, layers: list[Laye
     return table
 
 
-def _val_images(config: Config, ctx: RunContext, n: int) -> list[np.ndarray]:
-    """The first ``n`` validation images exactly as the feature pipeline fed them (squared to image_size)."""
-    from explab.data import collect
-    from jobs.seg_probe.features import square
-
-    src = config.val
-    frame = collect(_dataset(src, ctx).limit(n))
-    return [square(img, lab, config.image_size, offset=config.label_offset, ignore_index=config.ignore_index,
-                   n_classes=config.n_classes)[0]
-            for img, lab in zip(frame[src.image_column], frame[src.label_column], strict=True)]
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -324,8 +319,9 @@ def _run(config: Config, ctx: RunContext) -> dict[str, float]:
     hooked = ctx.model(config.model, "hooked", config.server)
     n_vis, n_llm = _check(config, hooked.describe())
     layers = layer_list(n_vis, n_llm, config.vision_layers, probed_llm_layers(config, n_llm))
-    train = _features(config, ctx, hooked, config.train, layers, [])
-    val = _features(config, ctx, hooked, config.val, layers, [])
+    bidirectional = config.bidirectional.enabled
+    train = _features(config, ctx, hooked, config.train, layers, bidirectional and config.bidirectional.retrain)
+    val = _features(config, ctx, hooked, config.val, layers, bidirectional)
     ctx.save_json("features", {"train": str(train.path), "val": str(val.path), "train_cached": train.cached,
                                "val_cached": val.cached, "n_train": train.n, "n_val": val.n,
                                "layers": [ly.name for ly in layers]})
@@ -339,23 +335,20 @@ def _run(config: Config, ctx: RunContext) -> dict[str, float]:
     position = [f"llm.{i}" for i in config.position_layers]
     pos_rows = position_rows(config, probed, val, position, "causal", "causal")
     bidir_rows: list[dict[str, Any]] = []
-    if config.bidirectional.enabled:
+    if bidirectional:
         llm = [ly for ly in layers if ly.stage == "llm"]
-        extra = [Bidirectional(image=True, layers=config.bidirectional.layers)]
-        val_bi = _features(config, ctx, hooked, config.val, llm, extra)
-        same = probe_layers(config, ctx, llm, train, val_bi, probes=probed.probes, log=False)
+        same = probe_layers(config, ctx, llm, train, val, variant="bidirectional", probes=probed.probes, log=False)
         causal = {r["name"]: r for r in probed.rows}
         for r in same.rows:
             bidir_rows.append({**causal[r["name"]], "attention": "causal", "probes": "causal"})
             bidir_rows.append({**r, "depth": causal[r["name"]]["depth"], "attention": "bidirectional",
                                "probes": "causal"})
-        pos_rows += position_rows(config, same, val_bi, position, "bidirectional", "causal")
+        pos_rows += position_rows(config, same, val, position, "bidirectional", "causal")
         if config.bidirectional.retrain:
-            train_bi = _features(config, ctx, hooked, config.train, llm, extra)
-            fresh = probe_layers(config, ctx, llm, train_bi, val_bi, log=False)
+            fresh = probe_layers(config, ctx, llm, train, val, variant="bidirectional", log=False)
             bidir_rows += [{**r, "depth": causal[r["name"]]["depth"], "attention": "bidirectional",
                             "probes": "retrained"} for r in fresh.rows]
-            pos_rows += position_rows(config, fresh, val_bi, position, "bidirectional", "retrained")
+            pos_rows += position_rows(config, fresh, val, position, "bidirectional", "retrained")
     positions = pd.DataFrame(pos_rows)
     bidir = pd.DataFrame(bidir_rows)
     ctx.save_table("position", positions)
