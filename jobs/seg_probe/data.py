@@ -7,9 +7,9 @@ Every row the job uses is ``{"image": (H, W, 3) uint8, "mask": (H, W) int64}`` w
   shade jittered) on a textured background (low-frequency noise plus stripes of random angle and
   period), later shapes drawn over earlier ones; class 0 is the background. The mask is exact: it is
   the geometry the pixels were painted from (`explab.shapes.shape_mask`).
-- ADE20K (``hf:1aurent/ADE20K`` or ``hf:scene_parse_150``): the annotation is a PNG whose value 0
-  means "other" and 1..150 the SceneParsing classes; ``label_offset: -1`` maps them to 0..149 and
-  0 to ``ignore_index`` (the benchmark's convention).
+- ADE20K SceneParsing (``hf:zhoubolei/scene_parse_150``, or any copy with the same columns): the
+  annotation is a PNG whose value 0 means "other" and 1..150 the SceneParsing classes;
+  ``label_offset: -1`` maps them to 0..149 and 0 to ``ignore_index`` (the benchmark's convention).
 """
 
 from __future__ import annotations

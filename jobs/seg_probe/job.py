@@ -51,7 +51,7 @@ from jobs.seg_probe.probes import (
 class DataSource(Section):
     """Images with segmentation annotations (one split of one dataset)."""
 
-    data: str = "hf:scene_parse_150"  # ADE20K SceneParsing (150 classes) in its Hugging Face form
+    data: str = "hf:zhoubolei/scene_parse_150"  # ADE20K SceneParsing (150 classes) in its Hugging Face form
     split: str = "train"
     limit: int | None = Field(None, ge=1)
     image_column: str = "image"
