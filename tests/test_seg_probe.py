@@ -242,3 +242,15 @@ def test_paper_config_passes_the_dry_run(cli, tmp_path, monkeypatch):
     code, out, err = cli("run", "seg_probe", "-c", "paper", "--dry-run", "--runs-dir", str(tmp_path / "runs"))
     assert code == 0, err
     assert "llava-hf/llava-1.5-7b-hf" in out and not (tmp_path / "runs").exists()
+
+
+def test_an_uncached_hub_dataset_offline_is_one_line(monkeypatch, tmp_path):
+    from explab.errors import ExplabError
+    from jobs.seg_probe.data import check_hf_available
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    with pytest.raises(ExplabError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE=1") as info:
+        check_hf_available("hf:zhoubolei/scene_parse_150")
+    assert "\n" not in str(info.value)
