@@ -26,11 +26,10 @@ from explab.config import JobConfig, Section
 from explab.errors import ConfigError
 from explab.interventions import Bidirectional
 from explab.job import Job
-from explab.models import ModelSpec
-from explab.models.checks import check_layers
+from explab.models import ModelSpec, check_layers
 from explab.paths import cache_dir, runs_root_of
 from explab.runs import RunContext
-from explab.servers.options import ServerOptions
+from explab.servers import ServerOptions
 from jobs.seg_probe import plots
 from jobs.seg_probe.data import SCENE_CLASSES, check_hf_available, scene_rows
 from jobs.seg_probe.features import FeatureSet, Layer, Variant, extract, layer_list
