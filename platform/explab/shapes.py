@@ -34,23 +34,29 @@ def class_names(colours: Sequence[str], shapes: Sequence[str]) -> list[str]:
     return [f"{c} {s}" for c in colours for s in shapes]
 
 
+def shape_mask(shape: str, hw: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    """The exact (H, W) boolean mask of a filled ``shape`` of ``radius`` at ``centre`` (row, col), in pixels."""
+    if shape not in SHAPES:
+        raise ConfigError(f"unknown shape {shape!r}: use one of {', '.join(SHAPES)}")
+    yy, xx = np.mgrid[0:hw[0], 0:hw[1]] + 0.5
+    dy, dx, r = yy - centre[0], xx - centre[1], radius
+    if shape == "circle":
+        return dy**2 + dx**2 <= r**2
+    if shape == "square":
+        return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    if shape == "triangle":  # apex up
+        return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+    w = r * 0.35  # cross
+    return ((np.abs(dy) <= w) & (np.abs(dx) <= r)) | ((np.abs(dx) <= w) & (np.abs(dy) <= r))
+
+
 def draw(shape: str, colour: tuple[int, int, int], size: int, rng: np.random.Generator) -> np.ndarray:
     """One ``size`` × ``size`` image: a noisy grey background and one filled shape."""
     grey = rng.integers(90, 170)
     img = np.clip(grey + rng.normal(0, 12, (size, size, 3)), 0, 255)
     r = rng.uniform(0.22, 0.36) * size
     cy, cx = rng.uniform(r + 1, size - r - 1, 2)
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    dy, dx = yy - cy, xx - cx
-    if shape == "circle":
-        mask = dy**2 + dx**2 <= r**2
-    elif shape == "square":
-        mask = (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
-    elif shape == "triangle":  # apex up
-        mask = (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
-    else:  # cross
-        w = r * 0.35
-        mask = ((np.abs(dy) <= w) & (np.abs(dx) <= r)) | ((np.abs(dx) <= w) & (np.abs(dy) <= r))
+    mask = shape_mask(shape, (size, size), (cy, cx), r)
     shade = rng.uniform(0.85, 1.1)
     img[mask] = np.clip(np.asarray(colour) * shade + rng.normal(0, 6, (int(mask.sum()), 3)), 0, 255)
     return img.astype(np.uint8)

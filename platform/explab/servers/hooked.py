@@ -126,12 +126,14 @@ class HookedModel(ServerBase):
         self.batcher = self._batcher(self._run, group_key=lambda item: (item[0], item[2]))
 
     def _info(self) -> dict[str, Any]:
-        from explab.interventions import n_layers
+        from explab.interventions import n_layers, resolve_arch
 
+        vision = resolve_arch(self.model).vision  # the vision tower's blocks (VLMs), else None
         return {"model_kind": self.loaded.kind, "device": str(self.device),
                 "dtype": str(self.loaded.dtype).replace("torch.", ""),
                 "revision": self.loaded.revision, "n_layers": n_layers(self.model),
-                "n_params": parameter_count(self.model)}
+                "n_params": parameter_count(self.model),
+                "n_vision_layers": len(vision) if vision is not None else 0}
 
     # --- public methods (each request becomes one batcher item: (op, request, group)) --------
     async def forward(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
