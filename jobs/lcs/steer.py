@@ -23,8 +23,9 @@ from jobs.lcs.subspace import Subspace
 
 
 def authors_blend(norm: Normalisation, step: int) -> float:
-    """The authors' schedule gamma = 1 - table[t]; our table is the mean of beta_t over the axes."""
-    return float(1.0 - norm.betas[norm.steps.index(step)].mean())
+    """The authors' schedule gamma = 1 - table[t]; our table is the mean of beta_t over the axes, and gamma is
+    clipped to [0, 1] (beta_t can exceed beta_T on a model whose latents shrink towards the end)."""
+    return float(np.clip(1.0 - norm.betas[norm.steps.index(step)].mean(), 0.0, 1.0))
 
 
 def shift_hsl(hsl: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
