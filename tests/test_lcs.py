@@ -2,7 +2,11 @@
 moves only the subspace, CIEDE2000 matches Sharma et al., and the job runs end to end."""
 
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -196,3 +200,78 @@ def test_attention_mask_keeps_the_top_mass_and_closes_holes():
     mask = attention_mask(att.ravel(), (8, 8), 0.95, 3)
     assert mask.reshape(8, 8)[2:5, 2:5].all() and mask.sum() == 9
     assert first_token([(0, 0), (0, 1), (2, 5), (6, 9), (0, 0)], "a red car", "car") == 3
+
+
+# ---------------------------------------------------------------- the job
+
+
+def test_tiny_run_writes_every_table_plot_and_the_artifact(tmp_path, ray_local, cli):
+    from safetensors.numpy import load_file
+
+    code, out, err = cli("run", "lcs", "-c", "tiny", "--runs-dir", str(tmp_path))
+    assert code in (0, None), err
+    run_dir = Path(out.strip().splitlines()[-1])
+    tables = {name: pd.read_parquet(run_dir / "tables" / f"{name}.parquet")
+              for name in ("subspace", "variance", "anchors", "normalisation", "observation", "intervention")}
+    for name in ("subspace", "observation", "delta_e_vs_step", "before_after"):
+        assert (run_dir / "plots" / f"{name}.png").stat().st_size > 1000, name
+    art = load_file(run_dir / "artifacts" / "lcs.safetensors")
+    # the artifact is the fitted subspace: an orthonormal basis, the anchors and normalisation of the tables
+    np.testing.assert_allclose(art["basis"] @ art["basis"].T, np.eye(3), atol=1e-6)
+    assert art["basis"].shape == (3, 64) and art["mean"].shape == (64,)
+    anchors = tables["anchors"].set_index("name")
+    np.testing.assert_allclose(art["anchors"][-2:], anchors.loc[["black", "white"], ["c0", "c1", "c2"]], atol=1e-6)
+    assert list(art["steps"]) == list(range(6)) and art["alphas"].shape == art["betas"].shape == (6, 3)
+    np.testing.assert_allclose(art["betas"][-1], 1.0)
+    norm = tables["normalisation"]
+    np.testing.assert_allclose(norm.pivot(index="step", columns="axis", values="beta").to_numpy(), art["betas"])
+    # the variance ratios are PCA's: descending, summing to 1, and the grid's coordinates are centred
+    ratios = tables["variance"]["ratio"].to_numpy()
+    assert (np.diff(ratios) <= 1e-12).all() and ratios.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(tables["subspace"][["c0", "c1", "c2"]].mean(), 0, atol=1e-6)
+    # the grid's colours were read back through the geometry of the anchors table
+    geometry = Geometry({n: anchors.loc[n, ["c0", "c1", "c2"]].to_numpy(float) for n in anchors.index})
+    read = geometry.lcs_to_hsl(tables["subspace"][["c0", "c1", "c2"]].to_numpy())
+    np.testing.assert_allclose(read, tables["subspace"][["read_h", "read_s", "read_l"]].to_numpy(), atol=1e-9)
+    obs = tables["observation"]
+    assert sorted(obs["step"]) == [0, 2, 4] and obs.filter(like="dE00").notna().all().all()
+    inter = tables["intervention"]
+    # 2 modes x 2 steps x 2 targets: one baseline and three blends (type1, type2, the authors' schedule)
+    assert len(inter) == 2 * 2 * 2 * 4
+    assert set(inter["method"]) == {"none", "type1", "type2", "authors"}
+    assert (inter[inter["mode"] == "global"]["mask_tokens"] == 64).all()
+    local = inter[inter["mode"] == "local"]["mask_tokens"]
+    assert (local > 0).all() and (local < 64).all()
+    steered = inter[inter["method"] != "none"]
+    assert steered["dE00"].between(0, 200).all() and (steered["object_hex"] != "").all()
+    # the steering changed the images it was applied to
+    base = inter[inter["method"] == "none"].set_index(["mode", "step", "target"])["object_hex"]
+    changed = [row.object_hex != base[(row.mode, row.step, row.target)] for row in steered.itertuples()]
+    assert sum(changed) >= len(changed) // 2
+    result = json.loads((run_dir / "result.json").read_text())
+    assert {"variance_explained", "dE00", "dE00_none", "observe_dE00_final"} <= set(result)
+
+
+def test_bad_config_is_one_clear_line(tmp_path, ray_local, cli):
+    for args, needle in [(["--set", "intervention.steps=[9]"], "steps [9] are outside a 6-step run"),
+                         (["--set", "intervention.blends=[1.5]"], "blend gamma must be in [0, 1]")]:
+        code, _, err = cli("run", "lcs", "-c", "tiny", "--runs-dir", str(tmp_path), *args)
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert code != 0 and needle in lines[-1], (args, err)
+
+
+def test_paper_config_and_sweep_resolve_against_the_job():
+    from explab import sweep
+    from explab.config import load_config
+    from explab.job import get_job
+
+    job = get_job("lcs")
+    paper = load_config(job.config, job.config_path("paper"), [])
+    assert (paper.size, paper.steps, paper.guidance, paper.intervention.steps) == (512, 50, 3.5, [9])
+    assert paper.subspace.grid == 6 and len(paper.normalisation.colours) == 26
+    natural = paper.benchmarks[0]
+    assert len(natural.objects) == 20 and len(natural.seeds) == 4 and natural.targets == "families"
+    assert all(not any(w in b.prompt for w in ("red", "blue", "green")) for b in paper.benchmarks)
+    source = Path(__file__).resolve().parents[1] / "jobs" / "lcs" / "sweep.yaml"
+    plan = sweep.resolve(sweep.load_spec(source), source)  # every space field and range is valid for the job
+    assert set(plan.spec.space) == {"intervention.steps", "intervention.blends"} and plan.spec.metric == "dE00"
