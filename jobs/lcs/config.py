@@ -25,7 +25,6 @@ def _listify(value: Any) -> Any:
 
 class SubspaceConfig(Section):
     grid: int = Field(6, ge=2)  # HSV grid size g (the shipped parameters: 6 -> 156 colours)
-    components: int = Field(3, ge=3)  # PCA dimensions (the geometry reads the first three)
     sample: bool = True  # sample the VAE posterior (latent_dist.sample, as the authors) instead of its mean
     origin: Origin = "axis"  # hue origin o: per-axis mean ("axis") or the authors' scalar mean ("scalar")
 

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from explab.errors import ConfigError
 from explab.job import Job
 from explab.runs import RunContext
 from explab.servers.diffuser import AttentionRequest, DiffusionRequest
@@ -85,12 +84,9 @@ def find_subspace(config: Config, server: Any, ctx: RunContext) -> tuple[Subspac
     images = _solid(np.concatenate([rgb, anchor_rgb]), config.size)
     seeds = [config.seed + i for i in range(len(images))] if config.subspace.sample else None
     means = colour_means(np.stack(server.encode(images, seeds)))
-    sub = fit_subspace(means[: len(hsv)], config.subspace.components)
+    sub = fit_subspace(means[: len(hsv)], 3)
     coords = sub.coordinates(means)
-    geometry = Geometry({n: c[:3] for n, c in zip(anchors, coords[len(hsv):], strict=True)},
-                        origin=config.subspace.origin)
-    if sub.k > 3:
-        raise ConfigError("the colour geometry reads three subspace axes: set subspace.components: 3")
+    geometry = Geometry(dict(zip(anchors, coords[len(hsv):], strict=True)), origin=config.subspace.origin)
     grid = coords[: len(hsv)]
     true_hsl = rgb_to_hsl(rgb)
     read = geometry.lcs_to_hsl(grid)
@@ -128,7 +124,7 @@ def fit_steps(config: Config, server: Any, sub: Subspace, ctx: RunContext) -> No
     cfg = config.normalisation
     requests = [_request(config, cfg.prompt.format(colour=c), cfg.seed + i, capture_steps=steps)
                 for i, c in enumerate(cfg.colours)]
-    coords = np.stack([np.stack([sub.coordinates(r.latents[t].mean(0))[:3] for t in steps])
+    coords = np.stack([np.stack([sub.coordinates(r.latents[t].mean(0)) for t in steps])
                        for r in _generate(server, requests)])
     norm = fit_normalisation(coords, steps)
     ctx.save_table("normalisation", pd.DataFrame(
