@@ -160,6 +160,35 @@ def test_per_token_hsl_shift_moves_every_token_by_the_target_difference():
                                           np.array([0.1, 0.0, 1.0]))[2] == 1.0  # clamped
 
 
+def test_observation_reads_planted_token_colours_back_exactly():
+    from jobs.lcs.observe import block_means, compare, token_colours, token_grid
+
+    # a linear "VAE" that embeds the ideal HSL cone in 3 of 16 channels (plus orthogonal noise)
+    rng = np.random.default_rng(7)
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    span, rest, mu = q[:, :3].T, q[:, 3:].T, rng.normal(size=16)
+    centre, frame = np.zeros(3), np.eye(3)
+
+    def vae(hsl, noise=0.0):
+        return mu + cylinder(hsl, centre, frame) @ span + rng.normal(size=(len(hsl), 13)) @ rest * noise
+
+    grid_hsl = rgb_to_hsl(hsv_to_rgb(hsv_grid(6)))
+    sub = fit_subspace(vae(grid_hsl), 3)
+    anchors = {n: sub.coordinates(vae(h[None]))[0] for n, h in anchor_hsl().items()}
+    geometry = Geometry(anchors)
+    norm = fit_normalisation(np.stack([np.full((2, 3), -1.0), np.full((2, 3), 1.0)]), [0, 1])  # identity
+    # a 4x4-token latent of random colours, read at step 0 as their true RGB
+    hsl = hsl_samples(16, seed=8)
+    tokens = vae(hsl, noise=0.5)
+    read = token_colours(tokens, 0, sub, geometry, norm)
+    np.testing.assert_allclose(read, hsl_to_rgb(hsl), atol=1e-6)
+    image = np.kron(hsl_to_rgb(hsl).reshape(4, 4, 3), np.ones((8, 8, 1)))  # 32x32, one colour per 8x8 block
+    image8 = (image * 255).round().astype(np.uint8)
+    assert token_grid(16, 32, 32) == (4, 4)
+    result = compare(read.reshape(4, 4, 3), block_means(image8, (4, 4)))
+    assert result["pixel"] < 0.5 and result["mean"] < 0.5  # only the 8-bit rounding of the image remains
+
+
 # ---------------------------------------------------------------- colours and masks
 
 
