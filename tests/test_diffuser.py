@@ -294,6 +294,15 @@ def test_server_attention_maps_and_vae_round_trip(diffuser):
     assert all(img.shape == (*SIZE, 3) and img.dtype == np.uint8 for img in images)
 
 
+def test_server_tokenize_gives_the_character_span_of_every_attention_token(diffuser):
+    prompt = "a red car"
+    spans = diffuser.tokenize([prompt], TEXT)[0]
+    ids = diffuser.generate(requests()[:1])[0].token_ids  # the same tokenization the attention maps index
+    assert len(spans) == len(ids) == len(prompt) + 2  # byte tokens between BOS and EOS
+    assert spans[0] == spans[-1] == (0, 0)
+    assert "".join(prompt[a:b] for a, b in spans) == prompt
+
+
 def test_server_refuses_a_bad_request_in_one_line(diffuser):
     from explab.servers.diffuser import DiffusionRequest
 

@@ -5,7 +5,8 @@
   pipeline's ``callback_on_step_end``) and image-token x text-token attention maps of chosen blocks
   for chosen prompt tokens (`explab.interventions.diffusion_attention`);
 - ``encode(images)`` / ``decode(latents)``: through the pipeline's VAE, in the latent layout the
-  pipeline denoises (FLUX: shifted, scaled and packed; SD: scaled).
+  pipeline denoises (FLUX: shifted, scaled and packed; SD: scaled);
+- ``tokenize(prompts)``: each token's character span, to find a word's position for attention maps.
 
 Requests with the same size, step count, guidance (and text length and attention blocks/steps)
 are batched into one pipeline call; every row draws its noise from its own seeded CPU generator
@@ -175,6 +176,17 @@ class Diffuser(ServerBase):
         size = self._size(size)
         items = [("decode", np.asarray(z, dtype=np.float32), ("decode", size)) for z in latents]
         return await self.batcher.submit_many(items)
+
+    async def tokenize(self, prompts: list[str], max_sequence_length: int | None = None) -> list[list[tuple[int, int]]]:
+        """Per prompt, the (start, end) characters of each token of the tokenization that attention maps
+        index (FLUX's T5, SD's CLIP); special tokens are (0, 0). Finds a word's token positions."""
+        tokenizer = self.loaded.tokenizer
+        length = max_sequence_length or (512 if self.family == "flux" else tokenizer.model_max_length)
+        out = []
+        for prompt in prompts:
+            encoded = tokenizer(prompt, max_length=length, truncation=True, return_offsets_mapping=True)
+            out.append([(int(a), int(b)) for a, b in encoded["offset_mapping"]])
+        return out
 
     # --- checks (before batching: a bad request fails alone) -----------------------------------
     def _size(self, size: tuple[int, int] | list[int] | None) -> tuple[int, int]:

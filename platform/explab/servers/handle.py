@@ -69,6 +69,10 @@ class ServerHandle:
         """Latents (as `generate` captures them) to uint8 (H, W, 3) images of ``size`` (height, width)."""
         return self._get(self.actor.decode.remote(list(latents), size))
 
+    def tokenize(self, prompts: list[str], max_sequence_length: int | None = None) -> list[list[tuple[int, int]]]:
+        """Diffuser: each prompt's token character spans (positions as `AttentionRequest.tokens` counts them)."""
+        return self._get(self.actor.tokenize.remote(list(prompts), max_sequence_length))
+
     # hooked forward passes and scoring (HookedModel)
     def forward_async(self, requests: Any) -> Any:
         from explab.servers.hooked import as_forward_requests
