@@ -246,3 +246,20 @@ def test_heatmaps_through_the_tiny_clip_tower_find_the_planted_patch():
     assert 8 <= r < 16 and 16 <= c < 24
     r, c = np.unravel_index(maps[0, 1].argmax(), (32, 32))
     assert 24 <= r < 32 and 0 <= c < 8
+
+
+# ---- the shipped paper-size configs ----------------------------------------------------------------
+def test_paper_vocabularies_are_lf_cbm_files_by_url_and_generated_ones_are_filtered():
+    from explab.config import load_config
+    from explab.job import get_job
+
+    job = get_job("ezpc")
+    paper = load_config(job.config, job.config_path("paper"), [])
+    for ds in paper.datasets:  # validated offline: the URLs are fetched only when the job runs
+        assert ds.concepts and all(vocab.is_url(c) and "Label-free-CBM" in c for c in ds.concepts), ds.name
+        assert any(c.endswith("/imagenet_filtered.txt") for c in ds.concepts)
+    assert any("SigLIP" in b.name for b in paper.backbones)
+    generated = load_config(job.config, job.config_path("generated"), [])
+    cc = generated.concepts
+    assert cc.source == "llm" and (cc.max_length, cc.max_class_similarity, cc.max_concept_similarity) == (30, 0.85,
+                                                                                                          0.9)

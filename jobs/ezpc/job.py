@@ -20,6 +20,7 @@ For every (backbone, dataset) pair:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -394,9 +395,16 @@ def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str],
         ctx.save_plot(f"explanations__{tag}", plots.explanation_bars(
             shown, display_images(ds, n_show, ctx.seed), names, f"{ds.name} / {short_name(backbone)}: top concepts"))
     n_regions = min(ev.region_images, n_table)
+    row["region_images"] = 0
     if n_regions:
-        ctx.save_plot(f"regions__{tag}", region_plot(backbone, ds, table, A, n_regions,
-                                                     min(ev.region_concepts, ev.top_k), names, ctx.seed))
+        try:
+            figure = region_plot(backbone, ds, table, A, n_regions, min(ev.region_concepts, ev.top_k), names,
+                                 ctx.seed)
+        except regions.UnsupportedTower as err:  # e.g. SigLIP's timm tower: said in the log and the table
+            logging.getLogger(__name__).warning("ezpc: no region heatmaps for %s: %s", backbone.name, err)
+        else:
+            ctx.save_plot(f"regions__{tag}", figure)
+            row["region_images"] = n_regions
     return {"row": row, "faith": faith, "explanations": table, "losses": losses, "concepts": concepts_out,
             "test": (V_test, y_test, T), "A": A}
 

@@ -11,7 +11,8 @@ place beyond the image as a whole), then scaled to [0, 1] and upsampled to the i
   and output projections position by position (the pool's attention mixes positions; its value
   path keeps them apart), as is usual for dense CLIP ResNet features.
 
-Other towers (timm towers, such as open_clip's SigLIP models) raise one clear line.
+Other towers (timm towers, such as open_clip's SigLIP models) raise `UnsupportedTower`; the job
+then logs a warning and records ``region_images = 0`` for that backbone.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ import numpy as np
 
 from explab.errors import ExplabError
 from explab.images import to_pil
+
+
+class UnsupportedTower(ExplabError):
+    """The image tower has no patch tokens this module knows how to project."""
 
 
 def patch_tokens(model: Any, pixels: Any) -> Any:
@@ -54,7 +59,7 @@ def patch_tokens(model: Any, pixels: Any) -> Any:
                 x = x + pool.positional_embedding[1:].to(x.dtype)
             tokens = pool.c_proj(pool.v_proj(x))
             return tokens.reshape(n, h, w, -1)
-    raise ExplabError(f"concept-region heatmaps need an open_clip ViT or ModifiedResNet image tower, not "
+    raise UnsupportedTower(f"concept-region heatmaps need an open_clip ViT or ModifiedResNet image tower, not "
                       f"{type(visual).__name__}: set eval.region_images: 0 for this backbone")
 
 
