@@ -117,6 +117,12 @@ def test_generated_concepts_are_filtered_as_label_free_cbm_does():
     assert why["a bone"] == "activation"
     kept = [c for c in concepts if why[c] == ""]
     assert len(kept) == 4 and set(kept) - {"whisker", "whiskers"} == {"canine", "floppy ears", "pet"}
+    # as in LF-CBM, of two near-duplicates the more general one (more similar to the rest on average) stays
+    e = np.eye(4)
+    general = unit(e[0] + e[1] + 0.05 * e[3])  # near "specific" and also close to "other"
+    specific, other = unit(e[0] + 0.7 * e[1]), unit(e[1] + e[2])
+    assert vocab.filter_vocabulary(["specific", "general", "other"], np.stack([specific, general, other]),
+                                   np.zeros((0, 4)), max_concept_similarity=0.95) == ["duplicate", "", ""]
     off = vocab.filter_vocabulary(concepts, C, T)  # every step off: nothing dropped
     assert off == [""] * len(concepts)
 

@@ -210,8 +210,8 @@ def filter_vocabulary(concepts: Sequence[str], C: np.ndarray, T: np.ndarray, *, 
     embeddings, ``V`` (n × d) training image embeddings. A concept is dropped when it is longer than
     ``max_chars`` characters (``"length"``); when its cosine to some class name exceeds
     ``max_class_similarity`` (``"class"``); when it is a near-duplicate of a kept concept, cosine above
-    ``max_concept_similarity`` (``"duplicate"``: of two near-identical concepts the one less similar
-    to all the others on average is kept, the more specific one); or when the mean of its
+    ``max_concept_similarity`` (``"duplicate"``: of near-identical concepts the one more similar to
+    all the others on average is kept, the more general one, as LF-CBM does); or when the mean of its
     ``activation_top`` highest cosines with the training images is below ``min_activation``
     (``"activation"``: nothing in the images shows it). None switches a filter off.
     """
@@ -229,7 +229,7 @@ def filter_vocabulary(concepts: Sequence[str], C: np.ndarray, T: np.ndarray, *, 
         S = C @ C.T
         mean_sim = (S.sum(axis=1) - np.diag(S)) / max(k - 1, 1)
         kept: list[int] = []
-        for j in np.argsort(mean_sim, kind="stable"):  # the most distinctive concepts claim their place first
+        for j in np.argsort(-mean_sim, kind="stable"):  # the most general concepts claim their place first
             if not alive[j]:
                 continue
             if kept and S[j, kept].max() > max_concept_similarity:
