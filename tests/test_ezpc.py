@@ -205,9 +205,10 @@ def test_tiny_config_runs_end_to_end_through_the_cli(monkeypatch, tmp_path, ray_
     code, out, err = cli("run", "ezpc", "-c", "tiny", "--runs-dir", str(tmp_path / "runs"))
     assert code == 0, err
     run_dir = Path(out.strip().splitlines()[-1])
-    for table in ("results", "faithfulness", "explanations", "losses", "concepts"):
+    for table in ("results", "faithfulness", "explanations", "losses", "concepts", "vocabulary"):
         assert (run_dir / "tables" / f"{table}.parquet").is_file(), table
-    for plot in ("accuracy_retained", "faithfulness", "loss__shapes__tiny-clip", "explanations__shapes__tiny-clip"):
+    for plot in ("accuracy_retained", "faithfulness", "loss__shapes__tiny-clip", "explanations__shapes__tiny-clip",
+                 "regions__shapes__tiny-clip"):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 5000, plot
     assert (run_dir / "artifacts" / "A__shapes__tiny-clip.safetensors").is_file()
     results = pd.read_parquet(run_dir / "tables" / "results.parquet").iloc[0]
@@ -219,6 +220,9 @@ def test_tiny_config_runs_end_to_end_through_the_cli(monkeypatch, tmp_path, ray_
     explanations = pd.read_parquet(run_dir / "tables" / "explanations.parquet")
     assert explanations["image"].nunique() == 48 and set(explanations["rank"]) == set(range(5))
     assert (run_dir / "metrics.parquet").is_file()
+    vocabulary = pd.read_parquet(run_dir / "tables" / "vocabulary.parquet")
+    assert (vocabulary["dropped"] == "").sum() == results["n_concepts"]  # the tiny config filters nothing
+    assert results["logit_scale"] == 100.0 and results["logit_bias"] == 0.0
 
 
 def test_two_datasets_give_a_transfer_table_and_plot(monkeypatch, tmp_path, ray_local):
@@ -243,6 +247,16 @@ def test_two_datasets_give_a_transfer_table_and_plot(monkeypatch, tmp_path, ray_
     cross = transfer[~transfer["in_domain"]]
     assert result["transfer_agreement"] == pytest.approx(cross["agreement"].mean())
     assert (run_dir / "plots" / "transfer.png").stat().st_size > 5000
+    # the authors' protocol: a fresh A per ordered pair, generalized zero-shot over both datasets' classes
+    gzsl = pd.read_parquet(run_dir / "tables" / "transfer_gzsl.parquet")
+    assert sorted(zip(gzsl["source"], gzsl["target"], strict=True)) == [("bright", "shapes"), ("shapes", "bright")]
+    assert (gzsl["n_seen_classes"] + gzsl["n_unseen_classes"] == 18).all()
+    both = len(vocab.from_files(["shapes"]))  # both datasets use the same file: the union is that file
+    assert (gzsl["n_concepts"] == both).all()
+    hm = 2 * gzsl["acc_ezpc_seen_gzsl"] * gzsl["acc_ezpc_unseen_gzsl"] / (
+        gzsl["acc_ezpc_seen_gzsl"] + gzsl["acc_ezpc_unseen_gzsl"])
+    np.testing.assert_allclose(gzsl["hm_ezpc"], hm.fillna(0.0))
+    assert result["transfer_hm_ezpc"] == pytest.approx(gzsl["hm_ezpc"].mean())
 
 
 def test_the_shipped_sweep_runs_under_explab_sweep(ray_local, tmp_path):

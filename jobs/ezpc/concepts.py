@@ -1,11 +1,14 @@
 """Concept vocabularies and class names.
 
-A vocabulary comes from concept files (one phrase per line, ``#`` comments; a name without a path
-is a file in this package's ``concepts/`` folder) or from an LLM through the shared `Generator`
-server, prompted per class name. Either way the phrases are cleaned, deduplicated and sorted (as
-the authors do), and an optional seeded subset of ``size`` concepts is kept (the vocabulary-size
+A vocabulary comes from concept files or from an LLM through the shared `Generator` server,
+prompted per class name. Concept files are in Label-free CBM's formats: text with one phrase per
+line (``#`` comments), or JSON ``{class: [phrases]}`` (its GPT outputs). A file is named by a
+path, by a name in this package's ``concepts/`` folder, or by an http(s) URL, fetched once into
+the explab cache (`fetch`). Either way the phrases are cleaned, deduplicated and sorted (as the
+authors do), and an optional seeded subset of ``size`` concepts is kept (the vocabulary-size
 ablation). LLM vocabularies are cached on disk, keyed by the generator, prompts and class names,
-so the trials of a sweep generate once.
+so the trials of a sweep generate once. `filter_vocabulary` is Label-free CBM's filter over CLIP
+embeddings (length, closeness to a class name, near-duplicates, image activation).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ DEFAULT_PROMPTS = (
 _BULLET = re.compile(r"^\s*(?:[-*•·‣▪–—]+|\(?\d+[.):]|\(?[a-zA-Z][.)])\s*")
 
 
+def is_url(name: str) -> bool:
+    return name.startswith(("http://", "https://"))
+
+
 def resolve_file(name: str, what: str = "concept file") -> Path:
     """A path as given, else a file of that name in ``jobs/ezpc/concepts/`` (``.txt`` optional)."""
     path = Path(name).expanduser()
@@ -50,9 +57,22 @@ def resolve_file(name: str, what: str = "concept file") -> Path:
 
 
 def read_phrases(path: Path) -> list[str]:
-    """Non-empty lines of ``path`` without ``#`` comments, whitespace collapsed."""
+    """The phrases of a concept file: JSON ``{class: [phrases]}`` (or a JSON list) when it parses as
+    JSON, else the non-empty lines without ``#`` comments; whitespace collapsed."""
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".json" or (suffix != ".txt" and text.lstrip().startswith(("{", "["))):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"concept file {path} is not valid JSON (line {err.lineno}): give LF-CBM's "
+                              "{class: [concepts]} JSON or a text file with one concept per line") from None
+        values = data.values() if isinstance(data, dict) else [data]
+        if not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in values):
+            raise ConfigError(f"concept file {path}: JSON must map each class to a list of concept strings")
+        return [" ".join(c.split()) for v in values for c in v if c.strip()]
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         line = line.split("#", 1)[0]
         line = " ".join(line.split())
         if line:
@@ -60,12 +80,46 @@ def read_phrases(path: Path) -> list[str]:
     return out
 
 
-def from_files(files: Sequence[str]) -> list[str]:
+def fetch(url: str, cache_dir: Path, timeout: float = 30.0) -> Path:
+    """The local copy of the concept file at ``url``, downloaded into ``cache_dir`` on first use."""
+    import urllib.error
+    import urllib.request
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/").rsplit("/", 1)[-1])[-80:] or "concepts"
+    path = cache_dir / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{name}"
+    if path.is_file():
+        return path
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise ExplabError(f"could not fetch concept file {url} ({reason}): download it and give its local path "
+                          "in datasets[].concepts instead") from None
+    from explab import store
+
+    store.atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return path
+
+
+def locate(name: str, cache_dir: Path | None = None) -> Path:
+    """A concept file's local path: `fetch` for a URL (into ``cache_dir``), else `resolve_file`."""
+    if is_url(name):
+        if cache_dir is None:
+            from explab.paths import cache_dir as explab_cache
+
+            cache_dir = explab_cache("ezpc-concepts")
+        return fetch(name, cache_dir / "files")
+    return resolve_file(name)
+
+
+def from_files(files: Sequence[str], cache_dir: Path | None = None) -> list[str]:
+    """The deduplicated, sorted phrases of concept files (names, paths or URLs; see `locate`)."""
     if not files:
         raise ConfigError("concepts.files is empty: name at least one concept file (or set concepts.source: llm)")
     phrases: list[str] = []
     for name in files:
-        phrases += read_phrases(resolve_file(name))
+        phrases += read_phrases(locate(name, cache_dir))
     return finalize(phrases)
 
 
@@ -143,6 +197,52 @@ def cached_generation(cache_dir: Path | None, key: str, make: Any) -> list[dict[
 
         store.write_json(path, rows)
     return rows
+
+
+# ---- Label-free CBM's filter, over CLIP embeddings -----------------------------------------------
+def filter_vocabulary(concepts: Sequence[str], C: np.ndarray, T: np.ndarray, *, max_chars: int | None = None,
+                      max_class_similarity: float | None = None, max_concept_similarity: float | None = None,
+                      V: np.ndarray | None = None, min_activation: float | None = None,
+                      activation_top: int = 5) -> list[str]:
+    """Why each concept is dropped ("" = kept), applying Label-free CBM's filters in its order.
+
+    ``C`` (k × d) are the concepts' and ``T`` (classes × d) the class names' L2-normalised text
+    embeddings, ``V`` (n × d) training image embeddings. A concept is dropped when it is longer than
+    ``max_chars`` characters (``"length"``); when its cosine to some class name exceeds
+    ``max_class_similarity`` (``"class"``); when it is a near-duplicate of a kept concept, cosine above
+    ``max_concept_similarity`` (``"duplicate"``: of near-identical concepts the one more similar to
+    all the others on average is kept, the more general one, as LF-CBM does); or when the mean of its
+    ``activation_top`` highest cosines with the training images is below ``min_activation``
+    (``"activation"``: nothing in the images shows it). None switches a filter off.
+    """
+    k = len(concepts)
+    if C.shape[0] != k:
+        raise ValueError(f"{k} concepts but {C.shape[0]} embeddings")
+    reason = ["" for _ in range(k)]
+    if max_chars is not None:
+        reason = ["length" if not r and len(c) > max_chars else r for r, c in zip(reason, concepts, strict=True)]
+    if max_class_similarity is not None and len(T):
+        close = (C @ T.T).max(axis=1) > max_class_similarity
+        reason = ["class" if not r and hit else r for r, hit in zip(reason, close, strict=True)]
+    if max_concept_similarity is not None:
+        alive = np.array([not r for r in reason])
+        S = C @ C.T
+        mean_sim = (S.sum(axis=1) - np.diag(S)) / max(k - 1, 1)
+        kept: list[int] = []
+        for j in np.argsort(-mean_sim, kind="stable"):  # the most general concepts claim their place first
+            if not alive[j]:
+                continue
+            if kept and S[j, kept].max() > max_concept_similarity:
+                reason[j] = "duplicate"
+            else:
+                kept.append(int(j))
+    if min_activation is not None:
+        if V is None or not len(V):
+            raise ValueError("min_activation needs training image embeddings V")
+        top = min(activation_top, len(V))
+        acts = np.sort(V @ C.T, axis=0)[-top:].mean(axis=0)
+        reason = ["activation" if not r and a < min_activation else r for r, a in zip(reason, acts, strict=True)]
+    return reason
 
 
 # ---- class names --------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ For every (backbone, dataset) pair:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -37,8 +38,8 @@ from explab.runs import RunContext
 from explab.servers import ServerOptions
 from explab.vectors import unit_rows
 from jobs.ezpc import concepts as vocab
-from jobs.ezpc import explain, metrics, plots, shapes
-from jobs.ezpc.model import TrainResult, train_projection
+from jobs.ezpc import explain, metrics, plots, regions, shapes
+from jobs.ezpc.model import Objective, TrainResult, logit_params, train_projection
 
 
 class DatasetConfig(Section):
@@ -51,7 +52,9 @@ class DatasetConfig(Section):
     # class names, in label order: a list, a class file (jobs/ezpc/concepts/ or a path), or None:
     # the label column's ClassLabel names (hf:) or the generator's own names (synthetic:ezpc_shapes)
     classes: list[str] | str | None = None
-    concepts: list[str] = Field(default_factory=list)  # concept files (with source llm: added to the LLM's phrases)
+    # concept files: names in jobs/ezpc/concepts/, paths or http(s) URLs; text (one per line) or LF-CBM's JSON
+    # {class: [concepts]} (with source llm: added to the LLM's phrases)
+    concepts: list[str] = Field(default_factory=list)
     concept_source: Literal["file", "llm"] | None = None  # this dataset's vocabulary source (None: concepts.source)
     limit_train: int | None = Field(None, ge=1)  # first n train images (None: all)
     limit_test: int | None = Field(None, ge=1)
@@ -63,7 +66,12 @@ class ConceptConfig(Section):
     size: int | None = Field(None, ge=1)  # vocabulary-size ablation: a seeded random subset of this many
     subset_seed: Seed = 1234
     template: str = "a photo of {}"  # how a concept phrase is embedded (the authors' prompt)
+    # Label-free CBM's filter over the backbone's text (and image) embeddings; None switches a step off
+    max_length: int | None = Field(None, ge=1)  # drop concepts longer than this many characters (LF-CBM: 30)
     max_class_similarity: float | None = Field(None, gt=-1.0, le=1.0)  # drop concepts this close to a class name
+    max_concept_similarity: float | None = Field(None, gt=-1.0, le=1.0)  # near-duplicates: keep one of them
+    min_activation: float | None = Field(None, ge=-1.0, le=1.0)  # drop concepts no training image shows:
+    activation_top: int = Field(5, ge=1)  # ... mean cosine of their top `activation_top` train images below this
     # the LLM path
     generator: ModelSpec = ModelSpec(name="Qwen/Qwen2.5-7B-Instruct")
     server: ServerOptions = ServerOptions()
@@ -79,7 +87,11 @@ class TrainConfig(Section):
     lr: float = Field(0.01, gt=0.0)
     epochs: int = Field(10_000, ge=1)
     batch_size: int | None = Field(None, ge=1)  # None: full batch (the paper)
-    logit_scale: float = Field(1.0, gt=0.0)  # softmax temperature⁻¹ in the KL; the authors use raw cosines (1)
+    # logits = logit_scale · cos + logit_bias. The authors use raw cosines (scale 1, no bias); "backbone" reads the
+    # open_clip model's own trained exp(t) / b (a SigLIP model's sigmoid bias; CLIP has none: 0)
+    logit_scale: Annotated[float, Field(gt=0.0)] | Literal["backbone"] = 1.0
+    logit_bias: float | Literal["backbone"] = 0.0
+    objective: Objective = "softmax"  # sigmoid: per-class Bernoulli KLs of σ(logits), SigLIP's probabilities
     device: str = "auto"
     torch_threads: int | None = Field(None, ge=1)  # torch intra-op threads while training (None: torch's default)
     num_gpus: float = Field(0.0, ge=0.0)  # > 0: train in a Ray task holding this much GPU
@@ -93,7 +105,12 @@ class EvalConfig(Section):
     faithfulness_k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10])
     explain_images: int = Field(4, ge=0)  # test images drawn as bar charts
     explanations_table: int | None = Field(200, ge=1)  # test images whose explanations are tabled (None: all)
-    transfer: bool = True  # with several datasets: each dataset's A applied to every other's test images
+    region_images: int = Field(0, ge=0)  # test images drawn with concept-region heatmaps (ViT / ResNet towers)
+    region_concepts: int = Field(3, ge=1)  # ... of each image's top concepts
+    # with several datasets: each dataset's A applied to every other's test images (`transfer.parquet`), and the
+    # authors' protocol (`transfer_gzsl.parquet`): a fresh A per (source, target) on the union of both vocabularies
+    transfer: bool = True
+    transfer_pairs: list[tuple[str, str]] | None = None  # [[source, target], ...] for the authors' protocol (None: all)
 
 
 class Config(JobConfig):
@@ -138,7 +155,11 @@ class Config(JobConfig):
                 raise ConfigError(f"dataset {ds.name!r}: `concepts` lists no concept files (its vocabulary source "
                                   "is file): name files in jobs/ezpc/concepts/ or paths, or set concept_source: llm")
             for name in ds.concepts:
-                vocab.resolve_file(name, f"dataset {ds.name!r}: concept file")
+                if not vocab.is_url(name):  # URLs are fetched when the job runs (a dry run stays offline)
+                    vocab.resolve_file(name, f"dataset {ds.name!r}: concept file")
+        for pair in self.eval.transfer_pairs or []:
+            if not set(pair) <= set(names) or pair[0] == pair[1]:
+                raise ConfigError(f"eval.transfer_pairs: {list(pair)} must name two different datasets of {names}")
         if isinstance(self.eval.faithfulness_k, list) and (
                 not self.eval.faithfulness_k or min(self.eval.faithfulness_k) < 1):
             raise ConfigError("eval.faithfulness_k must list concept counts ≥ 1 (e.g. [1, 3, 5, 10])")
@@ -168,7 +189,7 @@ def vocabulary(ds: DatasetConfig, names: list[str], config: Config, ctx: RunCont
     """The dataset's full concept vocabulary (before the size subset): columns concept, cls."""
     cc = config.concepts
     if (ds.concept_source or cc.source) == "file":
-        return pd.DataFrame({"concept": vocab.from_files(ds.concepts), "cls": ""})
+        return pd.DataFrame({"concept": vocab.from_files(ds.concepts, concept_cache(cache)), "cls": ""})
     key = vocab.llm_cache_key(cc.generator.model_dump(), cc.prompts, names, max_tokens=cc.max_tokens,
                               per_prompt=cc.per_prompt, max_chars=cc.max_chars, max_words=cc.max_words)
 
@@ -177,20 +198,25 @@ def vocabulary(ds: DatasetConfig, names: list[str], config: Config, ctx: RunCont
         return vocab.generate(handle, names, cc.prompts, max_tokens=cc.max_tokens, seed=config.seed,
                               max_chars=cc.max_chars, max_words=cc.max_words, per_prompt=cc.per_prompt)
 
-    if cache is None:
-        from explab.embeddings import cache_root as embeddings_cache
-
-        cache = embeddings_cache()
-    rows = vocab.cached_generation(cache.parent / "ezpc-concepts", key, make)
+    rows = vocab.cached_generation(concept_cache(cache), key, make)
     if not rows:
         raise ConfigError(f"dataset {ds.name!r}: the LLM {cc.generator.name!r} gave no usable concept phrases: "
                           "check concepts.prompts / max_chars, or use concept files")
     if ds.concepts:  # files next to the LLM's phrases (as the authors append ImageNet's vocabulary)
-        rows = rows + [{"concept": c, "cls": ""} for c in vocab.from_files(ds.concepts)]
+        rows = rows + [{"concept": c, "cls": ""} for c in vocab.from_files(ds.concepts, concept_cache(cache))]
     frame = pd.DataFrame(rows)
     frame = frame.assign(key=frame["concept"].str.lower()).drop_duplicates("key")
     order = [c.lower() for c in vocab.finalize(frame["concept"].tolist())]
     return frame.set_index("key").loc[order].reset_index()[["concept", "cls"]]
+
+
+def concept_cache(cache: Path | None) -> Path:
+    """Where LLM vocabularies and fetched concept files are kept: ``ezpc-concepts`` beside the embeddings."""
+    if cache is None:
+        from explab.embeddings import cache_root as embeddings_cache
+
+        cache = embeddings_cache()
+    return cache.parent / "ezpc-concepts"
 
 
 def cache_root(config: Config, ctx: RunContext) -> Path:
@@ -242,8 +268,11 @@ def seen_unseen(n_classes: int, ratio: float, seed: int) -> tuple[np.ndarray, np
 
 
 def train(C: np.ndarray, V: np.ndarray, T: np.ndarray, tc: TrainConfig, seed: int) -> TrainResult:
+    if tc.logit_scale == "backbone" or tc.logit_bias == "backbone":
+        raise ValueError("resolve train.logit_scale / logit_bias with `with_backbone_logits` first")
     kwargs = dict(lam=tc.lam, lr=tc.lr, epochs=tc.epochs, batch_size=tc.batch_size, logit_scale=tc.logit_scale,
-                  seed=seed, device=tc.device, threads=tc.torch_threads)
+                  seed=seed, device=tc.device, threads=tc.torch_threads, objective=tc.objective,
+                  logit_bias=tc.logit_bias)
     if tc.num_gpus <= 0:
         return train_projection(C, V, T, **kwargs)
     import ray
@@ -252,15 +281,32 @@ def train(C: np.ndarray, V: np.ndarray, T: np.ndarray, tc: TrainConfig, seed: in
     return ray.get(remote.remote(C, V, T, **kwargs))
 
 
+def with_backbone_logits(config: Config, backbone: EncoderSpec) -> Config:
+    """``config`` with ``train.logit_scale`` / ``logit_bias`` given as "backbone" replaced by the backbone's own
+    trained values (`model.logit_params`, read from the open_clip model loaded here on the CPU)."""
+    tc = config.train
+    if tc.logit_scale != "backbone" and tc.logit_bias != "backbone":
+        return config
+    from explab.models.encoders import load_encoder
+
+    if backbone.kind != "open_clip":
+        raise ConfigError(f"train.logit_scale/logit_bias 'backbone' needs an open_clip backbone, not "
+                          f"{backbone.name!r}: give numbers")
+    model = backbone.model.model_copy(update={"dtype": "float32", "device": "cpu"})
+    scale, bias = logit_params(load_encoder(backbone.model_copy(update={"model": model})).model)
+    update = {"logit_scale": scale if tc.logit_scale == "backbone" else tc.logit_scale,
+              "logit_bias": bias if tc.logit_bias == "backbone" else tc.logit_bias}
+    return config.model_copy(update={"train": tc.model_copy(update=update)})
+
+
 # ---- one (backbone, dataset) pair --------------------------------------------------------------
 def short_name(backbone: EncoderSpec) -> str:
     return backbone.name.removeprefix("open_clip:").removeprefix("hf-hub:")
 
 
-def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str], concepts: pd.DataFrame,
-                  C: np.ndarray, T: np.ndarray, config: Config, ctx: RunContext, cache: Path | None,
-                  pair: int, step0: int) -> dict[str, Any]:
-    ev, tc = config.eval, config.train
+def split_embeddings(backbone: EncoderSpec, ds: DatasetConfig, names: list[str], config: Config, ctx: RunContext,
+                     cache: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(V_train, y_train, V_test, y_test) of a dataset under a backbone, labels checked against the class names."""
     V_train, y_train = image_embeddings(backbone, ds, ds.train_split, ds.limit_train, config, ctx, cache)
     V_test, y_test = image_embeddings(backbone, ds, ds.test_split, ds.limit_test, config, ctx, cache)
     for split, y in ((ds.train_split, y_train), (ds.test_split, y_test)):
@@ -269,6 +315,14 @@ def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str],
         if y.min() < 0 or y.max() >= len(names):
             raise ConfigError(f"dataset {ds.name!r}: labels in {split!r} run {y.min()}..{y.max()} but there are "
                               f"{len(names)} class names: fix `classes` or `label_column`")
+    return V_train, y_train, V_test, y_test
+
+
+def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str], concepts: pd.DataFrame,
+                  C: np.ndarray, T: np.ndarray, data: tuple[np.ndarray, ...], config: Config, ctx: RunContext,
+                  pair: int, step0: int) -> dict[str, Any]:
+    ev, tc = config.eval, config.train
+    V_train, y_train, V_test, y_test = data
     seen, unseen = seen_unseen(len(names), ev.seen_ratio, ev.split_seed)
     train_mask = np.isin(y_train, seen)
     if not train_mask.any():
@@ -287,7 +341,8 @@ def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str],
     s = tc.logit_scale
     row: dict[str, Any] = {"dataset": ds.name, "backbone": backbone.name, "backbone_short": short_name(backbone),
                            "n_concepts": len(concepts), "n_classes": len(names), "n_seen": len(seen),
-                           "n_train": int(train_mask.sum()), "n_test": len(y_test)}
+                           "n_train": int(train_mask.sum()), "n_test": len(y_test), "logit_scale": float(s),
+                           "logit_bias": float(tc.logit_bias), "objective": tc.objective}
     row.update(metrics.zero_shot(z_clip, z_ezpc, y_test, scale=s))
     init = metrics.zero_shot(z_clip, z_init, y_test, scale=s)
     row.update({f"{k}_init": v for k, v in init.items() if k in ("acc_ezpc", "retained", "agreement")})
@@ -339,20 +394,86 @@ def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str],
         shown = table[table["image"] < n_show]
         ctx.save_plot(f"explanations__{tag}", plots.explanation_bars(
             shown, display_images(ds, n_show, ctx.seed), names, f"{ds.name} / {short_name(backbone)}: top concepts"))
+    n_regions = min(ev.region_images, n_table)
+    row["region_images"] = 0
+    if n_regions:
+        try:
+            figure = region_plot(backbone, ds, table, A, n_regions, min(ev.region_concepts, ev.top_k), names,
+                                 ctx.seed)
+        except regions.UnsupportedTower as err:  # e.g. SigLIP's timm tower: said in the log and the table
+            logging.getLogger(__name__).warning("ezpc: no region heatmaps for %s: %s", backbone.name, err)
+        else:
+            ctx.save_plot(f"regions__{tag}", figure)
+            row["region_images"] = n_regions
     return {"row": row, "faith": faith, "explanations": table, "losses": losses, "concepts": concepts_out,
             "test": (V_test, y_test, T), "A": A}
 
 
+def region_plot(backbone: EncoderSpec, ds: DatasetConfig, table: pd.DataFrame, A: np.ndarray, n: int, m: int,
+                names: list[str], seed: int) -> Any:
+    """Concept-region heatmaps of the first ``n`` test images for their ``m`` top concepts (`jobs.ezpc.regions`)."""
+    from explab.models.encoders import load_encoder
+
+    images = display_images(ds, n, seed)
+    if len(images) < n:
+        raise ConfigError(f"dataset {ds.name!r}: its images cannot be shown ({ds.spec}): set eval.region_images: 0")
+    spec = backbone.model_copy(update={"model": backbone.model.model_copy(update={"dtype": "float32"})})
+    top = table[(table["image"] < n) & (table["rank"] < m)].sort_values(["image", "rank"])
+    index = top["concept_index"].to_numpy().reshape(n, -1)
+    shown, maps = regions.heatmaps(load_encoder(spec), [images[i] for i in range(n)], A, index)
+    labels = top.groupby("image", sort=True)
+    captions = [f"predicted {part['predicted_name'].iloc[0]!r}" for _, part in labels]
+    return plots.region_heatmaps(shown, maps, top["concept"].to_numpy().reshape(n, -1).tolist(), captions,
+                                 f"{ds.name} / {short_name(backbone)}: where the top concepts are")
+
+
 # ---- the job -----------------------------------------------------------------------------------
+def filtered(full: pd.DataFrame, C_full: np.ndarray, T: np.ndarray, V_train: np.ndarray, config: Config
+             ) -> pd.Series:
+    """Label-free CBM's filter of a dataset's vocabulary under one backbone: why each concept is dropped ("" kept)."""
+    cc = config.concepts
+    return pd.Series(vocab.filter_vocabulary(
+        full["concept"].tolist(), C_full, T, max_chars=cc.max_length, max_class_similarity=cc.max_class_similarity,
+        max_concept_similarity=cc.max_concept_similarity, V=V_train, min_activation=cc.min_activation,
+        activation_top=cc.activation_top), index=full.index)
+
+
+def transfer_gzsl(source: dict[str, Any], target: dict[str, Any], config: Config, seed: int) -> dict[str, Any]:
+    """The authors' cross-dataset protocol for one (source, target) pair.
+
+    ``source`` / ``target``: ``name``, ``concepts`` (kept phrases), ``C`` (their embeddings), ``T``
+    (class embeddings), ``data`` (V_train, y_train, V_test, y_test). A fresh A is trained from the
+    union of both vocabularies on *all* the source's training images against the source + target
+    class names, and evaluated by `metrics.gzsl` (source classes seen, target classes unseen).
+    """
+    union: dict[str, np.ndarray] = {}
+    for side in (source, target):
+        for phrase, emb in zip(side["concepts"], side["C"], strict=True):
+            union.setdefault(phrase.lower(), emb)
+    keys = sorted(union)
+    C = np.stack([union[k] for k in keys])
+    T_all = np.concatenate([source["T"], target["T"]])
+    V_train = source["data"][0]
+    A = train(C, V_train, T_all, config.train, seed).A
+    Vs, ys = source["data"][2], source["data"][3]
+    Vt, yt = target["data"][2], target["data"][3]
+    return {"source": source["name"], "target": target["name"], "n_concepts": len(keys),
+            "n_seen_classes": len(source["T"]), "n_unseen_classes": len(target["T"]),
+            **metrics.gzsl(A, source["T"], Vs, ys, target["T"], Vt, yt)}
+
+
 def run(config: Config, ctx: RunContext) -> dict[str, float]:
     cache = cache_root(config, ctx)
     names = {ds.name: class_names(ds) for ds in config.datasets}
     vocabularies = {ds.name: vocabulary(ds, names[ds.name], config, ctx, cache) for ds in config.datasets}
 
-    parts: dict[str, list[Any]] = {k: [] for k in ("row", "faith", "explanations", "losses", "concepts", "transfer")}
+    parts: dict[str, list[Any]] = {k: [] for k in ("row", "faith", "explanations", "losses", "concepts", "transfer",
+                                                   "gzsl", "vocabulary")}
     pair = 0
-    for backbone in config.backbones:
-        projections, tests = {}, {}
+    base = config
+    for backbone in base.backbones:
+        config = with_backbone_logits(base, backbone)
+        projections, tests, sides = {}, {}, {}
         # every text of this backbone in one pipeline call: concepts (full vocabularies) and class prompts
         texts: list[str] = []
         for ds in config.datasets:
@@ -366,20 +487,23 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
             C_full = E[[where[config.concepts.template.format(c)] for c in full["concept"]]]
             T = np.stack([unit_rows(E[[where[t.format(n)] for t in config.class_templates]].mean(axis=0))
                           for n in names[ds.name]])
-            keep = np.ones(len(full), dtype=bool)
-            if config.concepts.max_class_similarity is not None:
-                keep = (C_full @ T.T).max(axis=1) <= config.concepts.max_class_similarity
+            data = split_embeddings(backbone, ds, names[ds.name], config, ctx, cache)
+            dropped = filtered(full, C_full, T, data[0], config)
+            parts["vocabulary"].append(full.assign(dataset=ds.name, backbone=backbone.name, dropped=dropped))
+            keep = (dropped == "").to_numpy()
             kept = full[keep].reset_index(drop=True)
             chosen = vocab.subset(kept["concept"].tolist(), config.concepts.size, config.concepts.subset_seed)
             if not chosen:
-                raise ConfigError(f"dataset {ds.name!r}: no concepts left after concepts.max_class_similarity")
+                raise ConfigError(f"dataset {ds.name!r}: no concepts left after the concept filter "
+                                  f"({dropped.value_counts().to_dict()}): loosen concepts.max_* / min_activation")
             index = kept.reset_index().set_index("concept").loc[chosen, "index"].to_numpy()
             C = C_full[keep][index]
             out = evaluate_pair(ds=ds, backbone=backbone, names=names[ds.name],
                                 concepts=kept.iloc[index].reset_index(drop=True),
-                                C=C, T=T, config=config, ctx=ctx, cache=cache, pair=pair,
+                                C=C, T=T, data=data, config=config, ctx=ctx, pair=pair,
                                 step0=pair * config.train.epochs)
             projections[ds.name], tests[ds.name] = out.pop("A"), out.pop("test")
+            sides[ds.name] = {"name": ds.name, "concepts": list(chosen), "C": C, "T": T, "data": data}
             for key, value in out.items():
                 parts[key].append(value)
             pair += 1
@@ -387,6 +511,9 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
             rows = metrics.transfer(projections, tests, scale=config.train.logit_scale)
             parts["transfer"].append(pd.DataFrame(rows).assign(backbone=backbone.name,
                                                                backbone_short=short_name(backbone)))
+            for source, target in transfer_pairs(config):
+                row = transfer_gzsl(sides[source], sides[target], config, ctx.seed)
+                parts["gzsl"].append({**row, "backbone": backbone.name, "backbone_short": short_name(backbone)})
 
     results = pd.DataFrame(parts["row"])
     faith = pd.concat(parts["faith"], ignore_index=True)
@@ -395,6 +522,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     ctx.save_table("explanations", pd.concat(parts["explanations"], ignore_index=True))
     ctx.save_table("losses", pd.concat(parts["losses"], ignore_index=True))
     ctx.save_table("concepts", pd.concat(parts["concepts"], ignore_index=True))
+    ctx.save_table("vocabulary", pd.concat(parts["vocabulary"], ignore_index=True))
     ctx.save_plot("accuracy_retained", plots.accuracy_retained(results))
     ctx.save_plot("faithfulness", plots.faithfulness(faith))
     out = summary(results)
@@ -405,7 +533,19 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
         cross = transfer[~transfer["in_domain"]]
         out.update(transfer_retained=float(cross["retained"].mean()),
                    transfer_agreement=float(cross["agreement"].mean()))
+    if parts["gzsl"]:
+        gzsl = pd.DataFrame(parts["gzsl"])
+        ctx.save_table("transfer_gzsl", gzsl)
+        out.update(transfer_hm_clip=float(gzsl["hm_clip"].mean()), transfer_hm_ezpc=float(gzsl["hm_ezpc"].mean()))
     return out
+
+
+def transfer_pairs(config: Config) -> list[tuple[str, str]]:
+    """(source, target) pairs of the authors' transfer protocol: ``eval.transfer_pairs``, else every ordered pair."""
+    names = [ds.name for ds in config.datasets]
+    if config.eval.transfer_pairs is not None:
+        return [tuple(p) for p in config.eval.transfer_pairs]
+    return [(a, b) for a in names for b in names if a != b]
 
 
 SUMMARY_KEYS = ("acc_clip", "acc_ezpc", "retained", "agreement", "acc_ezpc_init", "retained_init", "agreement_init",

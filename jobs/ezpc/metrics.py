@@ -132,3 +132,29 @@ def transfer(projections: dict[str, np.ndarray], tests: dict[str, tuple[np.ndarr
             rows.append({"source": source, "target": target, "in_domain": source == target,
                          **zero_shot(clip[target], logits(V, A, T), y, scale=scale)})
     return rows
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def gzsl(A: np.ndarray, T_seen: np.ndarray, V_seen: np.ndarray, y_seen: np.ndarray, T_unseen: np.ndarray,
+         V_unseen: np.ndarray, y_unseen: np.ndarray) -> dict[str, float]:
+    """Generalized zero-shot accuracy of CLIP and of the bottleneck A, as in the authors' transfer test.
+
+    Seen: images of the source dataset (labels index ``T_seen``); unseen: the target's (labels index
+    ``T_unseen``). ``acc_*_seen`` / ``acc_*_unseen`` let only that dataset's class names compete;
+    the ``*_gzsl`` accuracies let all of them compete (the unseen labels shifted past the seen
+    classes), and ``hm_*`` is the harmonic mean of the two generalized accuracies.
+    """
+    T_all = np.concatenate([T_seen, T_unseen])
+    y_unseen_all = np.asarray(y_unseen) + len(T_seen)
+    out: dict[str, float] = {}
+    for who, score in (("clip", lambda V, T: V @ T.T), ("ezpc", lambda V, T: logits(V, A, T))):
+        out[f"acc_{who}_seen"] = accuracy(score(V_seen, T_seen), y_seen)
+        out[f"acc_{who}_unseen"] = accuracy(score(V_unseen, T_unseen), y_unseen)
+        out[f"acc_{who}_seen_gzsl"] = accuracy(score(V_seen, T_all), y_seen)
+        out[f"acc_{who}_unseen_gzsl"] = accuracy(score(V_unseen, T_all), y_unseen_all)
+        out[f"hm_{who}"] = harmonic_mean(out[f"acc_{who}_seen_gzsl"], out[f"acc_{who}_unseen_gzsl"])
+    out["agreement_unseen_gzsl"] = agreement(V_unseen @ T_all.T, logits(V_unseen, A, T_all))
+    return out

@@ -5,7 +5,11 @@ embeddings V (n × d) against the class embeddings T (classes × d) with
 
     loss = MSE(A, Cᵀ) + λ · KL( softmax(s · V Tᵀ) ‖ softmax(s · V A Aᵀ Tᵀ) )
 
-(``s`` = ``logit_scale``; the authors use the raw cosines, s = 1). Adam, full batch by default,
+(``s`` = ``logit_scale``; the authors use the raw cosines, s = 1). For SigLIP backbones, whose
+zero-shot probabilities are per-class sigmoids σ(s·cos + b) with a learned logit bias b, the
+``sigmoid`` objective replaces the softmax KL by the sum over classes of the Bernoulli KLs
+between σ(s·V Tᵀ + b) and σ(s·V A Aᵀ Tᵀ + b); under the softmax a bias would cancel, under the
+sigmoid it does not. Adam, full batch by default,
 every column of A renormalised to unit norm after each step, and the A with the lowest epoch
 loss is kept. Pure PyTorch: no Ray, no files.
 """
@@ -13,6 +17,7 @@ loss is kept. Pure PyTorch: no Ray, no files.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -42,26 +47,54 @@ def bottleneck_logits(V: torch.Tensor, A: torch.Tensor, T: torch.Tensor) -> torc
     return V @ (A @ (A.T @ T.T))
 
 
+Objective = Literal["softmax", "sigmoid"]
+
+
+def sigmoid_kl(z_p: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of Σ_classes KL(Bernoulli(σ(z_p)) ‖ Bernoulli(σ(z_q))), from logits."""
+    p = torch.sigmoid(z_p)
+    kl = p * (F.logsigmoid(z_p) - F.logsigmoid(z_q)) + (1 - p) * (F.logsigmoid(-z_p) - F.logsigmoid(-z_q))
+    return kl.sum(dim=1).mean()
+
+
 def ezpc_loss(A: torch.Tensor, C: torch.Tensor, V: torch.Tensor, T: torch.Tensor, lam: float,
-              logit_scale: float = 1.0, clip_log_probs: torch.Tensor | None = None
+              logit_scale: float = 1.0, clip_log_probs: torch.Tensor | None = None, *,
+              objective: Objective = "softmax", logit_bias: float = 0.0
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(matching, reconstruction, total) for one batch ``V``.
 
     matching = mean squared difference of A and Cᵀ; reconstruction = KL(P_clip ‖ P_ezpc) averaged
-    over the images (``batchmean``); ``clip_log_probs`` may be passed precomputed.
+    over the images (``batchmean``); ``clip_log_probs`` may be passed precomputed (softmax only).
+    Logits are ``logit_scale · cos + logit_bias``; the bias only matters to the ``sigmoid`` objective.
     """
     matching = F.mse_loss(A, C.T)
-    if clip_log_probs is None:
-        clip_log_probs = F.log_softmax(logit_scale * (V @ T.T), dim=1)
-    ezpc_log_probs = F.log_softmax(logit_scale * bottleneck_logits(V, A, T), dim=1)
-    reconstruction = F.kl_div(ezpc_log_probs, clip_log_probs, reduction="batchmean", log_target=True)
+    z_clip = logit_scale * (V @ T.T) + logit_bias
+    z_ezpc = logit_scale * bottleneck_logits(V, A, T) + logit_bias
+    if objective == "sigmoid":
+        reconstruction = sigmoid_kl(z_clip, z_ezpc)
+    elif objective == "softmax":
+        if clip_log_probs is None:
+            clip_log_probs = F.log_softmax(z_clip, dim=1)
+        ezpc_log_probs = F.log_softmax(z_ezpc, dim=1)
+        reconstruction = F.kl_div(ezpc_log_probs, clip_log_probs, reduction="batchmean", log_target=True)
+    else:
+        raise ValueError(f"objective must be softmax or sigmoid, not {objective!r}")
     return matching, reconstruction, matching + lam * reconstruction
+
+
+def logit_params(model: torch.nn.Module) -> tuple[float, float]:
+    """An open_clip model's zero-shot logit scale exp(t) and bias b (0 for CLIP, which has none):
+    its logits are exp(t)·cos + b, as `open_clip.CLIP.get_logits` computes them."""
+    scale = float(model.logit_scale.detach().exp().reshape(-1)[0])
+    bias = getattr(model, "logit_bias", None)
+    return scale, (0.0 if bias is None else float(bias.detach().reshape(-1)[0]))
 
 
 def train_projection(C: np.ndarray, V: np.ndarray, T: np.ndarray, *, lam: float = 1.0, lr: float = 0.01,
                      epochs: int = 10_000, batch_size: int | None = None, logit_scale: float = 1.0,
                      seed: int = 0, device: str = "auto", threads: int | None = None, callback=None,
-                     callback_every: int = 100) -> TrainResult:
+                     callback_every: int = 100, objective: Objective = "softmax", logit_bias: float = 0.0
+                     ) -> TrainResult:
     """Learn A from concepts ``C`` (k × d), image embeddings ``V`` (n × d), class embeddings ``T``.
 
     ``batch_size`` None (the paper's setting) is full batch; otherwise the images are shuffled into
@@ -77,14 +110,15 @@ def train_projection(C: np.ndarray, V: np.ndarray, T: np.ndarray, *, lam: float 
         torch.set_num_threads(threads)
     try:
         return _train(C, V, T, lam=lam, lr=lr, epochs=epochs, batch_size=batch_size, logit_scale=logit_scale,
-                      seed=seed, device=device, callback=callback, callback_every=callback_every)
+                      seed=seed, device=device, callback=callback, callback_every=callback_every,
+                      objective=objective, logit_bias=logit_bias)
     finally:
         torch.set_num_threads(before)
 
 
 def _train(C: np.ndarray, V: np.ndarray, T: np.ndarray, *, lam: float, lr: float, epochs: int,
-           batch_size: int | None, logit_scale: float, seed: int, device: str, callback, callback_every: int
-           ) -> TrainResult:
+           batch_size: int | None, logit_scale: float, seed: int, device: str, callback, callback_every: int,
+           objective: Objective, logit_bias: float) -> TrainResult:
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     Ct = torch.as_tensor(np.asarray(C), dtype=torch.float32, device=dev)
@@ -94,7 +128,7 @@ def _train(C: np.ndarray, V: np.ndarray, T: np.ndarray, *, lam: float, lr: float
     optimizer = torch.optim.Adam([A], lr=lr)
     n = Vt.shape[0]
     full = batch_size is None or batch_size >= n
-    clip_log_probs = F.log_softmax(logit_scale * (Vt @ Tt.T), dim=1)  # constant: CLIP's own distribution
+    clip_log_probs = F.log_softmax(logit_scale * (Vt @ Tt.T), dim=1)  # constant: CLIP's own distribution (softmax)
 
     history: dict[str, list[float]] = {"matching": [], "reconstruction": [], "total": []}
     best_total, best_epoch, best_A = float("inf"), 0, A.detach().clone()
@@ -108,7 +142,8 @@ def _train(C: np.ndarray, V: np.ndarray, T: np.ndarray, *, lam: float, lr: float
         sums = torch.zeros(3, device=dev)
         start_A = A.detach().clone()  # the A this epoch's (full-batch) loss is measured at
         for idx in batches:
-            matching, reconstruction, total = ezpc_loss(A, Ct, Vt[idx], Tt, lam, logit_scale, clip_log_probs[idx])
+            matching, reconstruction, total = ezpc_loss(A, Ct, Vt[idx], Tt, lam, logit_scale, clip_log_probs[idx],
+                                                        objective=objective, logit_bias=logit_bias)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()

@@ -116,3 +116,24 @@ def transfer(table: pd.DataFrame) -> Any:
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
+
+
+def region_heatmaps(images: Sequence[Any], maps: np.ndarray, concepts: Sequence[Sequence[str]],
+                    captions: Sequence[str], title: str) -> Any:
+    """One row per image: the image, then each of its top concepts' heatmap ([0, 1]) over it."""
+    plt = _plt()
+    n, m = maps.shape[:2]
+    fig, axes = plt.subplots(n, m + 1, figsize=(2.3 * (m + 1), 2.4 * n + 0.4), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(images[i])
+        axes[i, 0].set_title(captions[i], fontsize=8)
+        for j in range(m):
+            ax = axes[i, j + 1]
+            ax.imshow(images[i])
+            ax.imshow(maps[i, j], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0, interpolation="bilinear")
+            ax.set_title(concepts[i][j], fontsize=8)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
