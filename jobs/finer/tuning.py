@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from explab.models import ModelSpec
-from explab.train import DPOConfig, TrainerConfig, TrainResult, fit, load_trained, supervised_loop
-from explab.train.dpo import dpo_loop
+from explab.train import DPOConfig, TrainerConfig, TrainResult, dpo_loop, fit, load_trained, supervised_loop
 
 Method = Literal["dpo", "sft"]
 

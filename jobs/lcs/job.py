@@ -24,7 +24,7 @@ import pandas as pd
 
 from explab.job import Job
 from explab.runs import RunContext
-from explab.servers.diffuser import AttentionRequest, DiffusionRequest
+from explab.servers import AttentionRequest, DiffusionRequest
 from jobs.lcs import plots
 from jobs.lcs.colours import (
     anchor_hsl,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from explab.errors import ConfigError
-from explab.interventions.latents import ReplaceSubspace
+from explab.interventions import ReplaceSubspace
 from jobs.lcs.geometry import Geometry
 from jobs.lcs.normalisation import Normalisation
 from jobs.lcs.subspace import Subspace

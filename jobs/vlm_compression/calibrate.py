@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from explab.interventions import Capture, points
-from explab.servers.hooked import ForwardRequest
+from explab.servers import ForwardRequest
 from jobs.vlm_compression.layerwise import angular_distance, block_influence
 
 

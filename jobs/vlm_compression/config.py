@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from explab.config import JobConfig, Section
 from explab.models import ModelSpec
-from explab.servers.options import ServerOptions
+from explab.servers import ServerOptions
 from explab.train import LoraConfig, TrainerConfig
 from jobs.vlm_compression.widthwise import Salience
 

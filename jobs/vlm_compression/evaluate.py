@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from explab.servers.hooked import ForwardRequest
+from explab.servers import ForwardRequest
 from jobs.vlm_compression.data import Item
 from jobs.vlm_compression.prompts import option_tokens, question_text
 

@@ -241,7 +241,22 @@ def servers_cmd(
         stop_server(name)
         out.print(f"stopped {name}")
     if not names:
-        out.print(_table("explab servers", servers) if servers else "no explab servers running")
+        out.print(_table("explab servers", [_server_row(s) for s in servers]) if servers
+                  else "no explab servers running")
+
+
+SERVER_COLUMNS = ("name", "model", "backend", "device", "dtype", "n_layers", "n_params", "load_time_s", "error")
+
+
+def _server_row(info: dict[str, Any]) -> dict[str, Any]:
+    """What `explab servers` shows of a server (its whole description and batching stats are in
+    ``list_servers()``): the identity columns, and requests / batches / mean batch summed over batchers."""
+    row = {k: info.get(k) for k in SERVER_COLUMNS if k in info}
+    stats = list((info.get("batching") or {}).values())
+    if stats:
+        requests, batches = sum(b["requests"] for b in stats), sum(b["batches"] for b in stats)
+        row.update(requests=requests, batches=batches, errors=sum(b["errors"] for b in stats))
+    return row
 
 
 @app.command("demo")

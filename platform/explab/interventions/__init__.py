@@ -8,6 +8,7 @@ from explab.interventions import points
 from explab.interventions.decode import DecodeOutput, decode, row_generator, sample_token
 from explab.interventions.grids import ImageGrid, grid_layouts
 from explab.interventions.hooks import Session, image_token_id, intervene, paragraph_index, run_with_hooks
+from explab.interventions.latents import AddVector, LatentIntervention, ReplaceSubspace
 from explab.interventions.points import HookPoint, list_points, n_layers, resolve_arch, resolve_point
 from explab.interventions.specs import (
     Bidirectional,
@@ -25,6 +26,7 @@ from explab.interventions.specs import (
 )
 
 __all__ = [
+    "AddVector",
     "Bidirectional",
     "Capture",
     "DecodeOutput",
@@ -33,9 +35,11 @@ __all__ = [
     "Intervention",
     "Interventions",
     "Knockout",
+    "LatentIntervention",
     "PointName",
     "Positions",
     "ProjectOut",
+    "ReplaceSubspace",
     "Session",
     "Steer",
     "batch_key",

@@ -5,14 +5,17 @@ Jobs import from here: the handle and options, the request/result types (defined
 that turn requests into the token ids every backend sees.
 """
 
+from explab.servers.diffuser import AttentionRequest, DiffusionRequest, DiffusionResult
 from explab.servers.handle import ServerHandle, as_requests
+from explab.servers.hooked import ForwardRequest, ForwardResult
 from explab.servers.options import ServerOptions
 from explab.servers.prompts import encode_request, render_prompt
 from explab.servers.registry import get_server, list_servers, server_name, stop_server
 from explab.servers.types import ChatMessage, Completion, GenerationRequest, GenerationResult, SamplingParams
 
 __all__ = [
-    "ChatMessage", "Completion", "GenerationRequest", "GenerationResult", "SamplingParams", "ServerHandle",
+    "AttentionRequest", "ChatMessage", "Completion", "DiffusionRequest", "DiffusionResult", "ForwardRequest",
+    "ForwardResult", "GenerationRequest", "GenerationResult", "SamplingParams", "ServerHandle",
     "ServerOptions", "as_requests", "encode_request", "get_server", "list_servers", "render_prompt", "server_name",
     "stop_server",
 ]

@@ -19,6 +19,7 @@ from explab.train.config import (
     TrainerConfig,
     WorkersConfig,
 )
+from explab.train.dpo import build_dpo_trainer, dpo_loop
 from explab.train.launch import TrainResult, fit
 from explab.train.loops import load_trained, supervised_loop
 
@@ -30,6 +31,8 @@ __all__ = [
     "TrainResult",
     "TrainerConfig",
     "WorkersConfig",
+    "build_dpo_trainer",
+    "dpo_loop",
     "fit",
     "load_trained",
     "supervised_loop",
