@@ -287,7 +287,7 @@ def with_backbone_logits(config: Config, backbone: EncoderSpec) -> Config:
     tc = config.train
     if tc.logit_scale != "backbone" and tc.logit_bias != "backbone":
         return config
-    from explab.models.encoders import load_encoder
+    from explab.models import load_encoder
 
     if backbone.kind != "open_clip":
         raise ConfigError(f"train.logit_scale/logit_bias 'backbone' needs an open_clip backbone, not "
@@ -412,7 +412,7 @@ def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str],
 def region_plot(backbone: EncoderSpec, ds: DatasetConfig, table: pd.DataFrame, A: np.ndarray, n: int, m: int,
                 names: list[str], seed: int) -> Any:
     """Concept-region heatmaps of the first ``n`` test images for their ``m`` top concepts (`jobs.ezpc.regions`)."""
-    from explab.models.encoders import load_encoder
+    from explab.models import load_encoder
 
     images = display_images(ds, n, seed)
     if len(images) < n:
