@@ -5,9 +5,10 @@ Jobs import from here: the handle and options, the request/result types (defined
 that turn requests into the token ids every backend sees.
 """
 
-from explab.servers.diffuser import AttentionRequest, DiffusionRequest, DiffusionResult
+import importlib
+from typing import Any
+
 from explab.servers.handle import ServerHandle, as_requests
-from explab.servers.hooked import ForwardRequest, ForwardResult
 from explab.servers.options import ServerOptions
 from explab.servers.prompts import encode_request, render_prompt
 from explab.servers.registry import get_server, list_servers, server_name, stop_server
@@ -19,3 +20,14 @@ __all__ = [
     "ServerOptions", "as_requests", "encode_request", "get_server", "list_servers", "render_prompt", "server_name",
     "stop_server",
 ]
+
+# the server actors' own request/result types, imported on first use: their modules define Ray actors
+# (they import ray), which an environment without Ray (the vLLM test venv) must not need for the rest
+_ACTOR_TYPES = {"AttentionRequest": "diffuser", "DiffusionRequest": "diffuser", "DiffusionResult": "diffuser",
+                "ForwardRequest": "hooked", "ForwardResult": "hooked"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ACTOR_TYPES:
+        return getattr(importlib.import_module(f"explab.servers.{_ACTOR_TYPES[name]}"), name)
+    raise AttributeError(f"module 'explab.servers' has no attribute {name!r}")
