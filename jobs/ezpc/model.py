@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from explab.models import resolve_device
+from explab.threads import torch_threads
 
 
 @dataclass
@@ -105,15 +106,10 @@ def train_projection(C: np.ndarray, V: np.ndarray, T: np.ndarray, *, lam: float 
     """
     if epochs < 1:
         raise ValueError("epochs must be at least 1")
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _train(C, V, T, lam=lam, lr=lr, epochs=epochs, batch_size=batch_size, logit_scale=logit_scale,
                       seed=seed, device=device, callback=callback, callback_every=callback_every,
                       objective=objective, logit_bias=logit_bias)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _train(C: np.ndarray, V: np.ndarray, T: np.ndarray, *, lam: float, lr: float, epochs: int,

@@ -30,6 +30,7 @@ from explab.models import ModelSpec, check_layers
 from explab.paths import cache_dir, runs_root_of
 from explab.runs import RunContext
 from explab.servers import ServerOptions
+from explab.threads import torch_threads
 from jobs.seg_probe import plots
 from jobs.seg_probe.data import SCENE_CLASSES, check_hf_available, scene_rows
 from jobs.seg_probe.features import FeatureSet, Layer, Variant, extract, layer_list
@@ -305,13 +306,8 @@ def run_knockout(config: Config, ctx: RunContext, hooked: Any, layers: list[Laye
 
 
 def run(config: Config, ctx: RunContext) -> dict[str, float]:
-    threads = torch.get_num_threads()
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    try:
+    with torch_threads(config.torch_threads):
         return _run(config, ctx)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: Config, ctx: RunContext) -> dict[str, float]:

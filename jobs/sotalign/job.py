@@ -28,6 +28,7 @@ from explab.errors import ConfigError
 from explab.job import Job
 from explab.models import EncoderSpec
 from explab.runs import RunContext
+from explab.threads import torch_threads
 from jobs.sotalign import plots
 from jobs.sotalign.align import AlignConfig, train_alignment
 from jobs.sotalign.data import AlignData, SyntheticConfig, describe, make_synthetic, shapes_rows
@@ -174,15 +175,8 @@ class _EpochLog:
 
 
 def run(config: Config, ctx: RunContext) -> dict[str, float]:
-    import torch
-
-    threads = torch.get_num_threads()
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    try:
+    with torch_threads(config.torch_threads):
         return _run(config, ctx)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: Config, ctx: RunContext) -> dict[str, float]:
