@@ -557,3 +557,28 @@ def test_pull_brings_a_submitted_run_back(head_jobs, tmp_path, cli):
         assert (local / name).read_bytes() == (remote / name).read_bytes(), name
     code, _, err = cli("pull", job_id, "--address", address, "--runs-dir", str(tmp_path))
     assert code != 0 and "exists already" in err
+
+
+def test_the_embedded_ray_listens_on_loopback_only(ray_local):
+    """Every socket the embedded Ray's processes listen on (GCS, raylet, agents, metrics export, workers)
+    is bound to 127.0.0.1, and the switch that does it does not leak into this process's environment."""
+    import ipaddress
+    import os
+
+    import psutil
+    import ray
+
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    ray.get(ray.remote(lambda: None).remote())  # at least one worker is up
+    session = os.environ["EXPLAB_RAY_DIR"]
+    tree = {os.getpid()}
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(session in arg for arg in proc.info["cmdline"] or []):
+            tree |= {proc.pid, *(child.pid for child in proc.children(recursive=True))}
+    listening = [(conn.pid, conn.laddr.ip) for conn in psutil.net_connections("inet")
+                 if conn.status == psutil.CONN_LISTEN and conn.pid in tree]
+    assert len(tree) > 3 and len(listening) >= 3  # GCS, raylet, a worker at least
+    exposed = [(pid, ip) for pid, ip in listening
+               if not ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback]
+    assert not exposed, f"listening beyond loopback: {exposed}"

@@ -5,9 +5,9 @@
   socket paths must stay short), shut down when the process exits;
 - ``address`` / ``RAY_ADDRESS`` (``auto``, ``ray://host:10001``, ``host:6379``): connect to it.
 
-Every explab actor lives in the ``explab`` namespace. The embedded Ray's dashboard binds to
-127.0.0.1 (Ray 2.60 rewrites a loopback node IP to the machine's address, so its other listeners
-follow the machine's address; see README, Cluster). A cluster
+Every explab actor lives in the ``explab`` namespace. The embedded Ray is single-node and listens
+on 127.0.0.1 only: its dashboard (``dashboard_host``) and, through `loopback_node`, its GCS, raylet,
+agents, metrics export and workers (see README, Cluster). A cluster
 address is checked (a TCP connection, `CONNECT_TIMEOUT_S`) before Ray is asked to join it, so an
 unreachable one is one line instead of a hang. Once Ray is up, SIGTERM stops a run like Ctrl-C.
 """
@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,45 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
         return _info
     temp_dir = ray_dir()
     temp_dir.mkdir(parents=True, exist_ok=True)
+    with loopback_node():
+        _start_embedded(ray, num_cpus, dashboard, dashboard_port, temp_dir)
+    stop_on_sigterm()
+    _started_here = True
+    atexit.register(shutdown)
+    _quiet_ray_data()
+    _info = _describe(ray, embedded=True, temp_dir=str(temp_dir))
+    return _info
+
+
+# Ray's switch for "no multi-node cluster on this machine" (its default on macOS and Windows): with it
+# off, Ray takes 127.0.0.1 as the node IP, and every process it starts binds there. Ray 2.60 offers no
+# other way: `_node_ip_address="127.0.0.1"` is rewritten to the machine's address.
+_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def loopback_node():
+    """While Ray starts an embedded node: its node IP is 127.0.0.1, so the GCS, raylet, dashboard agent,
+    runtime-env agent, metrics export and workers listen on loopback only. The switch is Ray's
+    environment variable (read by the processes ``ray.init`` starts) and its constant in this process
+    (read when the node's address is resolved); both are restored afterwards, so a `ray start` run
+    later from this process (a test's cluster head) is not affected."""
+    from ray._private import ray_constants
+
+    before_env, before_const = os.environ.get(_CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_const
+        if before_env is None:
+            os.environ.pop(_CLUSTER_SWITCH, None)
+        else:
+            os.environ[_CLUSTER_SWITCH] = before_env
+
+
+def _start_embedded(ray, num_cpus: int | None, dashboard: bool, dashboard_port: int | None, temp_dir: Path) -> None:
     ray.init(
         namespace=NAMESPACE,
         num_cpus=num_cpus,
@@ -82,12 +122,6 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
         logging_level=logging.WARNING,
         configure_logging=True,
     )
-    stop_on_sigterm()
-    _started_here = True
-    atexit.register(shutdown)
-    _quiet_ray_data()
-    _info = _describe(ray, embedded=True, temp_dir=str(temp_dir))
-    return _info
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
