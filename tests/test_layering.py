@@ -14,8 +14,8 @@ PLATFORM = ROOT / "platform" / "explab"
 # re-exports lazily and is not a layer). cli → jobs_api/demo → sweep → embeddings/sweep_report → runs
 # → servers → models/interventions/job registry/sweep spec → data/config/... → errors and the leaves.
 LAYERS = {
-    "errors": 0, "vectors": 0, "threads": 0, "mirror": 0, "store": 1, "telemetry": 0, "seeds": 0, "paths": 1,
-    "runtime": 1, "config": 1, "images": 1, "generation": 1, "data": 1, "shapes": 1,
+    "errors": 0, "vectors": 0, "threads": 0, "mirror": 0, "telemetry": 0, "seeds": 0,
+    "cache": 1, "store": 1, "paths": 1, "runtime": 1, "config": 1, "images": 1, "generation": 1, "data": 1, "shapes": 1,
     "models": 2, "interventions": 2, "job": 2, "sweep_spec": 2,
     "servers": 3, "train": 3, "plan": 4,
     "runs": 4,

@@ -102,3 +102,43 @@ def test_unit_rows_scales_each_row_to_norm_one_and_keeps_zero_rows_and_dtype():
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]], rtol=1e-6)
     np.testing.assert_allclose(unit_rows(np.array([0.0, 2.0])), [0.0, 1.0])  # a single vector
+
+
+def test_cache_entry_is_built_once_atomically_and_refused_without_its_marker(tmp_path):
+    import threading
+    import time
+
+    from explab import cache
+
+    calls = []
+
+    def build(staging):
+        calls.append(staging)
+        time.sleep(0.2)  # the other callers arrive while this one builds
+        (staging / "data.txt").write_text("x")
+        (staging / "meta.json").write_text("{}")
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.entry(tmp_path / "e", build)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(r.cached for r in results) == [False, True, True]
+    assert (tmp_path / "e" / "data.txt").read_text() == "x"
+
+    def broken(staging):
+        (staging / "half.txt").write_text("half")
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError):
+        cache.entry(tmp_path / "f", broken)
+    with pytest.raises(ExplabError, match="wrote no meta.json"):
+        cache.entry(tmp_path / "g", lambda staging: (staging / "x").write_text("x"))
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+    assert left == ["e"]  # no half entry, no staging directory
+
+    again = cache.entry(tmp_path / "e", build, refresh=True)
+    assert not again.cached and len(calls) == 2
+    assert cache.digest({"b": 1, "a": [1, 2]}) == cache.digest({"a": [1, 2], "b": 1})

@@ -12,17 +12,13 @@ With bidirectional image attention on, each image also gets a second forward wit
 
 A cache entry lives under ``cache_dir("seg_probe")`` (``$EXPLAB_CACHE/seg_probe``, else beside the
 runs folder), keyed by the model, the data, the layers, the prompt and the variants' interventions;
-it is renamed into place only when complete, so a crash leaves nothing half-written and a second run
-reads it back without touching the model.
+made by `explab.cache.entry`: renamed into place only when complete, so a crash leaves nothing
+half-written and a second run reads it back without touching the model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from explab import cache
 from explab.errors import ExplabError
 from explab.images import to_pil
 from explab.interventions import Capture, Positions, points
@@ -170,32 +167,19 @@ class FeatureSet:
         return torch.cat(parts)
 
 
-def _digest(payload: Any) -> str:
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def extract(hooked: Any, dataset: Any, variants: list[Variant], *, root: Path, key: dict[str, Any], prompt: str,
             prep: dict[str, Any], batch_size: int, shard_images: int) -> FeatureSet:
     """Features of every row of ``dataset`` (a Ray Dataset) for each variant, cached under ``root``."""
     payload = {"format": FORMAT, **key, "prompt": prompt, "prep": prep,
                "variants": [[v.name, [ly.point for ly in v.layers], list(v.extra)] for v in variants]}
-    entry = root / f"{key.get('slug', 'features')}-{_digest(payload)}"
-    if (entry / "meta.json").is_file():
-        return FeatureSet(entry, json.loads((entry / "meta.json").read_text()), cached=True)
-    tmp = root / f".{entry.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
-    try:
-        meta = _write_shards(hooked, dataset, variants, tmp, prompt, prep, batch_size, shard_images)
+
+    def build(staging: Path) -> None:
+        meta = _write_shards(hooked, dataset, variants, staging, prompt, prep, batch_size, shard_images)
         meta["key"] = payload
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        try:
-            os.replace(tmp, entry)
-        except OSError:  # another caller finished the same entry first: theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return FeatureSet(entry, json.loads((entry / "meta.json").read_text()), cached=False)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    done = cache.entry(root / f"{key.get('slug', 'features')}-{cache.digest(payload)[:16]}", build)
+    return FeatureSet(done.path, json.loads((done.path / "meta.json").read_text()), cached=done.cached)
 
 
 def _write_shards(hooked: Any, dataset: Any, variants: list[Variant], folder: Path, prompt: str,

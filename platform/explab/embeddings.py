@@ -30,9 +30,9 @@ in-process without Ray (small text lists, debugging).
 
 **Cache**: an entry per (encoder, data, split, column, limit) under `cache_root()` —
 ``$EXPLAB_CACHE/embeddings`` if ``EXPLAB_CACHE`` is set, else ``<runs-dir>/../cache/embeddings``
-(so ``./cache/embeddings`` next to ``./runs`` by default). The entry directory is renamed into
-place only when complete, and a file lock makes concurrent callers (sweep trials on one node)
-wait for the first one instead of computing again. A second call is a cache hit: nothing is
+(so ``./cache/embeddings`` next to ``./runs`` by default), made by `explab.cache.entry`: renamed
+into place only when complete, and concurrent callers (sweep trials on one node) wait for the
+first one instead of computing again. A second call is a cache hit: nothing is
 loaded, no Ray task runs, and ``EmbeddingSet.cached`` is True. Local files (parquet/csv/jsonl,
 image folders, and a local encoder directory's weights) are fingerprinted by their sizes and
 modification times; ``refresh=True`` recomputes. On a multi-node cluster point ``EXPLAB_CACHE`` at shared storage.
@@ -40,15 +40,9 @@ modification times; ``refresh=True`` recomputes. On a multi-node cluster point `
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
-import os
-import secrets
-import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +50,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from explab import cache
 from explab.config import Section
 from explab.data import Source, fingerprint, resolve_source, slug
 from explab.errors import ConfigError, ExplabError, user_error
@@ -210,17 +205,6 @@ def _matrix(column: Any, dim: int) -> np.ndarray:
     return np.asarray(flat, dtype=np.float32).reshape(-1, dim)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _set_from(path: Path, cached: bool) -> EmbeddingSet:
     meta = json.loads((path / "meta.json").read_text())
     return EmbeddingSet(path=path, key=meta["key"], cached=cached, n=meta["n"], dim=meta["dim"],
@@ -256,14 +240,11 @@ def embed(encoder: EncoderSpec | str | dict[str, Any], data: Any, *, modality: M
     root = Path(cache_dir).expanduser() if cache_dir else cache_root()
     key_payload = {"v": FORMAT_VERSION, "encoder": _meaning(spec), "data": source.key,
                    "modality": modality, "column": column, "keep": list(keep), "weights": _weights_key(spec)}
-    key = _digest(key_payload)
+    key = cache.digest(key_payload)
     entry = root / slug(spec.name) / source.slug / slug(split) / f"{modality}-{slug(column or 'auto')}-{key[:16]}"
-    if not refresh and (entry / "meta.json").is_file():
-        return _set_from(entry, cached=True)
-    with _locked(entry.parent / f".{entry.name}.lock"):
-        if not refresh and (entry / "meta.json").is_file():  # another caller finished it meanwhile
-            return _set_from(entry, cached=True)
-        return _compute(spec, source, modality, column, list(keep), opts, entry, key, key_payload)
+    done = cache.entry(entry, lambda staging: _compute(spec, source, modality, column, list(keep), opts, staging,
+                                                       key, key_payload), refresh=refresh)
+    return _set_from(done.path, cached=done.cached)
 
 
 def embed_array(encoder: EncoderSpec | str | dict[str, Any], data: Any, **kwargs: Any) -> np.ndarray:
@@ -306,10 +287,9 @@ def _pick_modality(spec: EncoderSpec, kind: EncoderKind, modality: str | None, s
 
 
 def _compute(spec: EncoderSpec, source: Source, modality: Modality, column: str | None, keep: list[str],
-             opts: EmbedOptions, entry: Path, key: str, key_payload: dict[str, Any]) -> EmbeddingSet:
+             opts: EmbedOptions, tmp: Path, key: str, key_payload: dict[str, Any]) -> None:
+    """Encode ``source`` into the staging directory ``tmp`` (shards, then ``meta.json``)."""
     started = time.time()
-    tmp = entry.parent / f".{entry.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
     try:
         writer = _ShardWriter(tmp, opts.shard_rows, keep)
         if opts.engine == "local":
@@ -349,18 +329,13 @@ def _compute(spec: EncoderSpec, source: Source, modality: Modality, column: str 
                 "shards": writer.shards, "seconds": round(time.time() - started, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        if entry.exists():  # refresh: replace the old entry
-            shutil.rmtree(entry)
-        os.replace(tmp, entry)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as err:
         if isinstance(err, ExplabError):
             raise
         cause = user_error(err)
         if cause is not None:
             raise cause from None
         raise
-    return _set_from(entry, cached=False)
 
 
 def _check_keep(keep: Sequence[str], names: Sequence[str]) -> None:
@@ -448,7 +423,3 @@ class _ShardWriter:
         pq.write_table(pa.table(columns), self.folder / name)
         self.shards.append(name)
         self.n += len(emb)
-
-
-def _digest(payload: Any) -> str:
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

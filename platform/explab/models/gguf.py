@@ -17,13 +17,10 @@ backend loads that directory, in the spec's dtype.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import importlib.util
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,34 +115,18 @@ def converted_checkpoint(file: Path) -> Path:
 
     Concurrent first uses on one machine (e.g. a Generator and a HookedModel starting together)
     convert once: the others wait on a lock file and reuse it. The checkpoint is written into a
-    staging directory and renamed into place, so a crash leaves no half checkpoint.
+    staging directory and renamed into place, so a crash leaves no half checkpoint (`explab.cache`).
     """
+    from explab import cache
     from explab.paths import cache_dir
 
     sha = file_sha256(file)
-    root = cache_dir("models")
-    target = root / f"gguf-{sha}"
-    if (target / MARKER).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".gguf-{sha}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (target / MARKER).is_file():
-            _convert_into(file, sha, root, target)
-    return target
 
-
-def _convert_into(file: Path, sha: str, root: Path, target: Path) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=f".gguf-{sha[:12]}-", dir=root))
-    try:
+    def build(staging: Path) -> None:
         _convert(file, staging)
         (staging / MARKER).write_text(json.dumps({"gguf_file": str(file), "gguf_sha256": sha}, indent=1))
-        staging.rename(target)
-    except OSError:
-        if not (target / MARKER).is_file():  # not a lost race (another machine on shared storage)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    return cache.entry(cache_dir("models") / f"gguf-{sha}", build, marker=MARKER).path
 
 
 def _convert(file: Path, out: Path) -> None:
