@@ -58,32 +58,31 @@ class AttentionRecord:
         }
 
 
+class _Recorder:
+    """Mixin before a stock attention processor: on a recorded step, keep the head-wise attention
+    probabilities ``_probs`` computes ((rows, heads, N_img, N_txt)); then run the stock processor, so
+    the output is exactly the stock one."""
+
+    def __init__(self, record: AttentionRecord, block: int):
+        super().__init__()
+        self.record, self.block = record, block
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> Any:
+        if self.record.step in self.record.steps and encoder_hidden_states is not None:
+            self.record.keep(self.block, self._probs(attn, hidden_states, encoder_hidden_states, *args, **kwargs))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
 def _flux_processor_class() -> type:
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    class FluxAttentionRecorder(FluxAttnProcessor):
+    class FluxAttentionRecorder(_Recorder, FluxAttnProcessor):
         """FLUX's processor, plus the head-mean image->text attention of the recorded steps."""
 
-        def __init__(self, record: AttentionRecord, block: int):
-            super().__init__()
-            self.record, self.block = record, block
-
-        def __call__(
-            self,
-            attn: Any,
-            hidden_states: torch.Tensor,
-            encoder_hidden_states: torch.Tensor = None,
-            attention_mask: torch.Tensor | None = None,
-            image_rotary_emb: Any = None,
-        ) -> Any:
-            if self.record.step in self.record.steps and encoder_hidden_states is not None:
-                self._record(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-            return super().__call__(
-                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
-            )
-
-        def _record(self, attn: Any, image: torch.Tensor, text: torch.Tensor, rotary: Any) -> None:
+        def _probs(self, attn: Any, image: torch.Tensor, text: torch.Tensor, attention_mask: Any = None,
+                   image_rotary_emb: Any = None, **_: Any) -> torch.Tensor:
             def heads(x: torch.Tensor) -> torch.Tensor:
                 return x.unflatten(-1, (-1, attn.head_dim))
 
@@ -92,15 +91,15 @@ def _flux_processor_class() -> type:
                 [attn.norm_added_k(heads(attn.add_k_proj(text))), attn.norm_k(heads(attn.to_k(image)))], dim=1
             )
             n_text = text.shape[1]
-            if rotary is not None:  # rotary tables cover [text; image] positions
-                cos, sin = rotary
+            if image_rotary_emb is not None:  # rotary tables cover [text; image] positions
+                cos, sin = image_rotary_emb
                 query = apply_rotary_emb(query, (cos[n_text:], sin[n_text:]), sequence_dim=1)
-                keys = apply_rotary_emb(keys, rotary, sequence_dim=1)
+                keys = apply_rotary_emb(keys, image_rotary_emb, sequence_dim=1)
             rows = []
             for q, k in zip(query, keys, strict=True):  # one row at a time: heads x N_img x (N_txt + N_img)
                 logits = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * attn.head_dim**-0.5
                 rows.append(logits.softmax(-1)[..., :n_text])
-            self.record.keep(self.block, torch.stack(rows))
+            return torch.stack(rows)
 
     return FluxAttentionRecorder
 
@@ -108,40 +107,20 @@ def _flux_processor_class() -> type:
 def _sd_processor_class() -> type:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    class CrossAttentionRecorder(AttnProcessor2_0):
+    class CrossAttentionRecorder(_Recorder, AttnProcessor2_0):
         """The UNet's cross-attention processor, plus its head-mean attention on the recorded steps."""
 
-        def __init__(self, record: AttentionRecord, block: int):
-            super().__init__()
-            self.record, self.block = record, block
-
-        def __call__(
-            self,
-            attn: Any,
-            hidden_states: torch.Tensor,
-            encoder_hidden_states: torch.Tensor = None,
-            attention_mask: torch.Tensor | None = None,
-            temb: torch.Tensor | None = None,
-            *args: Any,
-            **kwargs: Any,
-        ) -> torch.Tensor:
-            if self.record.step in self.record.steps and encoder_hidden_states is not None:
-                image = hidden_states
-                if image.dim() == 4:  # (B, C, H, W) -> (B, H*W, C)
-                    image = image.flatten(2).transpose(1, 2)
-                if attn.norm_cross:
-                    encoder = attn.norm_encoder_hidden_states(encoder_hidden_states)
-                else:
-                    encoder = encoder_hidden_states
-                if attn.group_norm is not None:
-                    image = attn.group_norm(image.transpose(1, 2)).transpose(1, 2)
-                query = attn.head_to_batch_dim(attn.to_q(image))
-                key = attn.head_to_batch_dim(attn.to_k(encoder))
-                probs = attn.get_attention_scores(query.float(), key.float(), None)  # (B*heads, N_img, N_txt)
-                self.record.keep(self.block, probs.unflatten(0, (image.shape[0], attn.heads)))
-            return super().__call__(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
-            )
+        def _probs(self, attn: Any, image: torch.Tensor, encoder: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+            if image.dim() == 4:  # (B, C, H, W) -> (B, H*W, C)
+                image = image.flatten(2).transpose(1, 2)
+            if attn.norm_cross:
+                encoder = attn.norm_encoder_hidden_states(encoder)
+            if attn.group_norm is not None:
+                image = attn.group_norm(image.transpose(1, 2)).transpose(1, 2)
+            query = attn.head_to_batch_dim(attn.to_q(image))
+            key = attn.head_to_batch_dim(attn.to_k(encoder))
+            probs = attn.get_attention_scores(query.float(), key.float(), None)  # (B*heads, N_img, N_txt)
+            return probs.unflatten(0, (image.shape[0], attn.heads))
 
     return CrossAttentionRecorder
 
