@@ -141,6 +141,23 @@ def test_stop_strings_and_max_tokens() -> None:
         assert (c.finish_reason, len(c.token_ids)) in {("length", 3)} or c.token_ids[-1] == 1
 
 
+def test_ignore_eos_generates_past_eos_to_max_tokens() -> None:
+    model = tiny()
+    eos = TOK.eos_token_id
+    # planted: EOS is every step's greedy choice
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: out.index_add(
+        -1, torch.tensor([eos]), torch.full((*out.shape[:-1], 1), 100.0)))
+    try:
+        stops = decode(model, TOK, PROMPTS, SamplingParams(temperature=0.0, max_tokens=5))
+        kept = decode(model, TOK, PROMPTS, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    finally:
+        handle.remove()
+    for out in stops:
+        assert (out.completions[0].token_ids, out.completions[0].finish_reason) == ([eos], "stop")
+    for out in kept:
+        assert (out.completions[0].token_ids, out.completions[0].finish_reason) == ([eos] * 5, "length")
+
+
 def test_per_step_capture_matches_teacher_forcing() -> None:
     model = tiny()
     specs = [

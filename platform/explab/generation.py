@@ -24,6 +24,7 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)  # torch and vLLM take any 63-bit seed
     stop: list[str] = Field(default_factory=list)
     logprobs: bool = False  # return the logprob of each sampled token
+    ignore_eos: bool = False  # keep going past EOS to max_tokens (or a stop string), as vLLM's: fixed-length work
 
 
 class ChatMessage(BaseModel):

@@ -5,7 +5,8 @@ from ``(params.seed, sample index)``, so a request's samples do not depend on wh
 with. ``temperature == 0`` is greedy. Logprobs are ``log_softmax`` of the raw logits (before
 temperature/top-p), as vLLM reports them. A row stops at EOS (kept in ``token_ids``, dropped from the
 text), when its decoded text contains a stop string (the text is cut before it; ``token_ids`` keep
-the token that completed it) or at ``max_tokens`` (finish_reason ``"length"``).
+the token that completed it) or at ``max_tokens`` (finish_reason ``"length"``); with ``ignore_eos``
+EOS is a token like any other.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def decode(
                 if p.logprobs:
                     out_lp[r].append(float(torch.log_softmax(logits[r], -1)[tok]))
                 texts[r] = tokenizer.decode(out_ids[r], skip_special_tokens=True)
-                if tok in eos:
+                if tok in eos and not p.ignore_eos:
                     finish[r] = "stop"
                 elif (k := _find_stop(texts[r], p.stop)) >= 0:
                     texts[r], finish[r] = texts[r][:k], "stop"

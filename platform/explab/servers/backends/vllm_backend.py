@@ -202,6 +202,7 @@ class VLLMBackend:
             max_tokens=params.max_tokens,
             seed=params.seed,
             stop=list(params.stop) or None,
+            ignore_eos=params.ignore_eos,
             include_stop_str_in_output=False,
             logprobs=0 if params.logprobs else None,  # 0: only the sampled token's logprob
         )
