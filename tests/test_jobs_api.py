@@ -48,6 +48,7 @@ def test_runtime_env_ships_the_project_and_this_explab():
     assert env["py_modules"] == [str(ROOT / "platform" / "explab")]
     for pattern in (".git", ".venv*", "runs", "*.safetensors", "*.bin", "*.pt", "**/__pycache__"):
         assert pattern in env["excludes"]
+    assert env["env_vars"] == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}  # Ray Train's poll (see runtime.RAY_ENV)
 
 
 def test_sweep_entrypoint(tmp_path):

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from explab import runtime
 from explab.errors import ExplabError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -322,6 +323,7 @@ def runtime_env(root: Path) -> dict[str, Any]:
         "working_dir": str(root),
         "py_modules": [str(root / "platform" / "explab")],
         "excludes": list(EXCLUDES),
+        "env_vars": runtime.ray_env(),
     }
 
 
