@@ -35,7 +35,9 @@ place only when complete, and a file lock makes concurrent callers (sweep trials
 wait for the first one instead of computing again. A second call is a cache hit: nothing is
 loaded, no Ray task runs, and ``EmbeddingSet.cached`` is True. Local files (parquet/csv/jsonl,
 image folders, and a local encoder directory's weights) are fingerprinted by their sizes and
-modification times; ``refresh=True`` recomputes. On a multi-node cluster point ``EXPLAB_CACHE`` at shared storage.
+modification times; ``refresh=True`` recomputes. On a multi-node cluster point ``EXPLAB_CACHE`` at shared storage,
+or at an object store (``s3://bucket/cache``): an entry another node computed is brought down instead of
+recomputed, and a new entry is uploaded with its ``meta.json`` last (`explab.mirror.pull_entry` / `push_entry`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from explab import mirror
 from explab.config import Section
 from explab.data import Source, fingerprint, resolve_source, slug
 from explab.errors import ConfigError, ExplabError, user_error
@@ -261,9 +264,12 @@ def embed(encoder: EncoderSpec | str | dict[str, Any], data: Any, *, modality: M
     if not refresh and (entry / "meta.json").is_file():
         return _set_from(entry, cached=True)
     with _locked(entry.parent / f".{entry.name}.lock"):
-        if not refresh and (entry / "meta.json").is_file():  # another caller finished it meanwhile
+        # another caller finished it meanwhile, or (EXPLAB_CACHE on an object store) another node did
+        if not refresh and mirror.pull_entry(entry, "meta.json"):
             return _set_from(entry, cached=True)
-        return _compute(spec, source, modality, column, list(keep), opts, entry, key, key_payload)
+        computed = _compute(spec, source, modality, column, list(keep), opts, entry, key, key_payload)
+        mirror.push_entry(entry, "meta.json")  # an object-store cache: other nodes reuse it
+        return computed
 
 
 def embed_array(encoder: EncoderSpec | str | dict[str, Any], data: Any, **kwargs: Any) -> np.ndarray:

@@ -12,7 +12,8 @@ transformers dequantizes the file (it needs the ``gguf`` package) into a plain m
 ~20-50 s on a CPU, and vLLM cannot read the ``.gguf`` file itself, so `converted_checkpoint` does it
 once: it writes a float32 safetensors checkpoint (config without the GGUF ``quantization_config``,
 state dict, tokenizer with its chat template) to ``cache_dir("models")/gguf-<sha256>``, and every
-backend loads that directory, in the spec's dtype.
+backend loads that directory, in the spec's dtype. With ``EXPLAB_CACHE`` on an object store the
+checkpoint is uploaded once converted and a node without it downloads it instead of converting.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from explab import mirror
 from explab.errors import ModelError
 from explab.models.spec import ModelSpec
 
@@ -130,8 +132,9 @@ def converted_checkpoint(file: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".gguf-{sha}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (target / MARKER).is_file():
+        if not mirror.pull_entry(target, MARKER):  # EXPLAB_CACHE on an object store: another node's conversion
             _convert_into(file, sha, root, target)
+            mirror.push_entry(target, MARKER)
     return target
 
 
