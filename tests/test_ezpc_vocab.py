@@ -336,3 +336,14 @@ def test_dry_run_lists_the_generator_only_when_a_vocabulary_comes_from_it(cli, m
         code, out, err = cli("run", "ezpc", *args, "--dry-run")
         assert code == 0 and "Qwen/Qwen2.5-7B-Instruct" in out and "concepts.server" in out, out + err
         assert "GPUs if all at once: 3;" in out  # and the generator's 1
+
+
+def test_backbones_embed_in_fp16_by_default_as_the_authors_run_clip():
+    from explab.config import load_config
+    from explab.job import get_job
+    from jobs.ezpc.job import Config
+
+    assert [b.model.dtype for b in Config().backbones] == ["float16"]
+    job = get_job("ezpc")
+    for name in ("paper", "generated"):
+        assert {b.model.dtype for b in load_config(job.config, job.config_path(name), []).backbones} == {"float16"}
