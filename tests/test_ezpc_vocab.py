@@ -11,6 +11,8 @@ import json
 import math
 import socket
 import threading
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,8 @@ from explab.errors import ExplabError
 from jobs.ezpc import concepts as vocab
 from jobs.ezpc import metrics, regions
 from jobs.ezpc.model import ezpc_loss, logit_params, sigmoid_kl, train_projection
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def unit(x):
@@ -254,6 +258,56 @@ def test_heatmaps_through_the_tiny_clip_tower_find_the_planted_patch():
     assert 24 <= r < 32 and 0 <= c < 8
 
 
+@pytest.fixture
+def tiny_siglip(tmp_path):
+    """open_clip's timm tower as its SigLIP configs build it (``timm_pool: map``, ``timm_proj: none``) around a
+    2-block, 32-wide, 8-px-patch SigLIP ViT (timm's ``vit_base_patch16_siglip_224`` made tiny), random, offline."""
+    import open_clip
+    from open_clip.timm_model import TimmModel
+
+    folder = tmp_path / "tiny-siglip"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "vit_base_patch16_siglip_224", "pretrained_cfg": {},
+        "model_args": {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32, "patch_size": 8}}))
+    torch.manual_seed(0)
+    tower = TimmModel(f"local-dir:{folder}", embed_dim=32, image_size=32, pool="map", proj="none").eval()
+    return types.SimpleNamespace(model=types.SimpleNamespace(visual=tower), device="cpu", dtype=torch.float32,
+                                 processor=open_clip.image_transform(32, is_train=False))
+
+
+def test_siglip_patch_tokens_are_what_the_map_head_pools(tiny_siglip):
+    visual = tiny_siglip.model.visual
+    with torch.no_grad():
+        visual.trunk.pos_embed.zero_()  # a flat image then gives every patch the same trunk token
+    pixels = torch.stack([tiny_siglip.processor(regions.to_pil(np.full((32, 32, 3), c, np.uint8)))
+                          for c in (40, 200)])
+    tokens = regions.patch_tokens(tiny_siglip.model, pixels)
+    assert tokens.shape == (2, 4, 4, 32)
+    with torch.inference_mode():
+        pooled = visual(pixels)  # SigLIP's own image embedding, through its attention-pool head
+    # equal tokens: the pool's attention mixes copies of one value, so each patch's projection is the embedding
+    torch.testing.assert_close(tokens, pooled[:, None, None, :].expand_as(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_siglip_heatmap_peaks_where_the_planted_concept_is(tiny_siglip):
+    red, grey = np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 128, np.uint8)
+    red[..., 0] = 255
+    image = grey.copy()
+    image[16:24, 8:16] = red[16:24, 8:16]  # patch (2, 1) of the 4 × 4 grid is red
+    with torch.inference_mode():  # the concepts: the tower's pooled embeddings of a red and a grey image
+        pixels = torch.stack([tiny_siglip.processor(regions.to_pil(im)) for im in (red, grey)])
+        A = unit(tiny_siglip.model.visual(pixels).numpy().astype(np.float64)).T
+    patches = regions.patch_tokens(tiny_siglip.model, torch.stack([tiny_siglip.processor(regions.to_pil(image))]))
+    assert regions.concept_maps(patches.numpy(), A, np.array([[0, 1]])).shape == (1, 2, 4, 4)  # the patch grid
+    shown, maps = regions.heatmaps(tiny_siglip, [image], A, np.array([[0, 1]]))
+    assert shown[0].size == (32, 32) and maps.shape == (1, 2, 32, 32)
+    r, c = np.unravel_index(maps[0, 0].argmax(), (32, 32))
+    assert 16 <= r < 24 and 8 <= c < 16  # "red" peaks on the red patch
+    r, c = np.unravel_index(maps[0, 1].argmin(), (32, 32))
+    assert 16 <= r < 24 and 8 <= c < 16  # and "grey" is lowest there
+
+
 # ---- the shipped paper-size configs ----------------------------------------------------------------
 def test_paper_vocabularies_are_lf_cbm_files_by_url_and_generated_ones_are_filtered():
     from explab.config import load_config
@@ -269,3 +323,27 @@ def test_paper_vocabularies_are_lf_cbm_files_by_url_and_generated_ones_are_filte
     cc = generated.concepts
     assert cc.source == "llm" and (cc.max_length, cc.max_class_similarity, cc.max_concept_similarity) == (30, 0.85,
                                                                                                           0.9)
+
+
+def test_dry_run_lists_the_generator_only_when_a_vocabulary_comes_from_it(cli, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the repository's cluster.yaml is the cluster compared against
+    code, out, err = cli("run", "ezpc", "-c", "paper", "--dry-run")
+    assert code == 0, out + err
+    assert "Qwen" not in out and "concepts.server" not in out  # paper.yaml reads its vocabularies from files
+    assert "train.num_gpus" in out and "embed.num_gpus" in out  # what it does start is listed
+    assert "GPUs if all at once: 2;" in out  # training 1 + the image and text pipelines' 0.5 each
+    for args in (["-c", "generated"], ["-c", "paper", "--set", "concepts.source=llm"]):
+        code, out, err = cli("run", "ezpc", *args, "--dry-run")
+        assert code == 0 and "Qwen/Qwen2.5-7B-Instruct" in out and "concepts.server" in out, out + err
+        assert "GPUs if all at once: 3;" in out  # and the generator's 1
+
+
+def test_backbones_embed_in_fp16_by_default_as_the_authors_run_clip():
+    from explab.config import load_config
+    from explab.job import get_job
+    from jobs.ezpc.job import Config
+
+    assert [b.model.dtype for b in Config().backbones] == ["float16"]
+    job = get_job("ezpc")
+    for name in ("paper", "generated"):
+        assert {b.model.dtype for b in load_config(job.config, job.config_path(name), []).backbones} == {"float16"}

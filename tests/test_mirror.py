@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -95,3 +96,84 @@ def test_an_unreachable_bucket_is_one_line_before_anything_starts(s3, tmp_path, 
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code != 0 and len(lines) == 1 and "s3://no-such-bucket/runs" in lines[0], err
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").rglob("manifest.json"))
+
+
+# ---- EXPLAB_CACHE on the object store ------------------------------------------------------------
+TEXTS = ["a red square", "a blue circle", "a green triangle", "a yellow star", "a grey cross"]
+
+
+@pytest.fixture
+def counted_compute(monkeypatch):
+    """Counts the embedding computations (a cache hit, local or brought down from the store, computes nothing)."""
+    from explab import embeddings
+
+    calls = []
+    real = embeddings._compute
+
+    def compute(*args, **kwargs):
+        calls.append(args[0].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embeddings, "_compute", compute)
+    return calls
+
+
+def test_a_cache_entry_computed_on_one_machine_is_reused_on_another(s3, tmp_path, monkeypatch, counted_compute):
+    from explab.embeddings import embed
+
+    monkeypatch.setenv("EXPLAB_CACHE", f"s3://{BUCKET}/cache-reuse")
+    monkeypatch.setenv("EXPLAB_MIRROR", str(tmp_path / "node-a"))
+    first = embed("tiny:clip", TEXTS, options={"engine": "local", "batch_size": 2, "shard_rows": 2})
+    assert not first.cached and counted_compute == ["tiny:clip"]
+    stored = keys(s3, "cache-reuse/embeddings/")
+    assert any(k.endswith("/meta.json") for k in stored) and len([k for k in stored if k.endswith(".parquet")]) == 3
+    assert not [k for k in stored if "/." in k]  # no lock, staging or temporary file went up
+
+    monkeypatch.setenv("EXPLAB_MIRROR", str(tmp_path / "node-b"))  # another machine: an empty mirror
+    second = embed("tiny:clip", TEXTS, options={"engine": "local", "batch_size": 2, "shard_rows": 2})
+    assert second.cached and counted_compute == ["tiny:clip"]  # brought down, not recomputed
+    assert second.path.is_relative_to((tmp_path / "node-b").resolve())
+    assert np.array_equal(second.array(), first.array())
+
+
+def test_an_upload_cut_short_is_never_seen_by_another_machine(s3, tmp_path, monkeypatch, counted_compute):
+    from explab.embeddings import embed
+
+    monkeypatch.setenv("EXPLAB_CACHE", f"s3://{BUCKET}/cache-cut")
+    monkeypatch.setenv("EXPLAB_MIRROR", str(tmp_path / "node-a"))
+    real_upload, uploaded = mirror._upload_file, []
+
+    def crash_after_one_file(fs, path, key):  # node a dies after its first file reached the store
+        if uploaded:
+            raise OSError("connection reset")
+        uploaded.append(key)
+        real_upload(fs, path, key)
+
+    monkeypatch.setattr(mirror, "_upload_file", crash_after_one_file)
+    with pytest.raises(mirror.MirrorError, match="cannot upload the cache entry"):
+        embed("tiny:clip", TEXTS, options={"engine": "local", "batch_size": 2, "shard_rows": 2})
+    stored = keys(s3, "cache-cut/embeddings/")
+    assert len(stored) == 1 and stored[0].endswith(".parquet")  # part of the entry is there, its marker is not
+
+    monkeypatch.setattr(mirror, "_upload_file", real_upload)
+    monkeypatch.setenv("EXPLAB_MIRROR", str(tmp_path / "node-b"))
+    again = embed("tiny:clip", TEXTS, options={"engine": "local", "batch_size": 2, "shard_rows": 2})
+    assert not again.cached and len(counted_compute) == 2  # the half entry was not used: b computed it
+    assert any(k.endswith("/meta.json") for k in keys(s3, "cache-cut/embeddings/"))  # and published it whole
+
+
+def test_a_single_file_cache_entry_goes_up_when_written_and_comes_down_where_missing(s3, tmp_path, monkeypatch):
+    from explab import store
+    from explab.paths import cache_dir
+
+    monkeypatch.setenv("EXPLAB_CACHE", f"s3://{BUCKET}/cache-files")
+    monkeypatch.setenv("EXPLAB_MIRROR", str(tmp_path / "node-a"))
+    path = cache_dir("answers") / "key.json"
+    assert not mirror.pull_entry(path)  # nowhere yet
+    store.write_json(path, {"rows": [1, 2, 3]})
+    assert keys(s3, "cache-files/") == ["cache-files/answers/key.json"]
+
+    monkeypatch.setenv("EXPLAB_MIRROR", str(tmp_path / "node-b"))
+    there = cache_dir("answers") / "key.json"
+    assert there != path and not there.exists()
+    assert mirror.pull_entry(there) and json.loads(there.read_text()) == {"rows": [1, 2, 3]}

@@ -81,13 +81,16 @@ def read_phrases(path: Path) -> list[str]:
 
 
 def fetch(url: str, cache_dir: Path, timeout: float = 30.0) -> Path:
-    """The local copy of the concept file at ``url``, downloaded into ``cache_dir`` on first use."""
+    """The local copy of the concept file at ``url``, downloaded into ``cache_dir`` on first use (with the
+    cache on an object store: taken from there when another node fetched it, and uploaded when written)."""
     import urllib.error
     import urllib.request
 
+    from explab import mirror
+
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/").rsplit("/", 1)[-1])[-80:] or "concepts"
     path = cache_dir / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{name}"
-    if path.is_file():
+    if mirror.pull_entry(path):
         return path
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -185,11 +188,14 @@ def llm_cache_key(generator: Any, prompts: Sequence[str], classes: Sequence[str]
 
 
 def cached_generation(cache_dir: Path | None, key: str, make: Any) -> list[dict[str, str]]:
-    """``make()`` once per key: non-empty rows are kept as JSON under ``cache_dir`` (None: no cache)."""
+    """``make()`` once per key: non-empty rows are kept as JSON under ``cache_dir`` (None: no cache); with the
+    cache on an object store, one node's answers serve every node (`explab.mirror.pull_entry`)."""
+    from explab import mirror
+
     if cache_dir is None:
         return make()
     path = cache_dir / f"{key}.json"
-    if path.is_file():
+    if mirror.pull_entry(path):
         return json.loads(path.read_text())
     rows = make()
     if rows:  # an empty answer is an error upstream, not something to remember

@@ -105,7 +105,7 @@ class EvalConfig(Section):
     faithfulness_k: list[int] = Field(default_factory=lambda: [1, 3, 5, 10])
     explain_images: int = Field(4, ge=0)  # test images drawn as bar charts
     explanations_table: int | None = Field(200, ge=1)  # test images whose explanations are tabled (None: all)
-    region_images: int = Field(0, ge=0)  # test images drawn with concept-region heatmaps (ViT / ResNet towers)
+    region_images: int = Field(0, ge=0)  # test images drawn with concept-region heatmaps (ViT, ResNet, SigLIP)
     region_concepts: int = Field(3, ge=1)  # ... of each image's top concepts
     # with several datasets: each dataset's A applied to every other's test images (`transfer.parquet`), and the
     # authors' protocol (`transfer_gzsl.parquet`): a fresh A per (source, target) on the union of both vocabularies
@@ -126,7 +126,7 @@ class Config(JobConfig):
     eval: EvalConfig = EvalConfig()
     embed: EmbedOptions = EmbedOptions()  # the image pipeline (actor pool, GPU fraction)
     text_embed: EmbedOptions = EmbedOptions()  # the text pipeline
-    cache_dir: str | None = None  # embedding cache root (default: $EXPLAB_CACHE, else beside the runs dir)
+    cache_dir: str | None = None  # embedding cache root, a path or s3://… (default: $EXPLAB_CACHE, else beside runs)
 
     @field_validator("backbones", mode="before")
     @classmethod
@@ -223,6 +223,10 @@ def cache_root(config: Config, ctx: RunContext) -> Path:
     """Where embeddings are cached: ``cache_dir``, else the pipeline's own (`explab.embeddings.cache_root`
     of this run's runs folder: $EXPLAB_CACHE, or ``cache/`` beside the runs dir)."""
     if config.cache_dir:
+        from explab import mirror
+
+        if mirror.is_uri(config.cache_dir):  # s3://…: its local mirror, entries synced with the store
+            return mirror.local_for(config.cache_dir)
         return Path(config.cache_dir).expanduser()
     from explab.embeddings import cache_root as embeddings_cache
     from explab.runs import runs_root_of
@@ -400,7 +404,7 @@ def evaluate_pair(*, ds: DatasetConfig, backbone: EncoderSpec, names: list[str],
         try:
             figure = region_plot(backbone, ds, table, A, n_regions, min(ev.region_concepts, ev.top_k), names,
                                  ctx.seed)
-        except regions.UnsupportedTower as err:  # e.g. SigLIP's timm tower: said in the log and the table
+        except regions.UnsupportedTower as err:  # a timm tower without a MAP head: said in the log and the table
             logging.getLogger(__name__).warning("ezpc: no region heatmaps for %s: %s", backbone.name, err)
         else:
             ctx.save_plot(f"regions__{tag}", figure)
@@ -546,6 +550,17 @@ def transfer_pairs(config: Config) -> list[tuple[str, str]]:
     if config.eval.transfer_pairs is not None:
         return [tuple(p) for p in config.eval.transfer_pairs]
     return [(a, b) for a in names for b in names if a != b]
+
+
+def uses_generator(config: Config) -> bool:
+    """Whether some dataset's vocabulary comes from the LLM (only then is the Generator server started)."""
+    return any((ds.concept_source or config.concepts.source) == "llm" for ds in config.datasets)
+
+
+def dry_plan_skip(config: Config) -> list[str]:
+    """For `explab run --dry-run`: the config fields this run will not start (the vocabulary generator and its
+    server when every vocabulary is read from files)."""
+    return [] if uses_generator(config) else ["concepts.generator", "concepts.server"]
 
 
 SUMMARY_KEYS = ("acc_clip", "acc_ezpc", "retained", "agreement", "acc_ezpc_init", "retained_init", "agreement_init",

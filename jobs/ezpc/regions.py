@@ -9,10 +9,26 @@ place beyond the image as a whole), then scaled to [0, 1] and upsampled to the i
   without the class token, after ``ln_post``, times ``proj``;
 - open_clip ``ModifiedResNet`` (``RN50``): the last feature map through the attention pool's value
   and output projections position by position (the pool's attention mixes positions; its value
-  path keeps them apart), as is usual for dense CLIP ResNet features.
+  path keeps them apart), as is usual for dense CLIP ResNet features;
+- open_clip ``TimmModel`` towers whose trunk pools with timm's ``AttentionPoolLatent`` (the "MAP"
+  head of open_clip's SigLIP models, ``ViT-*-SigLIP*``): see `map_head_tokens`.
 
-Other towers (timm towers, such as open_clip's SigLIP models) raise `UnsupportedTower`; the job
-then logs a warning and records ``region_images = 0`` for that backbone.
+**SigLIP's MAP head, derived.** The trunk's output tokens x_i (after its final norm) are pooled by
+one learned latent query: per head h, o_h = Σ_i a_hi v_hi with v_i = W_v x_i + b_v and attention
+weights a_hi ≥ 0 that sum to 1 over i. Then u = W_o o + b_o, and the image embedding is
+z = u + MLP(LN(u)) (then the trunk's ``fc_norm``/``head`` and open_clip's ``head``, identities
+for SigLIP). Where the heads agree on the weights (a_hi = a_i), u = Σ_i a_i u_i with
+u_i = W_o v_i + b_o, because the weights sum to 1: the pooled token is an attention-weighted mixture of
+per-patch tokens u_i, and the embedding is the head's nonlinearity of that mixture. A patch's token
+in the joint space is therefore p_i = u_i + MLP(LN(u_i)): the embedding the tower would give if its
+pooling attended to patch i alone. It is exact in two cases one can check: when the attention is
+one-hot on a patch, and when all tokens are equal (then z = p_i for every i). Only the query–key
+path (which patch to look at) is left out, as the value path of the ResNet pool above keeps
+positions apart. Towers with a latent of more than one token, and other timm heads, are not
+covered.
+
+Other towers raise `UnsupportedTower`; the job then logs a warning and records
+``region_images = 0`` for that backbone.
 """
 
 from __future__ import annotations
@@ -59,8 +75,45 @@ def patch_tokens(model: Any, pixels: Any) -> Any:
                 x = x + pool.positional_embedding[1:].to(x.dtype)
             tokens = pool.c_proj(pool.v_proj(x))
             return tokens.reshape(n, h, w, -1)
-    raise UnsupportedTower(f"concept-region heatmaps need an open_clip ViT or ModifiedResNet image tower, not "
-                      f"{type(visual).__name__}: set eval.region_images: 0 for this backbone")
+        if _has_map_head(visual):
+            return map_head_tokens(visual, pixels)
+    raise UnsupportedTower(f"concept-region heatmaps need an open_clip ViT, ModifiedResNet or timm tower with an "
+                           f"attention-pool (MAP) head, not {type(visual).__name__}: set eval.region_images: 0 for "
+                           "this backbone")
+
+
+def _has_map_head(visual: Any) -> bool:
+    from open_clip.timm_model import TimmModel
+    from timm.layers import AttentionPoolLatent
+
+    pool = getattr(getattr(visual, "trunk", None), "attn_pool", None)
+    return isinstance(visual, TimmModel) and isinstance(pool, AttentionPoolLatent) and pool.latent_len == 1
+
+
+def map_head_tokens(visual: Any, pixels: Any) -> Any:
+    """(n, h, w, d) patch embeddings of a timm tower pooled by ``AttentionPoolLatent`` (SigLIP): each patch
+    token through the pool's value and output projections and its MLP, as if the pooling attended to that
+    patch alone (derived in the module docstring), then the trunk's and open_clip's heads."""
+    trunk, pool = visual.trunk, visual.trunk.attn_pool
+    x = trunk.forward_features(pixels)  # (n, prefix + patches, width), after the trunk's final norm
+    prefix = trunk.num_prefix_tokens
+    if not trunk.pool_include_prefix:
+        x, prefix = x[:, prefix:], 0
+    if pool.pos_embed is not None:
+        x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+    width = pool.kv.out_features // 2
+    values = pool.kv(x)[..., width:]  # kv's output is [keys | values], each split into heads in order
+    u = pool.proj(values)
+    if pool.mlp is not None:
+        u = u + pool.mlp(pool.norm(u))
+    tokens = visual.head(trunk.head(trunk.fc_norm(u)))[:, prefix:]
+    size = tuple(pixels.shape[-2:])
+    embed = trunk.patch_embed
+    h, w = embed.dynamic_feat_size(size) if hasattr(embed, "dynamic_feat_size") else embed.grid_size
+    if h * w != tokens.shape[1]:
+        raise UnsupportedTower(f"the timm tower gave {tokens.shape[1]} patch tokens for a {h}×{w} grid: "
+                               "set eval.region_images: 0 for this backbone")
+    return tokens.reshape(tokens.shape[0], h, w, -1)
 
 
 def concept_maps(patches: np.ndarray, A: np.ndarray, concepts: np.ndarray) -> np.ndarray:

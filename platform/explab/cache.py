@@ -8,7 +8,10 @@ the one way to make one:
 - else, under a lock file beside it (concurrent callers on one machine compute once; the others wait
   and reuse), ``build`` writes into a staging directory, which is renamed into place only once the
   marker is there: a crash or an error leaves no half entry (the staging directory is removed);
-- ``refresh`` recomputes and replaces a finished entry.
+- ``refresh`` recomputes and replaces a finished entry;
+- with ``EXPLAB_CACHE`` on an object store (``s3://…``, worked on through `explab.mirror`), an entry
+  this node lacks is brought down when the store holds it whole (`explab.mirror.pull_entry`), and a
+  new one is uploaded with its marker last (`explab.mirror.push_entry`), so no node reads half of one.
 
 `digest` names an entry by what it depends on (a canonical JSON of the payload).
 """
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from explab import mirror
 from explab.errors import ExplabError
 
 
@@ -58,7 +62,8 @@ def entry(path: str | Path, build: Callable[[Path], None], *, marker: str = "met
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not refresh and finished(path, marker):  # another caller finished it meanwhile
+        # another caller finished it meanwhile, or (an object-store cache) another node did
+        if not refresh and mirror.pull_entry(path, marker):
             return Entry(path, cached=True)
         staging = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
         staging.mkdir()
@@ -75,4 +80,5 @@ def entry(path: str | Path, build: Callable[[Path], None], *, marker: str = "met
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        mirror.push_entry(path, marker)
     return Entry(path, cached=False)

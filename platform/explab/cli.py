@@ -89,14 +89,17 @@ def run_cmd(
 
 def _dry_run(spec: Any, cfg: Any, cluster: str) -> int:
     """Print the plan of a run (servers, tasks, GPUs, memory, the cluster's node types); 1 on a problem.
-    A job module may add notes with ``dry_plan_notes(config, plan) -> list[str]`` (e.g. its stages)."""
+    A job module may add notes with ``dry_plan_notes(config, plan) -> list[str]`` (e.g. its stages), and
+    leave out what this config will not start with ``dry_plan_skip(config) -> list[str]`` (config paths)."""
     import importlib
 
     from explab.plan import make_plan
 
     job = spec.name
-    plan = make_plan(job, cfg, cluster if Path(cluster).is_file() or cluster != "cluster.yaml" else None)
-    hook = getattr(importlib.import_module(spec.run.__module__), "dry_plan_notes", None)
+    module = importlib.import_module(spec.run.__module__)
+    skip = getattr(module, "dry_plan_skip", lambda _: [])(cfg)
+    plan = make_plan(job, cfg, cluster if Path(cluster).is_file() or cluster != "cluster.yaml" else None, skip)
+    hook = getattr(module, "dry_plan_notes", None)
     if hook is not None:
         plan.notes += hook(cfg, plan)
     rows = [{"field": n.path, "kind": n.kind, "model": n.model, "gpus": n.gpus,

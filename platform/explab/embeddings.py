@@ -35,7 +35,9 @@ into place only when complete, and concurrent callers (sweep trials on one node)
 first one instead of computing again. A second call is a cache hit: nothing is
 loaded, no Ray task runs, and ``EmbeddingSet.cached`` is True. Local files (parquet/csv/jsonl,
 image folders, and a local encoder directory's weights) are fingerprinted by their sizes and
-modification times; ``refresh=True`` recomputes. On a multi-node cluster point ``EXPLAB_CACHE`` at shared storage.
+modification times; ``refresh=True`` recomputes. On a multi-node cluster point ``EXPLAB_CACHE`` at shared storage,
+or at an object store (``s3://bucket/cache``): an entry another node computed is brought down instead of
+recomputed, and a new entry is uploaded with its ``meta.json`` last (`explab.cache.entry`).
 """
 
 from __future__ import annotations

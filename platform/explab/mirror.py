@@ -17,6 +17,7 @@ usual way: AWS_* variables (``AWS_ENDPOINT_URL`` for an S3-compatible server), G
 from __future__ import annotations
 
 import os
+import shutil
 import urllib.parse
 from functools import cache
 from pathlib import Path
@@ -182,3 +183,108 @@ def sync_down_local(folder: str | Path) -> None:
     uri = uri_for(folder)
     if uri is not None:
         sync_down(uri)
+
+
+# ---- cache entries (EXPLAB_CACHE as a URI) ------------------------------------------------------
+# A cache entry is a folder completed by a marker file that is written last (``meta.json`` of an
+# embedding set), or a single file. On the store the marker is likewise uploaded last, after every
+# other file of the entry, and removed first when an entry is replaced: a node that sees the marker
+# sees a whole entry, and an upload cut short (a crash, a lost node) leaves an entry no one reads.
+# (Readers that started downloading before a concurrent replacement of the same entry may mix two
+# versions; entries are keyed by what they hold, so replacing one happens only on a refresh.)
+
+
+def pull_entry(entry: str | Path, marker: str | None = None) -> bool:
+    """Whether the cache entry ``entry`` is complete here, after bringing it down from its URI when
+    this node lacks it and the store holds it whole (its ``marker`` there). The download goes to a
+    hidden staging folder renamed into place, so a local reader never sees part of it either.
+    Outside the mirror: only the local check."""
+    entry = Path(entry)
+    if (entry / marker).is_file() if marker else entry.is_file():
+        return True
+    uri = uri_for(entry)
+    if uri is None:
+        return False
+    import pyarrow.fs as pafs
+
+    fs, key = _split(uri)
+    try:
+        if not marker:
+            if fs.get_file_info(key).type != pafs.FileType.File:
+                return False
+            _download(fs, key, entry)
+            return True
+        if fs.get_file_info(f"{key}/{marker}").type != pafs.FileType.File:
+            return False
+        infos = fs.get_file_info(pafs.FileSelector(key, recursive=True, allow_not_found=True))
+        staging = entry.parent / f".{entry.name}.pull-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            files = sorted((i.path for i in infos if i.type == pafs.FileType.File),
+                           key=lambda p: p == f"{key}/{marker}")  # the marker last
+            for path in files:
+                _download(fs, path, staging / path[len(key) + 1:])
+            if entry.exists():  # an incomplete local copy (no marker): the store's replaces it
+                _remove(entry)
+            os.replace(staging, entry)
+        finally:
+            if staging.exists():
+                _remove(staging)
+    except OSError as err:
+        raise MirrorError(f"cannot read the cache entry {uri}: {str(err).splitlines()[0]}: check the store's "
+                          "credentials and endpoint (e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL)") from err
+    return (entry / marker).is_file()
+
+
+def push_entry(entry: str | Path, marker: str | None = None) -> None:
+    """Upload a completed cache entry to its URI (no-op outside the mirror): the marker is removed
+    there first, then every other file is uploaded (and files the entry no longer has are deleted),
+    and the marker last, so the entry becomes visible to other nodes only whole."""
+    entry = Path(entry)
+    uri = uri_for(entry)
+    if uri is None:
+        return
+    import pyarrow.fs as pafs
+
+    fs, key = _split(uri)
+    try:
+        if not marker:
+            _upload_file(fs, entry, key)
+            return
+        if not (entry / marker).is_file():
+            raise MirrorError(f"{entry} is not a complete cache entry (no {marker}): finish it before uploading")
+        if fs.get_file_info(f"{key}/{marker}").type == pafs.FileType.File:
+            fs.delete_file(f"{key}/{marker}")  # replaced: invisible until the new marker is there
+        local = {p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(entry).parts)}
+        for rel in sorted(local - {marker}):
+            _upload_file(fs, entry / rel, f"{key}/{rel}")
+        for info in fs.get_file_info(pafs.FileSelector(key, recursive=True, allow_not_found=True)):
+            rel = info.path[len(key) + 1:]
+            if info.type == pafs.FileType.File and rel not in local:
+                fs.delete_file(info.path)
+        _upload_file(fs, entry / marker, f"{key}/{marker}")
+    except OSError as err:
+        raise MirrorError(f"cannot upload the cache entry {uri}: {str(err).splitlines()[0]}: check the store's "
+                          "credentials and endpoint (e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL)") from err
+
+
+def _upload_file(fs: Any, path: Path, key: str) -> None:
+    with fs.open_output_stream(key) as out, open(path, "rb") as src:
+        for block in iter(lambda: src.read(1 << 24), b""):
+            out.write(block)
+
+
+def _download(fs: Any, key: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.download-{os.getpid()}")
+    with fs.open_input_stream(key) as src, open(tmp, "wb") as out:
+        while block := src.read(1 << 24):
+            out.write(block)
+    os.replace(tmp, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

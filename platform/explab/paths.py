@@ -5,7 +5,9 @@
 - cache (computed once, reused across runs: embeddings, converted models): ``$EXPLAB_CACHE/<name>``
   when ``EXPLAB_CACHE`` is set, else ``<runs-dir>/../cache/<name>`` (``./cache/<name>`` next to
   ``./runs`` by default; beside the mirror for a URI runs dir). On a multi-node cluster point both at
-  shared storage, or give the runs dir as a URI.
+  shared storage, or give them as object-store URIs: ``EXPLAB_CACHE=s3://bucket/cache`` is worked on
+  through its local mirror like a runs URI, and the cache's users bring an entry down when this node
+  lacks it (`explab.mirror.pull_entry`) and upload the entries they write (`explab.mirror.push_entry`).
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ def runs_root_of(run_dir: str | Path) -> Path:
 
 
 def cache_dir(name: str, runs_dir: str | Path | None = None) -> Path:
-    """The absolute cache directory for ``name`` (e.g. ``"models"``, ``"embeddings"``); not created here."""
-    if os.environ.get("EXPLAB_CACHE"):
-        return (Path(os.environ["EXPLAB_CACHE"]).expanduser() / name).resolve()
+    """The absolute cache directory for ``name`` (e.g. ``"models"``, ``"embeddings"``); not created here.
+    For ``EXPLAB_CACHE=s3://…`` the folder is in the URI's mirror (entries there map to the store)."""
+    location = os.environ.get("EXPLAB_CACHE")
+    if location:
+        if mirror.is_uri(location):
+            return mirror.local_for(location) / name
+        return (Path(location).expanduser() / name).resolve()
     root = runs_root(runs_dir).resolve()
     if mirror.uri_for(root) is not None:  # a URI's mirror: the cache stays on this node, beside the mirror
         return mirror.mirror_root().parent / "cache" / name

@@ -8,12 +8,15 @@ weight memory from the parameter count in a model's name ("32B" → 32e9 × 2 by
 compares the sum with the GPU worker types of a Ray cluster launcher file (`cluster.yaml`).
 
 The sum is the peak if every server and trainer ran at once; a job that runs them in stages (a
-wave of models at a time) needs less, which `Plan.notes` says when the job declares it.
+wave of models at a time) needs less, which `Plan.notes` says when the job declares it. Fields a
+config names but will not use (a generator for a vocabulary read from files) are left out when the
+job says so: ``skip`` lists such config paths (see `explab run --dry-run`'s ``dry_plan_skip`` hook).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,11 +108,14 @@ def _parent(path: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
 
-def make_plan(job: str, config: BaseModel, cluster: str | Path | None = None) -> Plan:
-    """The dry plan of ``config`` (a validated job config) against ``cluster`` (a cluster.yaml)."""
+def make_plan(job: str, config: BaseModel, cluster: str | Path | None = None,
+              skip: Sequence[str] = ()) -> Plan:
+    """The dry plan of ``config`` (a validated job config) against ``cluster`` (a cluster.yaml).
+    ``skip``: config paths (``concepts.server``; a section skips all below it) that the run will not start."""
     plan = Plan(job)
     nodes: list[tuple[str, Any]] = []
     _walk(config, "", nodes)
+    nodes = [(p, v) for p, v in nodes if not any(p == s or p.startswith(f"{s}.") for s in skip)]
     specs = {p: v for p, v in nodes if isinstance(v, ModelSpec)}
     # an encoder's model is named in its own spelling (open_clip:<arch>/<pretrained>, hf:, st:, ...)
     encoders = {p: v for p, v in nodes if isinstance(v, EncoderSpec)}

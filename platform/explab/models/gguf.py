@@ -12,7 +12,8 @@ transformers dequantizes the file (it needs the ``gguf`` package) into a plain m
 ~20-50 s on a CPU, and vLLM cannot read the ``.gguf`` file itself, so `converted_checkpoint` does it
 once: it writes a float32 safetensors checkpoint (config without the GGUF ``quantization_config``,
 state dict, tokenizer with its chat template) to ``cache_dir("models")/gguf-<sha256>``, and every
-backend loads that directory, in the spec's dtype.
+backend loads that directory, in the spec's dtype. With ``EXPLAB_CACHE`` on an object store the
+checkpoint is uploaded once converted and a node without it downloads it instead of converting.
 """
 
 from __future__ import annotations

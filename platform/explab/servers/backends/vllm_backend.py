@@ -259,7 +259,12 @@ def _saved_tiny(spec: ModelSpec) -> Path:
     from explab.models.tiny import save_tiny
 
     weights_spec = ModelSpec(name=spec.name, tiny=spec.tiny)  # dtype/device do not change the files
-    root = Path(os.environ.get("EXPLAB_CACHE", Path(tempfile.gettempdir()) / "explab-cache")) / "tiny"
+    from explab import mirror
+
+    location = os.environ.get("EXPLAB_CACHE")
+    if not location or mirror.is_uri(location):  # cheap to rebuild: an object-store cache is not worth a trip
+        location = str(Path(tempfile.gettempdir()) / "explab-cache")
+    root = Path(location) / "tiny"
     path = root / weights_spec.key
     if (path / "config.json").is_file():
         return path
