@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from explab.errors import ConfigError
 from explab.job import Job
 from explab.models import ModelSpec, load_model
 from explab.runs import RunContext
@@ -81,6 +82,9 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
                   else data.training_rows(cfg.n_train_scenes, config.seed, cfg.image_size, images))
     items = [it for it in data.vqa_items(cfg.n_eval_scenes, config.seed + 1, cfg.image_size, images)
              if it.benchmark in cfg.benchmarks]
+    if cfg.sources and not images:
+        raise ConfigError("data.sources are image benchmarks: evaluate them with a VLM and data.images true, "
+                          "or drop data.sources for a text-only backbone")
     for source in cfg.sources:
         items += benchmarks.load(source.name, source.source, source.split, source.limit, source.images)
     texts = data.text_corpus(cfg.n_ppl_texts, config.seed + 2)
