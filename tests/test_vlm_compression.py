@@ -146,8 +146,9 @@ def test_fused_qkv_and_gate_up_are_split_for_pruning_fused_back_and_reload_equal
     assert imp[1].mlp[7] == 0.0 and (np.delete(imp[1].mlp.numpy(), 7) > 0).all()
     attn_size, mlp_size = widthwise.group_sizes(model)
     assert (attn_size, mlp_size) == (6 * 64 * 16, 3 * 64)  # 2 query heads + k + v rows, o columns; 3 d
-    plan = widthwise.plan(imp, model, attn_size + 1, attn_layers=(1, 2), mlp_layers=(1, 2))
-    assert plan.attn == {1: [1]} and 7 in plan.mlp[1]
+    target = attn_size + 64 * mlp_size  # needs the local ratio 1/2: one of the two KV groups, 64 channels
+    plan = widthwise.plan(imp, model, target, attn_layers=(1, 2), mlp_layers=(1, 2))
+    assert plan.attn == {1: [1]} and 7 in plan.mlp[1] and plan.removed_parameters == target
     qkv, gate_up = (backbone.blocks(model)[1].self_attn.qkv_proj.weight.detach().clone(),
                     backbone.blocks(model)[1].mlp.gate_up_proj.weight.detach().clone())
     before_n, before = parameter_count(model), [_logits(model, ex) for ex in ids]
