@@ -337,7 +337,7 @@ def test_its_sweep_runs_under_explab_sweep(tmp_path, ray_local, cli):
 
     shipped = yaml.safe_load((JOB_DIR / "sweep.yaml").read_text())
     spec = {**shipped, "num_samples": 2,
-            "base": {"config": "tiny", "overrides": ["layer.n_samples=2", "data.n_eval_scenes=2"]},
+            "base": {"config": "tiny", "overrides": ["layer.n_samples=2", "width.n_samples=1", "data.n_ppl_texts=2"]},
             "space": {**shipped["space"], "ratios": {"type": "choice", "values": [0.25, 0.5]},
                       "recovery.modes": {"type": "choice", "values": ["none"]}}}
     path = tmp_path / "sweep.yaml"
