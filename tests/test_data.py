@@ -86,3 +86,17 @@ def test_load_dataset_and_read_rows_give_the_same_rows_for_every_local_scheme(ra
     st = (tmp_path / "t.parquet").stat()
     os.utime(tmp_path / "t.parquet", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert resolve_source(f"parquet:{tmp_path / 't.parquet'}").key != before
+
+
+def test_disk_scheme_reads_a_save_to_disk_dataset_and_the_split_of_a_dataset_dict(tmp_path):
+    import datasets
+
+    from explab.data import read_rows
+
+    rows = {"q": ["a", "b", "c"], "n": [1, 2, 3]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "dict"))
+    assert read_rows(f"disk:{tmp_path / 'one'}", limit=2) == [{"q": "a", "n": 1}, {"q": "b", "n": 2}]
+    assert [r["n"] for r in read_rows(f"disk:{tmp_path / 'dict'}", split="test")] == [1, 2, 3]
+    with pytest.raises(ExplabError, match="no split 'train'"):
+        read_rows(f"disk:{tmp_path / 'dict'}")

@@ -18,6 +18,7 @@ KINDS = {
     "llama": "causal_lm",
     "qwen": "causal_lm",
     "gpt2": "causal_lm",
+    "phi3": "causal_lm",
     "llava": "vlm",
     "llava_next": "vlm",
     "qwen2_5_vl": "vlm",

@@ -68,10 +68,27 @@ class RecoveryConfig(Section):
         return self
 
 
+class BenchmarkSource(Section):
+    """One of the paper's benchmarks (`jobs.vlm_compression.benchmarks`): ``name``, and where to read it
+    (``source``: a dataset spec, ``hf:<id>[:<config>]``, ``disk:<dir>`` or ``parquet:<path>``; None: its Hub
+    dataset), the ``split`` (None: the benchmark's), the first ``limit`` rows; ``images``: GQA's images table."""
+
+    name: Literal["mmmu", "scienceqa", "mathvista", "ai2d", "mme", "pope", "docvqa", "gqa"]
+    source: str | None = None
+    split: str | None = None
+    limit: int | None = Field(None, ge=1)
+    images: str | None = None
+
+
 class DataConfig(Section):
     """The synthetic shapes world (`jobs.vlm_compression.data`): scenes for calibration, training and
     evaluation (each scene gives three questions) and sentences for perplexity. ``images: false`` puts
-    the scene's description into the question, for text-only backbones."""
+    the scene's description into the question, for text-only backbones.
+
+    ``sources``: the paper's benchmarks, evaluated next to the synthetic ones listed in ``benchmarks``;
+    ``train``: a LLaVA-style conversation JSON (`jobs.vlm_compression.mix`) that replaces the synthetic
+    training / calibration rows (its image paths relative to ``image_root``, default the file's folder;
+    the first ``train_limit`` records); ``max_new_tokens``: the greedy answer's length for open questions."""
 
     images: bool = True
     image_size: int = Field(32, ge=8)
@@ -79,6 +96,11 @@ class DataConfig(Section):
     n_eval_scenes: int = Field(100, ge=1)
     n_ppl_texts: int = Field(50, ge=1)
     benchmarks: list[str] = Field(default_factory=lambda: ["shapes_colour", "shapes_count", "shapes_yesno"])
+    sources: list[BenchmarkSource] = Field(default_factory=list)
+    train: str | None = None
+    image_root: str | None = None
+    train_limit: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
 
 
 class Config(JobConfig):

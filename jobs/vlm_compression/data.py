@@ -14,7 +14,7 @@ Training and calibration rows are chat conversations about such images (question
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,13 +35,23 @@ class Scene:
 
 @dataclass
 class Item:
-    """One VQA question: ``options`` are the candidate answers, ``answer`` the index of the right one."""
+    """One VQA question. Closed (multiple choice, yes/no): ``options`` are the candidate answers (each scored
+    by its first token), ``answer`` the index of the right one. Open (DocVQA, GQA, free-form MathVista):
+    no options, ``answer`` -1, ``answers`` the accepted reference strings, scored on a greedy generation.
+    ``group`` / ``category``: MME's image and category (its acc+ needs both questions of one image)."""
 
     benchmark: str
     question: str
     options: list[str]
     answer: int
     image: np.ndarray | None
+    answers: list[str] = field(default_factory=list)
+    group: str = ""
+    category: str = ""
+
+    @property
+    def open(self) -> bool:
+        return not self.options
 
 
 def _draw(img: np.ndarray, shape: str, cy: int, cx: int, r: int, rgb: tuple[int, int, int]) -> None:
@@ -105,7 +115,7 @@ def messages(item: Item, with_answer: bool) -> list[dict[str, Any]]:
         content = [{"type": "image"}, {"type": "text", "text": item.question}]
     turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
     if with_answer:
-        turns.append({"role": "assistant", "content": item.options[item.answer]})
+        turns.append({"role": "assistant", "content": item.answers[0] if item.open else item.options[item.answer]})
     return turns
 
 

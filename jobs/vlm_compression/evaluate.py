@@ -1,5 +1,6 @@
 """Evaluation through a `HookedModel` server: multiple-choice / yes-no VQA by the logits of the options'
-first tokens at the answer position, and perplexity of held-out text; scores relative to the unpruned model."""
+first tokens at the answer position, open questions by a greedy answer, each benchmark under its scoring rule
+(`benchmarks`), and perplexity of held-out text; scores relative to the unpruned model."""
 
 from __future__ import annotations
 
@@ -9,22 +10,61 @@ import numpy as np
 import pandas as pd
 
 from explab.servers import ForwardRequest
+from jobs.vlm_compression.benchmarks import score_all
 from jobs.vlm_compression.data import Item
 from jobs.vlm_compression.prompts import option_tokens, question_text
 
 
-def vqa_accuracy(hooked: Any, loaded: Any, items: list[Item], batch: int = 16) -> dict[str, float]:
-    """Accuracy per benchmark: the option whose first token has the highest logit is the answer."""
-    correct: dict[str, list[bool]] = {}
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        reqs = [ForwardRequest(text=question_text(loaded, it), images=None if it.image is None else [it.image],
-                               return_logits="last") for it in chunk]
-        for it, result in zip(chunk, hooked.forward(reqs), strict=True):
-            ids = option_tokens(loaded, it.options)
-            picked = int(np.argmax(np.asarray(result.logits)[ids]))
-            correct.setdefault(it.benchmark, []).append(picked == it.answer)
-    return {name: float(np.mean(hits)) for name, hits in correct.items()}
+def predict(hooked: Any, loaded: Any, items: list[Item], batch: int = 16,
+            max_new_tokens: int = 16) -> list[int | str]:
+    """Each item's prediction: a closed item's option whose first token has the highest logit at the answer
+    position; an open item's greedy answer (`greedy_answers`)."""
+    out: list[int | str] = [0] * len(items)
+    closed = [i for i, it in enumerate(items) if not it.open]
+    for start in range(0, len(closed), batch):
+        chunk = closed[start:start + batch]
+        reqs = [ForwardRequest(text=question_text(loaded, items[i]),
+                               images=None if items[i].image is None else [items[i].image], return_logits="last")
+                for i in chunk]
+        for i, result in zip(chunk, hooked.forward(reqs), strict=True):
+            ids = option_tokens(loaded, items[i].options)
+            out[i] = int(np.argmax(np.asarray(result.logits)[ids]))
+    opened = [i for i, it in enumerate(items) if it.open]
+    for start in range(0, len(opened), batch):
+        chunk = opened[start:start + batch]
+        for i, text in zip(chunk, greedy_answers(hooked, loaded, [items[i] for i in chunk], max_new_tokens),
+                           strict=True):
+            out[i] = text
+    return out
+
+
+def greedy_answers(hooked: Any, loaded: Any, items: list[Item], max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers through the server's forward pass (which takes images; its generation does not): one
+    request per unfinished item and step, the prompt plus the answer so far, until a special token or a
+    line break."""
+    prompts = [question_text(loaded, it) for it in items]
+    answers = [""] * len(items)
+    live = list(range(len(items)))
+    for _ in range(max_new_tokens):
+        if not live:
+            break
+        reqs = [ForwardRequest(text=prompts[i] + answers[i], images=None if items[i].image is None
+                               else [items[i].image], return_logits="last") for i in live]
+        still = []
+        for i, result in zip(live, hooked.forward(reqs), strict=True):
+            token = result.next_token or ""
+            if not token or "\n" in token:
+                continue
+            answers[i] += token
+            still.append(i)
+        live = still
+    return [a.strip() for a in answers]
+
+
+def vqa_scores(hooked: Any, loaded: Any, items: list[Item], batch: int = 16,
+               max_new_tokens: int = 16) -> dict[str, float]:
+    """Every benchmark's score under its rule (`benchmarks.score_all`)."""
+    return score_all(items, predict(hooked, loaded, items, batch, max_new_tokens))
 
 
 def perplexity(hooked: Any, loaded: Any, texts: list[str], batch: int = 16) -> float:
@@ -43,9 +83,11 @@ def perplexity(hooked: Any, loaded: Any, texts: list[str], batch: int = 16) -> f
     return float(np.exp(nll / max(count, 1)))
 
 
-def scores(hooked: Any, loaded: Any, items: list[Item], texts: list[str], batch: int = 16) -> dict[str, float]:
-    """Every benchmark's accuracy and ``perplexity``."""
-    return {**vqa_accuracy(hooked, loaded, items, batch), "perplexity": perplexity(hooked, loaded, texts, batch)}
+def scores(hooked: Any, loaded: Any, items: list[Item], texts: list[str], batch: int = 16,
+           max_new_tokens: int = 16) -> dict[str, float]:
+    """Every benchmark's score and ``perplexity``."""
+    return {**vqa_scores(hooked, loaded, items, batch, max_new_tokens),
+            "perplexity": perplexity(hooked, loaded, texts, batch)}
 
 
 def relative(score: dict[str, float], base: dict[str, float]) -> dict[str, float]:

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from explab.errors import ConfigError
 from explab.job import Job
 from explab.models import ModelSpec, load_model
 from explab.runs import RunContext
 from explab.servers import stop_server
 from explab.train import objectives as obj
-from jobs.vlm_compression import calibrate, data, evaluate, plots, prune, widthwise
+from jobs.vlm_compression import benchmarks, calibrate, data, evaluate, mix, plots, prune, widthwise
 from jobs.vlm_compression.backbone import blocks
 from jobs.vlm_compression.config import Config
 from jobs.vlm_compression.prompts import render
@@ -62,7 +63,7 @@ def _evaluate(ctx: RunContext, spec: ModelSpec, config: Config, base: Any, items
     """Serve a pruned checkpoint, score it, and stop its server (each checkpoint is evaluated once)."""
     handle = ctx.model(spec, "hooked", config.server)
     try:
-        return evaluate.scores(handle, base, items, texts, config.eval_batch)
+        return evaluate.scores(handle, base, items, texts, config.eval_batch, config.data.max_new_tokens)
     finally:
         stop_server(handle.name)
 
@@ -77,9 +78,15 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     base = load_model(config.model)  # in this process: gradients for the Taylor importance, copies to prune
     vision = base.kind == "vlm"
     images = cfg.images and vision
-    train_rows = data.training_rows(cfg.n_train_scenes, config.seed, cfg.image_size, images)
+    train_rows = (mix.conversation_rows(cfg.train, cfg.image_root, images, cfg.train_limit) if cfg.train
+                  else data.training_rows(cfg.n_train_scenes, config.seed, cfg.image_size, images))
     items = [it for it in data.vqa_items(cfg.n_eval_scenes, config.seed + 1, cfg.image_size, images)
              if it.benchmark in cfg.benchmarks]
+    if cfg.sources and not images:
+        raise ConfigError("data.sources are image benchmarks: evaluate them with a VLM and data.images true, "
+                          "or drop data.sources for a text-only backbone")
+    for source in cfg.sources:
+        items += benchmarks.load(source.name, source.source, source.split, source.limit, source.images)
     texts = data.text_corpus(cfg.n_ppl_texts, config.seed + 2)
     rng = np.random.default_rng(config.seed)
     calib = [train_rows[int(i)] for i in rng.permutation(len(train_rows))]  # the authors' random samples
@@ -95,7 +102,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     importance = _importance_table(bi, groups)
     ctx.save_table("importance", importance)
 
-    base_score = evaluate.scores(hooked, base, items, texts, config.eval_batch)
+    base_score = evaluate.scores(hooked, base, items, texts, config.eval_batch, cfg.max_new_tokens)
     evals = evaluate.rows({"method": "unpruned", "ratio": 0.0, "recovery": "none", "fraction": 0.0},
                           base_score, base_score)
     base_sizes = prune.sizes(base)

@@ -6,6 +6,10 @@ Dependency groups of decoder block i (the hidden size is never pruned):
   that is one head with q/k/v/o tied;
 - MLP: one channel = a row of ``gate_proj`` and ``up_proj`` and a column of ``down_proj``.
 
+A fused projection (Phi-3's ``qkv_proj`` = [q; k; v] rows, ``gate_up_proj`` = [gate; up] rows) is split into
+those row blocks (`backbone.Layout`) for the groups and fused back when pruned, so the pruned model keeps the
+architecture's own layout.
+
 Importance of a group (LLM-Pruner's ``taylor`` with ``grouping_strategy=sum``): the sum over the group's
 weights (and biases) of a per-weight salience from the SFT loss gradient g on calibration samples:
 ``first`` |W g|, ``second`` |W^2 F| with F the per-sample accumulated g^2, ``mix`` first - second / 2,
@@ -23,7 +27,8 @@ import torch
 from torch import nn
 
 from explab.errors import ConfigError
-from jobs.vlm_compression.backbone import blocks, head_dim, parts, text_config
+from explab.models import override_config
+from jobs.vlm_compression.backbone import Layout, blocks, head_dim, layout, text_config
 
 Salience = Literal["first", "second", "mix", "vectorize"]
 
@@ -88,44 +93,46 @@ class LayerGroups:
 
 
 def group_importance(model: nn.Module, grads: Gradients, kind: Salience = "first") -> list[LayerGroups]:
-    """Group importances of every decoder block (see the module docstring)."""
+    """Group importances of every decoder block (see the module docstring). A fused linear's salience is
+    computed once and split into its roles' row blocks."""
     prefix = _blocks_prefix(model)
     hd = head_dim(model)
     out = []
-    for i, block in enumerate(blocks(model)):
-        attn, mlp = parts(block)
+    for i in range(len(blocks(model))):
+        lay = layout(model, i)
+        cache: dict[str, torch.Tensor] = {}
 
-        def sal(module: nn.Module, name: str, attr: str = "weight", i: int = i) -> torch.Tensor:
-            key = f"{prefix}{i}.{name}.{attr}"
-            return salience(getattr(module, attr), grads.g[key], grads.g2[key], kind)
+        def per_linear(path: str, lay: Layout = lay, cache: dict = cache, i: int = i) -> torch.Tensor:
+            """[out, in (+1 for the bias)] salience of the linear at ``path``."""
+            if path not in cache:
+                linear = lay.block.get_submodule(path)
+                parts_ = [linear.weight] + ([linear.bias.unsqueeze(-1)] if linear.bias is not None else [])
+                names = ["weight"] + (["bias"] if linear.bias is not None else [])
+                sal = [salience(t, grads.g[f"{prefix}{i}.{path}.{n}"].reshape(t.shape),
+                                grads.g2[f"{prefix}{i}.{path}.{n}"].reshape(t.shape), kind)
+                       for t, n in zip(parts_, names, strict=True)]
+                cache[path] = torch.cat(sal, dim=-1)
+            return cache[path]
 
-        per_q = _rows(sal(attn.q_proj, "self_attn.q_proj"), attn.q_proj, "self_attn.q_proj", sal)
-        per_k = _rows(sal(attn.k_proj, "self_attn.k_proj"), attn.k_proj, "self_attn.k_proj", sal)
-        per_v = _rows(sal(attn.v_proj, "self_attn.v_proj"), attn.v_proj, "self_attn.v_proj", sal)
-        per_o = sal(attn.o_proj, "self_attn.o_proj")  # [d, H*hd]: its columns
-        n_kv = attn.k_proj.out_features // hd
-        q_cols = per_q.reshape(n_kv, -1, *per_q.shape[1:])  # [kv, G*hd, ...]
-        attn_terms = [q_cols, per_k.reshape(n_kv, hd, *per_k.shape[1:]), per_v.reshape(n_kv, hd, *per_v.shape[1:]),
-                      per_o.T.reshape(n_kv, -1, per_o.shape[0])]
-        attn_imp = _reduce(attn_terms, kind)
-        gate = _rows(sal(mlp.gate_proj, "mlp.gate_proj"), mlp.gate_proj, "mlp.gate_proj", sal)
-        up = _rows(sal(mlp.up_proj, "mlp.up_proj"), mlp.up_proj, "mlp.up_proj", sal)
-        down = sal(mlp.down_proj, "mlp.down_proj")
-        n_ch = mlp.gate_proj.out_features
-        mlp_terms = [gate.reshape(n_ch, 1, -1), up.reshape(n_ch, 1, -1), down.T.reshape(n_ch, 1, -1)]
-        out.append(LayerGroups(attn=attn_imp, mlp=_reduce(mlp_terms, kind)))
+        def rows(role: str, lay: Layout = lay) -> torch.Tensor:
+            proj = lay.roles[role]
+            return per_linear(proj.path)[proj.offset:proj.offset + proj.size]
+
+        def cols(role: str, lay: Layout = lay) -> torch.Tensor:  # an output projection's weight columns
+            linear = lay.linear(role)
+            return per_linear(lay.roles[role].path)[:, :linear.in_features].T
+
+        n_kv = lay.roles["k"].size // hd
+        attn_terms = [rows("q").reshape(n_kv, -1), rows("k").reshape(n_kv, -1), rows("v").reshape(n_kv, -1),
+                      cols("o").reshape(n_kv, -1)]
+        n_ch = lay.roles["gate"].size
+        mlp_terms = [rows("gate").reshape(n_ch, -1), rows("up").reshape(n_ch, -1), cols("down").reshape(n_ch, -1)]
+        out.append(LayerGroups(attn=_reduce(attn_terms, kind), mlp=_reduce(mlp_terms, kind)))
     return out
 
 
-def _rows(weight_sal: torch.Tensor, module: nn.Linear, name: str, sal: Callable) -> torch.Tensor:
-    """Per-output-row salience with the bias (if any) appended as one more column."""
-    if module.bias is None:
-        return weight_sal
-    return torch.cat([weight_sal, sal(module, name, "bias").unsqueeze(-1)], dim=-1)
-
-
 def _reduce(terms: list[torch.Tensor], kind: Salience) -> torch.Tensor:
-    total = sum(t.reshape(t.shape[0], -1).sum(-1) for t in terms)
+    total = sum(t.sum(-1) for t in terms)
     return total.abs() if kind == "vectorize" else total
 
 
@@ -134,14 +141,13 @@ def _reduce(terms: list[torch.Tensor], kind: Salience) -> torch.Tensor:
 
 def group_sizes(model: nn.Module) -> tuple[int, int]:
     """Parameters of one attention KV group and of one MLP channel (equal in every block)."""
-    attn, mlp = parts(blocks(model)[0])
+    lay = layout(model, 0)
     hd = head_dim(model)
     d = text_config(model).hidden_size
-    g = attn.q_proj.out_features // attn.k_proj.out_features  # query heads per KV group
-    bias = sum(hd * (g if m is attn.q_proj else 1) for m in (attn.q_proj, attn.k_proj, attn.v_proj)
-               if m.bias is not None)
+    g = lay.roles["q"].size // lay.roles["k"].size  # query heads per KV group
+    bias = sum(hd * (g if role == "q" else 1) for role in ("q", "k", "v") if lay.linear(role).bias is not None)
     attn_size = (2 * g + 2) * hd * d + bias  # q rows, k and v rows, o columns
-    mlp_size = 3 * d + sum(1 for m in (mlp.gate_proj, mlp.up_proj) if m.bias is not None)
+    mlp_size = 3 * d + sum(1 for role in ("gate", "up") if lay.linear(role).bias is not None)
     return attn_size, mlp_size
 
 
@@ -220,33 +226,45 @@ def _complement(n: int, drop: list[int]) -> torch.Tensor:
     return torch.tensor([i for i in range(n) if i not in gone], dtype=torch.long)
 
 
+def _keep_roles(lay: Layout, keep: dict[str, torch.Tensor]) -> None:
+    """Keep the given rows of each role; the roles of one fused linear are fused back in their order."""
+    by_path: dict[str, list[torch.Tensor]] = {}
+    for role, rows in keep.items():
+        proj = lay.roles[role]
+        by_path.setdefault(proj.path, []).append(rows + proj.offset)
+    for path, chunks in by_path.items():
+        lay.replace(path, _keep_rows(lay.block.get_submodule(path), torch.cat(chunks)))
+
+
 def apply(model: nn.Module, width_plan: WidthPlan) -> None:
-    """Remove the planned groups in place (new, smaller ``nn.Linear`` modules; weights copied)."""
+    """Remove the planned groups in place (new, smaller ``nn.Linear`` modules; weights copied). A fused
+    attention (Phi-3's ``qkv_proj``), which splits its projection by its config's head count, gets the
+    layer's head counts as its own config fields (`explab.models.override_config`)."""
     hd = head_dim(model)
-    layers = blocks(model)
     for i, drop in width_plan.attn.items():
         if not drop:
             continue
-        attn, _ = parts(layers[i])
-        n_kv = attn.k_proj.out_features // hd
-        g = attn.q_proj.out_features // attn.k_proj.out_features
+        lay = layout(model, i)
+        n_kv = lay.roles["k"].size // hd
+        g = lay.roles["q"].size // lay.roles["k"].size
         kv_keep = _complement(n_kv, drop)
         kv_rows = (kv_keep[:, None] * hd + torch.arange(hd)).reshape(-1)
         q_rows = (kv_keep[:, None] * g * hd + torch.arange(g * hd)).reshape(-1)
-        attn.q_proj = _keep_rows(attn.q_proj, q_rows)
-        attn.k_proj = _keep_rows(attn.k_proj, kv_rows)
-        attn.v_proj = _keep_rows(attn.v_proj, kv_rows)
-        attn.o_proj = _keep_cols(attn.o_proj, q_rows)
-        for name, value in (("num_heads", len(kv_keep) * g), ("num_key_value_heads", len(kv_keep))):
-            if hasattr(attn, name):
-                setattr(attn, name, value)
+        _keep_roles(lay, {"q": q_rows, "k": kv_rows, "v": kv_rows})
+        lay.replace(lay.roles["o"].path, _keep_cols(lay.linear("o"), q_rows))
+        heads = {"num_heads": len(kv_keep) * g, "num_key_value_heads": len(kv_keep)}
+        for name, value in heads.items():
+            if hasattr(lay.attn, name):
+                setattr(lay.attn, name, value)
+        if lay.roles["q"].path == lay.roles["k"].path:
+            override_config(lay.attn, num_attention_heads=heads["num_heads"],
+                            num_key_value_heads=heads["num_key_value_heads"])
     for i, drop in width_plan.mlp.items():
         if not drop:
             continue
-        _, mlp = parts(layers[i])
-        keep = _complement(mlp.gate_proj.out_features, drop)
-        mlp.gate_proj = _keep_rows(mlp.gate_proj, keep)
-        mlp.up_proj = _keep_rows(mlp.up_proj, keep)
-        mlp.down_proj = _keep_cols(mlp.down_proj, keep)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(keep)
+        lay = layout(model, i)
+        keep = _complement(lay.roles["gate"].size, drop)
+        _keep_roles(lay, {"gate": keep, "up": keep})
+        lay.replace(lay.roles["down"].path, _keep_cols(lay.linear("down"), keep))
+        if hasattr(lay.mlp, "intermediate_size"):
+            lay.mlp.intermediate_size = len(keep)

@@ -1,6 +1,8 @@
 """Data: dataset specs → Ray Datasets (or plain rows), and in-memory data as the same kind of source.
 
 - ``hf:<name>[:<config>]`` — a Hugging Face dataset (``split`` kwarg, default ``train``);
+- ``disk:<dir>`` — a Hugging Face dataset saved with ``save_to_disk`` (read with
+  ``datasets.load_from_disk``; of a ``DatasetDict``, the ``split``);
 - ``parquet:<path>`` / ``jsonl:<path>`` / ``csv:<path>`` — local files or folders;
 - ``imagefolder:<dir>`` — images under class sub-folders (``image`` = the file path, ``label`` =
   the folder name, ``path``);
@@ -74,17 +76,17 @@ def _qualname(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-SCHEMES = ("hf", "parquet", "jsonl", "csv", "imagefolder", "synthetic")
+SCHEMES = ("hf", "disk", "parquet", "jsonl", "csv", "imagefolder", "synthetic")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
     scheme, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise ExplabError(f"dataset spec {spec!r} needs a scheme: hf:<name>, parquet:<path>, jsonl:<path>, "
-                          "csv:<path>, imagefolder:<dir> or synthetic:<name>")
+        raise ExplabError(f"dataset spec {spec!r} needs a scheme: hf:<name>, disk:<dir>, parquet:<path>, "
+                          "jsonl:<path>, csv:<path>, imagefolder:<dir> or synthetic:<name>")
     if scheme not in SCHEMES:
-        raise ExplabError(f"unknown dataset scheme {scheme!r} in {spec!r}: use hf:, parquet:, jsonl:, csv:, "
+        raise ExplabError(f"unknown dataset scheme {scheme!r} in {spec!r}: use hf:, disk:, parquet:, jsonl:, csv:, "
                           "imagefolder: or synthetic:")
     return scheme, rest
 
@@ -103,6 +105,8 @@ def load_dataset(spec: str, *, seed: int = 0, split: str = "train", limit: int |
         path = _existing(rest, scheme)
         reader = {"parquet": ray.data.read_parquet, "jsonl": ray.data.read_json, "csv": ray.data.read_csv}[scheme]
         ds = reader(str(path))
+    elif scheme == "disk":
+        ds = ray.data.from_huggingface(_disk_dataset(rest, split=split))
     else:
         ds = ray.data.from_huggingface(_hf_dataset(rest, split=split, streaming=streaming, **kwargs))
     return ds.limit(limit) if limit is not None else ds
@@ -118,8 +122,8 @@ def read_rows(spec: str, *, seed: int = 0, split: str = "train", limit: int | No
         return synthetic_rows(rest, seed=seed, **kwargs)[:limit]
     if scheme == "imagefolder":
         return image_folder_rows(rest)[:limit]
-    if scheme == "hf":
-        hf = _hf_dataset(rest, split=split, **kwargs)
+    if scheme in ("hf", "disk"):
+        hf = _hf_dataset(rest, split=split, **kwargs) if scheme == "hf" else _disk_dataset(rest, split=split)
         if limit is not None:
             hf = hf.select(range(min(limit, len(hf))))
         return list(hf)
@@ -184,6 +188,23 @@ def _hf_dataset(rest: str, *, split: str, **kwargs: Any) -> Any:
                           "or use a local parquet: path") from None
 
 
+def _disk_dataset(rest: str, *, split: str) -> Any:
+    """A dataset written by ``save_to_disk``: a ``Dataset``, or the ``split`` of a ``DatasetDict``."""
+    import datasets
+
+    path = _existing(rest, "disk")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise ExplabError(f"{path} is not a dataset saved with save_to_disk ({str(err).splitlines()[0]}): "
+                          "use parquet: for parquet files") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ExplabError(f"dataset {path} has no split {split!r}: pick one of {', '.join(ds)}")
+        ds = ds[split]
+    return ds
+
+
 # ---------------------------------------------------------------- sources
 
 
@@ -220,7 +241,7 @@ def resolve_source(data: Any, *, split: str = "train", limit: int | None = None,
             root = Path(rest).expanduser()
             key.update(root=str(root.resolve()), fingerprint=fingerprint(image_files(root)))
             return Source(key, slug(root.name), ["image", "label", "path"], lambda: _from_rows(rows), lambda: rows)
-        if scheme in ("parquet", "jsonl", "csv"):
+        if scheme in ("parquet", "jsonl", "csv", "disk"):
             path = _existing(rest, scheme)
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             key.update(path=str(path.resolve()), fingerprint=fingerprint(files))

@@ -7,7 +7,10 @@ builds: ``from_pretrained`` refuses the shapes. `save_pruned` writes
   (removed decoder blocks are expressible: the config's layer count is already updated);
 - ``model.safetensors``: the weights (`safetensors.torch.save_model`, tied tensors stored once);
 - ``pruned.json`` (`MARKER`): the ``[out_features, in_features]`` of every ``nn.Linear`` by module
-  name, and the exact parameter count.
+  name, the exact parameter count, the per-module head / channel counts (`STRUCTURE_ATTRS`) and
+  the config fields a module overrides (`ConfigOverride`: a fused-qkv attention such as Phi-3's
+  splits its projection by ``config.num_attention_heads``, so a layer with fewer heads needs its
+  own value).
 
 `explab.models.load_model` recognises the marker in a local directory and builds the model from
 its config, gives each linear layer its recorded shape, then loads the weights strictly
@@ -27,6 +30,48 @@ from explab.errors import ModelError
 
 MARKER = "pruned.json"
 WEIGHTS = "model.safetensors"
+# integer attributes a pruner changes on attention / MLP modules (kept per module in pruned.json)
+STRUCTURE_ATTRS = ("num_heads", "num_key_value_heads", "num_key_value_groups", "intermediate_size")
+
+
+class ConfigOverride:
+    """A module's view of a shared HF config with a few fields of its own (a pruned layer's head counts).
+
+    Every other attribute, the attention implementation included, reads through to the shared config,
+    so ``set_attn_implementation`` on the model still reaches the module. `save_pruned` records the
+    fields and the loader puts them back."""
+
+    def __init__(self, base: Any, **fields: Any) -> None:
+        if isinstance(base, ConfigOverride):
+            fields = {**base.fields, **fields}
+            base = base.base
+        self.__dict__.update(base=base, fields=dict(fields))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("base", "fields"):
+            raise AttributeError(name)
+        fields = self.__dict__["fields"]
+        return fields[name] if name in fields else getattr(self.__dict__["base"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__["fields"][name] = value
+
+
+def override_config(module: nn.Module, **fields: Any) -> None:
+    """Give ``module`` its own values of config ``fields`` (on top of the config it shares)."""
+    module.config = ConfigOverride(module.config, **fields)
+
+
+def structure(model: nn.Module) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, Any]]]:
+    """(``{module: {attr: int}}`` of `STRUCTURE_ATTRS`, ``{module: fields}`` of its `ConfigOverride`)."""
+    attrs, overrides = {}, {}
+    for name, m in model.named_modules():
+        found = {a: v for a in STRUCTURE_ATTRS if type(v := vars(m).get(a)) is int}
+        if found:
+            attrs[name] = found
+        if isinstance(vars(m).get("config"), ConfigOverride):
+            overrides[name] = dict(m.config.fields)
+    return attrs, overrides
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -60,7 +105,9 @@ def save_pruned(loaded: Any, path: str | Path, info: dict[str, Any] | None = Non
         model.generation_config.save_pretrained(path)
     (loaded.processor or loaded.tokenizer).save_pretrained(path)
     save_model(model, str(path / WEIGHTS))
-    record = {"linear_shapes": linear_shapes(model), "parameters": parameter_count(model), "info": info or {}}
+    attrs, overrides = structure(model)
+    record = {"linear_shapes": linear_shapes(model), "parameters": parameter_count(model),
+              "module_attrs": attrs, "module_configs": overrides, "info": info or {}}
     (path / MARKER).write_text(json.dumps(record, indent=1))  # written last: its presence marks a whole checkpoint
     return path
 
@@ -100,6 +147,7 @@ def load_pruned(where: str, kind: str, dtype: torch.dtype, device: torch.device,
             )
         if (module.out_features, module.in_features) != (out_features, in_features):
             _set_module(model, name, nn.Linear(in_features, out_features, bias=module.bias is not None))
+    _restore_structure(model, where, record)
     try:
         load_safetensors(model, str(Path(where) / WEIGHTS), strict=True)
     except RuntimeError as err:
@@ -113,3 +161,17 @@ def load_pruned(where: str, kind: str, dtype: torch.dtype, device: torch.device,
             f"{record['parameters']}: re-save it with explab.models.save_pruned"
         )
     return model.to(device=device, dtype=dtype)
+
+
+def _restore_structure(model: nn.Module, where: str, record: dict[str, Any]) -> None:
+    modules = dict(model.named_modules())
+    for key in ("module_attrs", "module_configs"):
+        for name, values in record.get(key, {}).items():
+            if name not in modules:
+                raise ModelError(f"pruned checkpoint {where!r} records module {name!r} that its config does not "
+                                 "build: save it again with explab.models.save_pruned")
+            if key == "module_attrs":
+                for attr, value in values.items():
+                    setattr(modules[name], attr, value)
+            else:
+                override_config(modules[name], **values)

@@ -75,6 +75,15 @@ def _qwen(overrides: dict[str, Any]) -> Built:
     return model, tok, None
 
 
+def _phi3(overrides: dict[str, Any]) -> Built:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    tok = byte_tokenizer()  # Phi-3 fuses its projections: one qkv_proj, one gate_up_proj per block
+    model = Phi3ForCausalLM(_hf_config(Phi3Config, text_defaults(tok), overrides, "phi3"))
+    _stop_at_turn_end(model, tok)
+    return model, tok, None
+
+
 def _gpt2(overrides: dict[str, Any]) -> Built:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -205,6 +214,7 @@ def _vlm(build: Callable[[dict[str, Any], Any], Built]) -> Callable[[dict[str, A
 _BUILDERS: dict[str, tuple[str, Callable[[dict[str, Any]], Built]]] = {
     "llama": ("causal_lm", _llama),
     "qwen": ("causal_lm", _qwen),
+    "phi3": ("causal_lm", _phi3),
     "gpt2": ("causal_lm", _gpt2),
     "llava": ("vlm", _llava),
     "llava_next": ("vlm", _vlm(llava_next)),
