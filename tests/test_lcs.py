@@ -448,7 +448,7 @@ def test_the_shipped_sweep_runs_under_explab_sweep(ray_local, tmp_path):
     from explab.sweep import run_sweep
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "lcs" / "sweep.yaml").read_text())
-    spec["num_samples"] = 2
+    spec["num_samples"], spec["max_concurrent"] = 2, 2  # the two trials share the tiny Diffuser server
     spec["base"]["overrides"] = [*spec["base"]["overrides"], "subspace.grid=2", "observation.steps=[0]",
                                  "normalisation.colours=[bright red, white]", "normalisation.seeds=[12, 7]",
                                  "benchmarks=[{name: natural, objects: [car], targets: ['#ff0000'], seeds: [0], "
