@@ -11,11 +11,20 @@ import pytest
 import torch
 
 from explab.interventions.latents import apply_latent_intervention, subspace_coordinates
-from jobs.lcs.colours import anchor_hsl, delta_e00, hls_deltas, hsl_to_rgb, hsv_grid, hsv_to_rgb, rgb_to_hsl
+from jobs.lcs.colours import (
+    anchor_hsl,
+    delta_e00,
+    hls_deltas,
+    hsl_to_rgb,
+    hsv_grid,
+    hsv_to_rgb,
+    rgb_to_hsl,
+    target_set,
+)
 from jobs.lcs.geometry import Geometry
 from jobs.lcs.masks import attention_mask, close, first_token, top_mass
 from jobs.lcs.normalisation import fit_normalisation
-from jobs.lcs.steer import colour_intervention, shift_hsl, steer_coordinates
+from jobs.lcs.steer import authors_blend, colour_intervention, shift_hsl, steer_coordinates
 from jobs.lcs.subspace import colour_means, fit_subspace, principal_angles
 
 
@@ -231,6 +240,123 @@ def test_attention_mask_keeps_the_top_mass_and_closes_holes():
     assert first_token([(0, 0), (0, 1), (2, 5), (6, 9), (0, 0)], "a red car", "car") == 3
 
 
+def test_the_authors_51_targets_and_blend_schedule():
+    targets = target_set()
+    codes = {t["name"]: t["hex"] for t in targets}
+    assert len(targets) == 51 and len(set(codes.values())) == 51
+    # spot checks against the authors' list: each family's integer rule and the achromatic three
+    assert [codes[f"{f} orange"] for f in ("bright", "dark", "light", "muted")] == ["#ff7f00", "#7f3f00", "#ffbf7f",
+                                                                                   "#bf7f40"]
+    assert (codes["dark azure"], codes["light spring green"], codes["muted rose"]) == ("#003f7f", "#7fffbf",
+                                                                                       "#bf407f")
+    assert (codes["black"], codes["white"], codes["gray"]) == ("#000000", "#ffffff", "#808080")
+    assert pd.Series([t["family"] for t in targets]).value_counts().to_dict() == {
+        "bright": 12, "dark": 12, "light": 12, "muted": 12, "achromatic": 3}
+    # the authors' schedule: 1 - gamma = .1048 after nine of fifty steps (our callback 8); 1 at the end
+    assert authors_blend(8, 50) == pytest.approx(0.8952)
+    assert authors_blend(0, 50) == pytest.approx(1 - 0.0108) and authors_blend(49, 50) == pytest.approx(0.0)
+    gammas = [authors_blend(t, 50) for t in range(50)]
+    assert all(a > b for a, b in zip(gammas, gammas[1:], strict=False))
+    assert authors_blend(3, 25) == pytest.approx(1 - 0.0922)  # 4 of 25 steps: the table at 8 of 50
+    assert authors_blend(0, 4) == pytest.approx(1 - (0.1441 + 0.5 * (0.1578 - 0.1441)))  # 12.5 of 50: interpolated
+
+
+# ---------------------------------------------------------------- the evaluation segmenter (Mask2Former)
+
+LABELS = {0: "car", 1: "dog", 2: "teddy bear", 3: "wall-other-merged"}
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    """A tiny Mask2Former (Swin backbone) built from configs, its class head planted so that every query
+    predicts "car", saved and loaded back through the job's loading path (AutoModelForUniversalSegmentation)."""
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    from jobs.lcs.segment import Segmenter
+
+    torch.manual_seed(0)
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                          window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+                               hidden_dim=32, mask_feature_size=32, feature_size=32, encoder_layers=1,
+                               decoder_layers=2, encoder_feedforward_dim=32, dim_feedforward=32,
+                               num_attention_heads=2, num_queries=5, common_stride=4)
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    with torch.no_grad():
+        model.class_predictor.weight.zero_()
+        model.class_predictor.bias.zero_()
+        model.class_predictor.bias[0] = 12.0  # "car" wins every query; "dog" never makes a query's top pairs
+    path = tmp_path_factory.mktemp("mask2former")
+    model.save_pretrained(path)
+    Mask2FormerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(path)
+    return Segmenter(str(path), device="cpu")
+
+
+def test_segmenter_loads_a_saved_mask2former_and_finds_only_the_planted_class(segmenter):
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert segmenter.labels == {k: v.lower() for k, v in LABELS.items()}
+    outputs = segmenter.predict(image)
+    # the planted head: every query is "car" with a probability of almost 1
+    probs = outputs.class_queries_logits.softmax(-1)[0]
+    assert (probs.argmax(-1) == 0).all() and (probs[:, 0] > 0.99).all()
+    car = segmenter.mask(image, "car")
+    assert car is not None and car.shape == (32, 32) and car.dtype == bool and car.any()
+    assert segmenter.mask(image, "dog") is None and segmenter.mask(image, "teddy bear") is None
+
+
+def _outputs(class_logits, region_masks):
+    """Mask2Former outputs built by hand: one query per row, mask logits +10 inside its region, -10 outside."""
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
+
+    masks = torch.where(torch.tensor(np.stack(region_masks)), 10.0, -10.0)[None].float()
+    return Mask2FormerForUniversalSegmentationOutput(class_queries_logits=torch.tensor(class_logits)[None].float(),
+                                                     masks_queries_logits=masks)
+
+
+def test_segmenter_chooses_the_best_scoring_instance_of_the_object(segmenter):
+    left, right, top = (np.zeros((8, 8), bool) for _ in range(3))
+    left[:, :4], right[:, 4:], top[:4] = True, True, True
+    # query 0: a car (p ~ .73), query 1: a car more surely (p ~ .99), query 2: a teddy bear, query 3: a wall
+    logits = np.full((4, 5), -4.0)
+    logits[0, 0], logits[1, 0], logits[2, 2], logits[3, 3] = 1.0, 5.0, 5.0, 5.0
+    outputs = _outputs(logits, [left, right, top, left])
+    expected = {k: np.repeat(np.repeat(m, 4, 0), 4, 1) for k, m in (("right", right), ("top", top), ("left", left))}
+    np.testing.assert_array_equal(segmenter.select(outputs, "car", (32, 32)), expected["right"])
+    np.testing.assert_array_equal(segmenter.select(outputs, "teddy bear", (32, 32)), expected["top"])
+    assert segmenter.select(outputs, "bear", (32, 32)) is None  # a label names the object only whole
+    np.testing.assert_array_equal(segmenter.select(outputs, "wall", (32, 32)), expected["left"])  # panoptic name
+    assert segmenter.select(outputs, "dog", (32, 32)) is None
+    # the less sure car is the one chosen when the surer one is gone
+    np.testing.assert_array_equal(segmenter.select(_outputs(logits[[0, 2]], [left, top]), "car", (32, 32)),
+                                  expected["left"])
+
+
+def test_evaluation_mask_falls_back_to_the_intervention_tokens_and_says_so(segmenter):
+    from jobs.lcs.evaluate import evaluation_mask
+
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    tokens = np.zeros(16, bool)
+    tokens[5] = True  # token (1, 1) of a 4x4 grid: pixels 8..15 x 8..15
+    pixels = np.zeros((32, 32), bool)
+    pixels[8:16, 8:16] = True
+    mask, source = evaluation_mask(segmenter, image, "car", tokens, (4, 4), "local")
+    assert source == "segmenter"
+    np.testing.assert_array_equal(mask, segmenter.mask(image, "car"))
+    mask, source = evaluation_mask(segmenter, image, "dog", tokens, (4, 4), "local")
+    assert source == "attention (no segment)"
+    np.testing.assert_array_equal(mask, pixels)
+    mask, source = evaluation_mask(segmenter, image, "dog", np.ones(16, bool), (4, 4), "global")
+    assert source == "image (no segment)" and mask.all()
+    mask, source = evaluation_mask(None, image, "car", tokens, (4, 4), "local")
+    assert source == "attention"
+    np.testing.assert_array_equal(mask, pixels)
+
+
 # ---------------------------------------------------------------- the job
 
 
@@ -296,11 +422,48 @@ def test_paper_config_and_sweep_resolve_against_the_job():
 
     job = get_job("lcs")
     paper = load_config(job.config, job.config_path("paper"), [])
-    assert (paper.size, paper.steps, paper.guidance, paper.intervention.steps) == (512, 50, 3.5, [9])
+    # the authors' t = 9 (nine steps done) is our step-end callback 8
+    assert (paper.size, paper.steps, paper.guidance, paper.intervention.steps) == (512, 50, 3.5, [8])
     assert paper.subspace.grid == 6 and len(paper.normalisation.colours) == 26
-    natural = paper.benchmarks[0]
-    assert len(natural.objects) == 20 and len(natural.seeds) == 4 and natural.targets == "families"
+    walls = dict(zip(paper.normalisation.colours, paper.normalisation.seeds, strict=True))
+    assert paper.normalisation.prompt == "{colour} wall" and walls["bright purple"] == 17 and walls["white"] == 7
+    natural = {b.name: b for b in paper.benchmarks}
+    assert len(natural["natural"].objects) == 20 and len(natural["natural"].seeds) == 4
+    assert natural["natural"].targets == "families" and natural["natural"].modes == ["global"]
+    assert len(natural["natural_small"].targets) == 15 and natural["natural_small"].modes == ["local"]
+    plain = natural["plain"]
+    assert len(plain.objects) == 10 and not plain.segment and plain.seeds_of("a closeup of a plain rug") == [3]
+    assert paper.evaluation.segmenter == "facebook/mask2former-swin-small-coco-instance"
     assert all(not any(w in b.prompt for w in ("red", "blue", "green")) for b in paper.benchmarks)
     source = Path(__file__).resolve().parents[1] / "jobs" / "lcs" / "sweep.yaml"
     plan = sweep.resolve(sweep.load_spec(source), source)  # every space field and range is valid for the job
     assert set(plan.spec.space) == {"intervention.steps", "intervention.blends"} and plan.spec.metric == "dE00"
+
+
+def test_the_shipped_sweep_runs_under_explab_sweep(ray_local, tmp_path):
+    """Two trials of jobs/lcs/sweep.yaml (a smaller grid, walls and benchmark): each steers with its own step
+    and gamma, reports the mean steered ΔE00 of its own table, and best.json names the lowest."""
+    import yaml
+
+    from explab.sweep import run_sweep
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "lcs" / "sweep.yaml").read_text())
+    spec["num_samples"], spec["max_concurrent"] = 2, 2  # the two trials share the tiny Diffuser server
+    spec["base"]["overrides"] = [*spec["base"]["overrides"], "subspace.grid=2", "observation.steps=[0]",
+                                 "normalisation.colours=[bright red, white]", "normalisation.seeds=[12, 7]",
+                                 "benchmarks=[{name: natural, objects: [car], targets: ['#ff0000'], seeds: [0], "
+                                 "modes: [global]}]"]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep_dir = run_sweep(path, tmp_path / "runs")
+    trials = pd.read_parquet(sweep_dir / "trials.parquet")
+    assert len(trials) == 2 and (trials["status"] == "completed").all(), trials.get("error")
+    assert np.isfinite(trials["metric.dE00"]).all() and trials["metric.dE00"].between(0, 200).all()
+    for _, trial in trials.iterrows():
+        table = pd.read_parquet(sweep_dir / trial["run_dir"] / "tables" / "intervention.parquet")
+        steered = table[table["method"] != "none"]
+        assert len(steered) == 1 and steered["step"].iloc[0] == trial["param.intervention.steps"]
+        assert steered["gamma"].iloc[0] == pytest.approx(trial["param.intervention.blends"])
+        assert trial["metric.dE00"] == pytest.approx(steered["dE00"].mean())  # the metric is the table's mean
+    best = json.loads((sweep_dir / "best.json").read_text())["best"]
+    assert best["trial_id"] == trials.loc[trials["metric.dE00"].idxmin(), "trial_id"]

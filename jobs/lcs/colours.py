@@ -13,9 +13,11 @@ from explab.errors import ConfigError
 # the anchors of the colour subspace: six hues at full saturation and mid lightness, black and white
 HUE_ANCHORS = {"red": 0.0, "yellow": 1 / 6, "green": 2 / 6, "cyan": 3 / 6, "blue": 4 / 6, "magenta": 5 / 6}
 ANCHOR_NAMES = (*HUE_ANCHORS, "black", "white")
-HUE_NAMES = ("red", "orange", "yellow", "chartreuse", "green", "spring", "cyan", "azure", "blue", "violet",
+HUE_NAMES = ("red", "orange", "yellow", "chartreuse", "green", "spring green", "cyan", "azure", "blue", "violet",
              "magenta", "rose")  # every 30 degrees from red
-FAMILIES = {"bright": (1.0, 0.5), "dark": (1.0, 0.25), "light": (1.0, 0.75), "muted": (0.4, 0.5)}  # (s, l)
+# the authors' four families of 8-bit colours, from the bright one's channel values (0, 127 or 255)
+FAMILIES = {"bright": lambda c: c, "dark": lambda c: c // 2, "light": lambda c: (c + 255) // 2,
+            "muted": lambda c: c // 2 + 64}
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
@@ -92,14 +94,20 @@ def anchor_hsl() -> dict[str, np.ndarray]:
 
 
 def target_set() -> list[dict[str, object]]:
-    """51 target colours: 12 hues x 4 families (bright, dark, light, muted) plus black, grey and white."""
+    """The authors' 51 target colours of the precise benchmarks: 12 hues every 30 degrees in four families,
+    then black, white and gray.
+
+    A bright colour's channels are floor(255 x the hue at full saturation and value) (orange: #ff7f00);
+    dark halves them (#7f3f00), light halves the distance to 255 (#ffbf7f), muted is dark plus 64
+    (#bf7f40), all in integer 8-bit arithmetic as in the authors' hex list."""
     rows: list[dict[str, object]] = []
-    for family, (s, lt) in FAMILIES.items():
+    for family, channels in FAMILIES.items():
         for k, hue in enumerate(HUE_NAMES):
-            rgb = hsl_to_rgb(np.array([k / 12, s, lt]))
-            rows.append({"name": f"{family} {hue}", "hex": rgb_to_hex(rgb), "family": family, "hue": hue})
-    for name, lt in (("black", 0.0), ("grey", 0.5), ("white", 1.0)):
-        rows.append({"name": name, "hex": rgb_to_hex(np.full(3, lt)), "family": "achromatic", "hue": name})
+            bright = np.floor(255 * hsv_to_rgb(np.array([k / 12, 1.0, 1.0])) + 1e-9).astype(int)
+            code = "#" + "".join(f"{int(v):02x}" for v in channels(bright))
+            rows.append({"name": f"{family} {hue}", "hex": code, "family": family, "hue": hue})
+    for name, code in (("black", "#000000"), ("white", "#ffffff"), ("gray", "#808080")):
+        rows.append({"name": name, "hex": code, "family": "achromatic", "hue": name})
     return rows
 
 
@@ -107,7 +115,7 @@ def describe(rgb: np.ndarray) -> tuple[str, str]:
     """(family, hue name) of a colour: achromatic when s < 0.15 (or very dark / light)."""
     h, s, lt = rgb_to_hsl(rgb)
     if s < 0.15 or lt < 0.06 or lt > 0.94:
-        return "achromatic", "black" if lt < 0.25 else ("white" if lt > 0.75 else "grey")
+        return "achromatic", "black" if lt < 0.25 else ("white" if lt > 0.75 else "gray")
     hue = HUE_NAMES[int(np.floor(h * 12 + 0.5)) % 12]
     if lt < 0.375:
         return "dark", hue

@@ -3,6 +3,8 @@ of the object's mean RGB inside its mask, summarised by colour family and by hue
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -14,6 +16,23 @@ def upsample(mask: np.ndarray, grid: tuple[int, int], height: int, width: int) -
     """A (tokens,) token mask on a (rows, cols) grid as an (H, W) pixel mask."""
     m = np.asarray(mask, dtype=bool).reshape(grid)
     return np.repeat(np.repeat(m, height // grid[0], 0), width // grid[1], 1)
+
+
+def evaluation_mask(segmenter: Any, image: np.ndarray, obj: str, token_mask: np.ndarray, grid: tuple[int, int],
+                    mode: str) -> tuple[np.ndarray, str]:
+    """The (H, W) mask an object's colour is measured in, and where it came from (``mask_source``).
+
+    With a segmenter: its mask of ``obj`` ("segmenter"); where it finds none, and without a segmenter, the
+    intervention's own tokens: the attention mask in local mode ("attention"), the whole image in global
+    mode ("image"), with " (no segment)" added when a segmenter found nothing.
+    """
+    fallback = "attention" if mode == "local" else "image"
+    if segmenter is not None:
+        found = segmenter.mask(image, obj)
+        if found is not None:
+            return found, "segmenter"
+        fallback += " (no segment)"
+    return upsample(token_mask, grid, *image.shape[:2]), fallback
 
 
 def object_colour(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ from jobs.lcs.colours import (
     target_set,
 )
 from jobs.lcs.config import GENEVAL_COLOURS, Benchmark, Config
-from jobs.lcs.evaluate import colour_errors, object_colour, summary, upsample
+from jobs.lcs.evaluate import colour_errors, evaluation_mask, object_colour, summary
 from jobs.lcs.geometry import Geometry
 from jobs.lcs.masks import attention_mask, first_token
 from jobs.lcs.normalisation import Normalisation, fit_normalisation
@@ -122,8 +122,8 @@ def find_subspace(config: Config, server: Any, ctx: RunContext) -> tuple[Subspac
 def fit_steps(config: Config, server: Any, sub: Subspace, ctx: RunContext) -> Normalisation:
     steps = list(range(config.steps))
     cfg = config.normalisation
-    requests = [_request(config, cfg.prompt.format(colour=c), cfg.seed + i, capture_steps=steps)
-                for i, c in enumerate(cfg.colours)]
+    requests = [_request(config, cfg.prompt.format(colour=c), seed, capture_steps=steps)
+                for c, seed in zip(cfg.colours, cfg.seeds, strict=True)]
     coords = np.stack([np.stack([sub.coordinates(r.latents[t].mean(0)) for t in steps])
                        for r in _generate(server, requests)])
     norm = fit_normalisation(coords, steps)
@@ -200,7 +200,8 @@ def intervene(config: Config, server: Any, sub: Subspace, geometry: Geometry, no
     if config.evaluation.segmenter:
         from jobs.lcs.segment import Segmenter
 
-        segmenter = Segmenter(config.evaluation.segmenter, config.evaluation.segmenter_device)
+        segmenter = Segmenter(config.evaluation.segmenter, config.evaluation.segmenter_device,
+                              config.evaluation.threshold)
     rows: list[dict[str, Any]] = []
     pairs: list[tuple[np.ndarray, np.ndarray, str, np.ndarray]] = []
     for bench in config.benchmarks:
@@ -211,7 +212,7 @@ def intervene(config: Config, server: Any, sub: Subspace, geometry: Geometry, no
         for obj, prompt, spans in zip(bench.objects, prompts, offsets, strict=True):
             attention = (AttentionRequest(blocks=[cfg.block], tokens=[first_token(spans, prompt, obj)], steps=steps)
                          if local else None)
-            for seed in bench.seeds:
+            for seed in bench.seeds_of(obj):
                 base_requests.append(_request(config, prompt, seed, capture_steps=steps, attention=attention))
                 keys.append((obj, prompt, seed))
         baselines = _generate(server, base_requests)
@@ -225,13 +226,14 @@ def intervene(config: Config, server: Any, sub: Subspace, geometry: Geometry, no
                     mask = (attention_mask(base.attention[cfg.block][steps.index(t)][:, 0], grid, cfg.mass,
                                            cfg.kernel) if mode == "local" else np.ones(grid[0] * grid[1], bool))
                     common = {"benchmark": bench.name, "object": obj, "prompt": prompt, "seed": seed, "mode": mode,
-                              "step": t, "mask": mask, "grid": grid, "base": base}
+                              "step": t, "mask": mask, "grid": grid, "base": base,
+                              "segment": bench.segment}
                     for target in colours:
                         target_rgb = hex_to_rgb(target["hex"])
                         meta.append({**common, "target": target, "target_rgb": target_rgb, "gamma": None,
                                      "blend": None})
                         for blend in cfg.blends:
-                            gamma = authors_blend(norm, t) if blend is None else float(blend)
+                            gamma = authors_blend(t, config.steps) if blend is None else float(blend)
                             spec = colour_intervention(base.latents[t], mask, rgb_to_hsl(target_rgb), sub, geometry,
                                                        norm, t, gamma)
                             steered.append(_request(config, prompt, seed, interventions=[spec]))
@@ -240,12 +242,8 @@ def intervene(config: Config, server: Any, sub: Subspace, geometry: Geometry, no
         results = iter(_generate(server, steered))
         for m in meta:
             after = m["base"].image if m["gamma"] is None else next(results).image
-            pixel_mask, source = None, "attention" if m["mode"] == "local" else "image"
-            if segmenter is not None:
-                pixel_mask = segmenter.mask(after, m["object"])
-                source = "segmenter" if pixel_mask is not None else source + " (no segment)"
-            if pixel_mask is None:
-                pixel_mask = upsample(m["mask"], m["grid"], *size)
+            pixel_mask, source = evaluation_mask(segmenter if m["segment"] else None, after, m["object"], m["mask"],
+                                                 m["grid"], m["mode"])
             errors = colour_errors(object_colour(after, pixel_mask), m["target_rgb"])
             rows.append({"benchmark": m["benchmark"], "object": m["object"], "prompt": m["prompt"],
                          "seed": m["seed"], "target": m["target"]["name"], "target_hex": m["target"]["hex"],

@@ -1,8 +1,8 @@
 """Local interventions: the tokens of one object from its prompt token's attention map.
 
-The map (image tokens,) of the object's first text token at one transformer block (head mean) is
-thresholded to the tokens holding the top ``mass`` share of the attention, and the binary mask is
-closed (a ``kernel`` x ``kernel`` max-pool dilation, then the same erosion) to fill small holes.
+As in the authors' code, the map (image tokens,) of the object's first text token at one transformer block
+(head mean) is first closed as a grey-scale image (a ``kernel`` x ``kernel`` max-pool dilation, then the same
+erosion) to fill small holes, then thresholded to the tokens holding the top ``mass`` share of the closed map.
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ def top_mass(weights: np.ndarray, mass: float) -> np.ndarray:
     return keep
 
 
-def close(mask: np.ndarray, kernel: int) -> np.ndarray:
-    """Morphological closing of a 2-D boolean mask with max-pools (dilation, then erosion)."""
+def close(values: np.ndarray, kernel: int) -> np.ndarray:
+    """Morphological closing of a 2-D map with max-pools (dilation, then erosion), as float64; on a boolean
+    mask this is the binary closing (0/1)."""
     if kernel < 1 or kernel % 2 == 0:
         raise ExplabError(f"closing kernel {kernel}: give an odd size such as 3 or 5")
+    x = np.asarray(values, dtype=np.float64)
     if kernel == 1:
-        return np.asarray(mask, dtype=bool)
-    x = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
-    dilated = F.max_pool2d(x, kernel, stride=1, padding=kernel // 2)
-    eroded = -F.max_pool2d(-dilated, kernel, stride=1, padding=kernel // 2)
-    return eroded[0, 0].numpy() > 0.5
+        return x
+    t = torch.as_tensor(x)[None, None]
+    dilated = F.max_pool2d(t, kernel, stride=1, padding=kernel // 2)
+    return (-F.max_pool2d(-dilated, kernel, stride=1, padding=kernel // 2))[0, 0].numpy()
 
 
 def attention_mask(attention: np.ndarray, grid: tuple[int, int], mass: float, kernel: int) -> np.ndarray:
@@ -44,7 +45,7 @@ def attention_mask(attention: np.ndarray, grid: tuple[int, int], mass: float, ke
     attention = np.asarray(attention, dtype=np.float64).ravel()
     if attention.size != grid[0] * grid[1]:
         raise ExplabError(f"an attention map of {attention.size} tokens for a {grid[0]}x{grid[1]} token grid")
-    return close(top_mass(attention, mass).reshape(grid), kernel).ravel()
+    return top_mass(close(attention.reshape(grid), kernel), mass).ravel()
 
 
 def first_token(offsets: list[tuple[int, int]], prompt: str, word: str) -> int:

@@ -21,11 +21,25 @@ from jobs.lcs.geometry import Geometry
 from jobs.lcs.normalisation import Normalisation
 from jobs.lcs.subspace import Subspace
 
+# the authors' schedule: 1 - gamma once t of their 50 denoising steps are done, t = 0..50 (from their
+# intervention code); it grows from 0 to 1, so late interventions lean on the per-token HSL shift
+AUTHORS_ONE_MINUS_GAMMA = (
+    0.0, 0.0108, 0.0218, 0.0330, 0.0444, 0.0560, 0.0678, 0.0799, 0.0922, 0.1048, 0.1176,
+    0.1307, 0.1441, 0.1578, 0.1718, 0.1861, 0.2007, 0.2156, 0.2308, 0.2464, 0.2623,
+    0.2786, 0.2953, 0.3124, 0.3299, 0.3478, 0.3662, 0.3850, 0.4043, 0.4241, 0.4444,
+    0.4652, 0.4866, 0.5086, 0.5312, 0.5544, 0.5783, 0.6028, 0.6281, 0.6541, 0.6809,
+    0.7085, 0.7369, 0.7662, 0.7965, 0.8277, 0.8600, 0.8933, 0.9278, 0.9635, 1.0,
+)
 
-def authors_blend(norm: Normalisation, step: int) -> float:
-    """The authors' schedule gamma = 1 - table[t]; our table is the mean of beta_t over the axes, and gamma is
-    clipped to [0, 1] (beta_t can exceed beta_T on a model whose latents shrink towards the end)."""
-    return float(np.clip(1.0 - norm.betas[norm.steps.index(step)].mean(), 0.0, 1.0))
+
+def authors_blend(step: int, steps: int) -> float:
+    """The authors' gamma for an intervention after ``step`` (0-based step-end callback) of a ``steps``-step run:
+    1 - table[step + 1] on their 50-step table (0.8952 after step 8, their t = 9); a run of another length
+    reads the table at the same fraction of the run, interpolating linearly."""
+    if not 0 <= step < steps:
+        raise ConfigError(f"step {step} is outside a {steps}-step run: intervene after steps 0..{steps - 1}")
+    done = (step + 1) * (len(AUTHORS_ONE_MINUS_GAMMA) - 1) / steps
+    return float(1.0 - np.interp(done, np.arange(len(AUTHORS_ONE_MINUS_GAMMA)), AUTHORS_ONE_MINUS_GAMMA))
 
 
 def shift_hsl(hsl: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
