@@ -3,6 +3,8 @@
 - `normalize_item` turns a dataset row into ``{item_id, domain, question, reference_answer}``
   (multiple-choice sets get lettered options, shuffled per item with the seed);
 - ``synthetic:cot_arithmetic`` / ``synthetic:cot_logic``: items with checkable answers (tests, tiny);
+  ``synthetic:cot_word_problems``: one-step word problems with small numbers, which a 135M model
+  solves often enough to measure (``small.yaml``);
 - `paragraph_rows` splits encyclopedic documents into paragraphs of at least ``min_chars``.
 
 File specs (``jsonl:``, ``parquet:``, ``csv:``) with a relative path that does not exist from the
@@ -105,4 +107,33 @@ def logic_items(n: int = 8, seed: int = 0) -> list[dict[str, Any]]:
         ask = "shortest" if shortest else "tallest"
         rows.append({"id": f"logic-{i}", "question": " ".join(facts) + f" Who is the {ask}?",
                      "answer": people[-1] if shortest else people[0]})
+    return rows
+
+
+_OBJECTS = ("apples", "books", "pencils", "marbles", "cookies", "stickers", "stamps", "shells")
+_GAIN = ("buys {b} more {obj}", "gets {b} more {obj} from a friend", "finds {b} more {obj}")
+_LOSS = ("gives {b} {obj} to a friend", "loses {b} {obj}", "sells {b} {obj}")
+
+
+def word_problem_items(n: int = 8, seed: int = 0, low: int = 2, high: int = 9) -> list[dict[str, Any]]:
+    """One-step word problems, alternately an addition and a subtraction of small numbers:
+    "Ada has 5 apples. She buys 3 more apples. How many apples does Ada have now?" (answer 8).
+
+    Both numbers are drawn from [low, high]; a subtraction starts from their sum, so every answer is
+    in [low, high] or [2·low, 2·high] and never negative.
+    """
+    if not 0 <= low <= high:
+        raise ExplabError(f"cot_word_problems: low={low}, high={high}: need 0 <= low <= high")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        name, obj = str(rng.choice(_NAMES)), str(rng.choice(_OBJECTS))
+        a, b = (int(v) for v in rng.integers(low, high + 1, size=2))
+        if i % 2 == 0:
+            start, verb, value = a, str(rng.choice(_GAIN)), a + b
+        else:
+            start, verb, value = a + b, str(rng.choice(_LOSS)), a
+        question = (f"{name} has {start} {obj}. {name} {verb.format(b=b, obj=obj)}. "
+                    f"How many {obj} does {name} have now?")
+        rows.append({"id": f"word-{i}", "question": question, "answer": str(value)})
     return rows
