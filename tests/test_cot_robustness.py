@@ -18,7 +18,7 @@ from explab.servers.types import Completion, GenerationResult
 from jobs.cot_robustness import judge, metrics, stages
 from jobs.cot_robustness import perturbations as iv
 from jobs.cot_robustness.config import Config
-from jobs.cot_robustness.data import arithmetic_items, logic_items, normalize_item, word_problem_items
+from jobs.cot_robustness.data import addition_items, arithmetic_items, logic_items, normalize_item, word_problem_items
 from jobs.cot_robustness.prompts import load_prompts
 from jobs.cot_robustness.traces import Cut, cut_at, extract_reasoning, final_answer, split_steps, timesteps
 
@@ -422,6 +422,13 @@ def test_word_problems_have_checked_answers():
     assert [r["question"] for r in word_problem_items(n=5, seed=3)] == [r["question"] for r in rows[:5]]
     with pytest.raises(ExplabError, match="low <= high"):
         word_problem_items(n=1, low=9, high=2)
+    adds = addition_items(n=81, seed=3, low=1, high=9)
+    assert len({r["question"] for r in adds}) == 81  # every pair once
+    for row in adds:
+        a, b = row["question"].removeprefix("What is ").rstrip("?").split(" + ")
+        assert int(row["answer"]) == int(a) + int(b) and 1 <= int(a) <= 9 and 1 <= int(b) <= 9
+    with pytest.raises(ExplabError, match="distinct pairs"):
+        addition_items(n=82, low=1, high=9)
 
 # ---- judge parsing and metrics on hand-made trajectories -------------------------------------------
 

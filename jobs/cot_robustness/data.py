@@ -3,8 +3,8 @@
 - `normalize_item` turns a dataset row into ``{item_id, domain, question, reference_answer}``
   (multiple-choice sets get lettered options, shuffled per item with the seed);
 - ``synthetic:cot_arithmetic`` / ``synthetic:cot_logic``: items with checkable answers (tests, tiny);
-  ``synthetic:cot_word_problems``: one-step word problems with small numbers, which a 135M model
-  solves often enough to measure (``small.yaml``);
+  ``synthetic:cot_word_problems`` (one-step word problems) and ``synthetic:cot_additions`` ("What
+  is 3 + 4?"): small numbers, for small models (``small.yaml``);
 - `paragraph_rows` splits encyclopedic documents into paragraphs of at least ``min_chars``.
 
 File specs (``jsonl:``, ``parquet:``, ``csv:``) with a relative path that does not exist from the
@@ -137,3 +137,14 @@ def word_problem_items(n: int = 8, seed: int = 0, low: int = 2, high: int = 9) -
                     f"How many {obj} does {name} have now?")
         rows.append({"id": f"word-{i}", "question": question, "answer": str(value)})
     return rows
+
+
+def addition_items(n: int = 8, seed: int = 0, low: int = 1, high: int = 9) -> list[dict[str, Any]]:
+    """Distinct additions of two numbers from [low, high]: "What is 3 + 4?" (answer 7)."""
+    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
+    if not 0 <= low <= high or n > len(pairs):
+        raise ExplabError(f"cot_additions: n={n}, low={low}, high={high}: need 0 <= low <= high and "
+                          f"n <= {max(len(pairs), 0)} distinct pairs")
+    order = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    return [{"id": f"add-{i}", "question": f"What is {pairs[k][0]} + {pairs[k][1]}?", "answer": str(sum(pairs[k]))}
+            for i, k in enumerate(order)]

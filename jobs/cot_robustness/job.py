@@ -353,5 +353,5 @@ JOB = Job(
     config=Config,
     run=run,
     synthetic={"cot_arithmetic": data.arithmetic_items, "cot_logic": data.logic_items,
-               "cot_word_problems": data.word_problem_items},
+               "cot_word_problems": data.word_problem_items, "cot_additions": data.addition_items},
 )
