@@ -18,7 +18,7 @@ from explab.servers.types import Completion, GenerationResult
 from jobs.cot_robustness import judge, metrics, stages
 from jobs.cot_robustness import perturbations as iv
 from jobs.cot_robustness.config import Config
-from jobs.cot_robustness.data import arithmetic_items, logic_items, normalize_item
+from jobs.cot_robustness.data import addition_items, arithmetic_items, logic_items, normalize_item, word_problem_items
 from jobs.cot_robustness.prompts import load_prompts
 from jobs.cot_robustness.traces import Cut, cut_at, extract_reasoning, final_answer, split_steps, timesteps
 
@@ -410,6 +410,26 @@ def test_synthetic_items_have_checkable_answers():
         assert row["answer"] == (shortest if "shortest" in row["question"] else tallest)
 
 
+
+def test_word_problems_have_checked_answers():
+    rows = word_problem_items(n=40, seed=3, low=2, high=9)
+    assert len({r["id"] for r in rows}) == 40
+    for row in rows:
+        words = row["question"].split()
+        start, change = int(words[2]), next(int(w) for w in words[5:] if w.isdigit())
+        gain = any(v in row["question"] for v in ("buys", "gets", "finds"))
+        assert int(row["answer"]) == (start + change if gain else start - change) >= 2, row
+    assert [r["question"] for r in word_problem_items(n=5, seed=3)] == [r["question"] for r in rows[:5]]
+    with pytest.raises(ExplabError, match="low <= high"):
+        word_problem_items(n=1, low=9, high=2)
+    adds = addition_items(n=81, seed=3, low=1, high=9)
+    assert len({r["question"] for r in adds}) == 81  # every pair once
+    for row in adds:
+        a, b = row["question"].removeprefix("What is ").rstrip("?").split(" + ")
+        assert int(row["answer"]) == int(a) + int(b) and 1 <= int(a) <= 9 and 1 <= int(b) <= 9
+    with pytest.raises(ExplabError, match="distinct pairs"):
+        addition_items(n=82, low=1, high=9)
+
 # ---- judge parsing and metrics on hand-made trajectories -------------------------------------------
 
 def test_judge_parsing_and_units():
@@ -425,6 +445,21 @@ def test_judge_parsing_and_units():
                                                       "Yes.", "Done"]
     assert judge.units(text, "step", 2, 6) == ["Wait, ", "So 4 +"]
     assert judge.units(text, "sentence", 2, 100, from_end=True) == ["Yes.", "Done"]
+
+
+def test_exact_check_reads_the_stated_answer():
+    assert [judge.stated_answer(t) for t in ("So 3 + 4 = 7 apples.", "It is \\boxed{\\frac{1}{2}}, not 5",
+                                              "1,234 in all.", "no number")] == ["7", "\\frac{1}{2}", "1234", ""]
+    assert [judge.exact_verdict(t, "7") for t in ("3 + 4 = 7.", "\\boxed{ 7 } apples", "7.0", "3 + 5 = 8.", "")] == [
+        "correct", "correct", "correct", "incorrect", "incorrect"]
+    assert judge.exact_verdict("the answer is \\boxed{Ada}", "ada") == "correct"
+    rows = pd.DataFrame({"question": ["q", "q"], "reference_answer": ["7", "7"],
+                         "output": ["<think>\n7 + 1 = 8\n</think>\n3 + 4 = 7", "<think>\n7\n</think>\nIt is 8."]})
+    out = stages.judge_answers(rows, judge_server=None, prompts=None, max_tokens=4, max_answer_chars=100,
+                               text_column="output", check="exact")  # no judge LLM is asked
+    assert out["judge_raw"].tolist() == ["7", "8"] and out["correct"].tolist() == [True, False]
+    assert out["verdict_strict"].tolist() == out["verdict_lenient"].tolist() == ["correct", "incorrect"]
+    assert not out["judge_rule_changed"].any()
 
 
 def _traj():

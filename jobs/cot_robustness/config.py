@@ -101,6 +101,10 @@ class Judge(Section):
     max_answer_chars: int = Field(8000, ge=1)  # the answer extract's last characters go to the judge
     # True (the authors'): only the exact reply "Correct" counts; False: the first word, any case
     strict: bool = True
+    # llm (the paper): the judge LLM grades each answer; exact: the answer the output states (its last
+    # \boxed{…}, else its last number) must equal the reference, for numeric sets and models too small
+    # to grade (the doubt judge stays the LLM)
+    check: Literal["llm", "exact"] = "llm"
 
 
 class Doubt(Section):

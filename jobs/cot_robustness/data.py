@@ -3,6 +3,8 @@
 - `normalize_item` turns a dataset row into ``{item_id, domain, question, reference_answer}``
   (multiple-choice sets get lettered options, shuffled per item with the seed);
 - ``synthetic:cot_arithmetic`` / ``synthetic:cot_logic``: items with checkable answers (tests, tiny);
+  ``synthetic:cot_word_problems`` (one-step word problems) and ``synthetic:cot_additions`` ("What
+  is 3 + 4?"): small numbers, for small models (``small.yaml``);
 - `paragraph_rows` splits encyclopedic documents into paragraphs of at least ``min_chars``.
 
 File specs (``jsonl:``, ``parquet:``, ``csv:``) with a relative path that does not exist from the
@@ -106,3 +108,43 @@ def logic_items(n: int = 8, seed: int = 0) -> list[dict[str, Any]]:
         rows.append({"id": f"logic-{i}", "question": " ".join(facts) + f" Who is the {ask}?",
                      "answer": people[-1] if shortest else people[0]})
     return rows
+
+
+_OBJECTS = ("apples", "books", "pencils", "marbles", "cookies", "stickers", "stamps", "shells")
+_GAIN = ("buys {b} more {obj}", "gets {b} more {obj} from a friend", "finds {b} more {obj}")
+_LOSS = ("gives {b} {obj} to a friend", "loses {b} {obj}", "sells {b} {obj}")
+
+
+def word_problem_items(n: int = 8, seed: int = 0, low: int = 2, high: int = 9) -> list[dict[str, Any]]:
+    """One-step word problems, alternately an addition and a subtraction of small numbers:
+    "Ada has 5 apples. She buys 3 more apples. How many apples does Ada have now?" (answer 8).
+
+    Both numbers are drawn from [low, high]; a subtraction starts from their sum, so every answer is
+    in [low, high] or [2·low, 2·high] and never negative.
+    """
+    if not 0 <= low <= high:
+        raise ExplabError(f"cot_word_problems: low={low}, high={high}: need 0 <= low <= high")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        name, obj = str(rng.choice(_NAMES)), str(rng.choice(_OBJECTS))
+        a, b = (int(v) for v in rng.integers(low, high + 1, size=2))
+        if i % 2 == 0:
+            start, verb, value = a, str(rng.choice(_GAIN)), a + b
+        else:
+            start, verb, value = a + b, str(rng.choice(_LOSS)), a
+        question = (f"{name} has {start} {obj}. {name} {verb.format(b=b, obj=obj)}. "
+                    f"How many {obj} does {name} have now?")
+        rows.append({"id": f"word-{i}", "question": question, "answer": str(value)})
+    return rows
+
+
+def addition_items(n: int = 8, seed: int = 0, low: int = 1, high: int = 9) -> list[dict[str, Any]]:
+    """Distinct additions of two numbers from [low, high]: "What is 3 + 4?" (answer 7)."""
+    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
+    if not 0 <= low <= high or n > len(pairs):
+        raise ExplabError(f"cot_additions: n={n}, low={low}, high={high}: need 0 <= low <= high and "
+                          f"n <= {max(len(pairs), 0)} distinct pairs")
+    order = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    return [{"id": f"add-{i}", "question": f"What is {pairs[k][0]} + {pairs[k][1]}?", "answer": str(sum(pairs[k]))}
+            for i, k in enumerate(order)]

@@ -185,8 +185,7 @@ def references_dataset(config: Config, items: list[dict[str, Any]], generators: 
               paragraph_tokens=config.references.paragraph_tokens, segmentation=config.segmentation)
     return _map(ds, stages.judge_answers, config.batch_size, judge_server=judge, prompts=prompts,
                 max_tokens=config.judge.max_tokens, max_answer_chars=config.judge.max_answer_chars,
-                text_column="output",
-                strict=config.judge.strict)
+                text_column="output", strict=config.judge.strict, check=config.judge.check)
 
 
 def mark_kept(refs: pd.DataFrame, config: Config) -> pd.DataFrame:
@@ -283,7 +282,8 @@ def run_wave(config: Config, ctx: RunContext, models: list[EvaluatedModel], item
     samples = config.batch_size * config.continuation.n
     ds = _map(ds, stages.judge_answers, samples, judge_server=judge, prompts=prompts,
               max_tokens=config.judge.max_tokens,
-              max_answer_chars=config.judge.max_answer_chars, text_column="complete_output", strict=config.judge.strict)
+              max_answer_chars=config.judge.max_answer_chars, text_column="complete_output", strict=config.judge.strict,
+              check=config.judge.check)
     ds = _map(ds, stages.continuation_doubt, samples, judge_server=judge, prompts=prompts, doubt=doubt)
     before, traj = collect_all(before, ds)
     return refs, before, traj
@@ -352,5 +352,6 @@ JOB = Job(
                 "and measure recovery.",
     config=Config,
     run=run,
-    synthetic={"cot_arithmetic": data.arithmetic_items, "cot_logic": data.logic_items},
+    synthetic={"cot_arithmetic": data.arithmetic_items, "cot_logic": data.logic_items,
+               "cot_word_problems": data.word_problem_items, "cot_additions": data.addition_items},
 )

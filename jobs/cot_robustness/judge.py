@@ -6,6 +6,11 @@ Two rules read the answer judge's reply: ``strict`` (the authors', the default) 
 that is exactly "Correct" (surrounding whitespace aside); the lenient rule reads the first word
 case-insensitively ("**correct**." counts). Both verdicts are recorded so the share of replies the
 rule changes is known.
+
+``check: exact`` (an option; the paper always asks the judge LLM) replaces the answer judge by a
+rule for sets with numeric answers: the answer an output states (its last ``\\boxed{…}``, else its
+last number) must equal the reference. It is for models too small to grade (SmolLM2-135M); the
+doubt judge stays an LLM.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from jobs.cot_robustness.traces import final_answer, split_steps
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[A-Za-z]+")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def answer_messages(prompts: Any, question: str, reference: str, output: str, max_chars: int) -> list[dict]:
@@ -42,6 +48,38 @@ def parse_verdict(text: str, strict: bool = True) -> str:
     if text.strip() == "Correct":
         return "correct"
     return "incorrect" if lenient == "correct" else lenient
+
+
+def stated_answer(text: str) -> str:
+    """The answer ``text`` states: the content of its last ``\\boxed{…}`` (nested braces kept), else
+    its last number (thousands commas dropped); ``""`` when it has neither."""
+    start = text.rfind("\\boxed{")
+    if start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i:j].strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else ""
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").replace("$", "").strip().rstrip("."))
+    except ValueError:
+        return None
+
+
+def exact_verdict(text: str, reference: str) -> str:
+    """``correct`` when the answer ``text`` states equals ``reference`` (as numbers when both are
+    numbers, else as case-insensitive text without spaces), else ``incorrect``."""
+    stated = stated_answer(text)
+    a, b = _number(stated), _number(reference)
+    if a is not None and b is not None:
+        return "correct" if a == b else "incorrect"
+    same = "".join(stated.split()).lower() == "".join(reference.split()).lower() and bool(stated.strip())
+    return "correct" if same else "incorrect"
 
 
 def parse_doubt(text: str) -> str:

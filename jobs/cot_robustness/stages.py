@@ -14,7 +14,7 @@ import pandas as pd
 from explab.seeds import derive_seed
 from jobs.cot_robustness import generation, judge, perturbations
 from jobs.cot_robustness.metrics import authors_length_overhead, doubt_rate, relative_change
-from jobs.cot_robustness.traces import Cut, Segmentation, extract_reasoning, split_steps
+from jobs.cot_robustness.traces import Cut, Segmentation, extract_reasoning, final_answer, split_steps
 
 
 def _rows(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -38,11 +38,19 @@ def references(df: pd.DataFrame, *, generators: dict[str, Any], models: dict[str
 
 
 def judge_answers(df: pd.DataFrame, *, judge_server: Any, prompts: Any, max_tokens: int, max_answer_chars: int,
-                  text_column: str, strict: bool = True) -> pd.DataFrame:
+                  text_column: str, strict: bool = True, check: str = "llm") -> pd.DataFrame:
     """Judge ``text_column`` (a complete output) against the reference answer. ``verdict`` follows
     the configured rule (``strict``: only an exact "Correct"); ``verdict_strict`` and
-    ``verdict_lenient`` record both rules and ``judge_rule_changed`` where they disagree."""
+    ``verdict_lenient`` record both rules and ``judge_rule_changed`` where they disagree.
+    ``check="exact"``: no judge LLM; ``judge_raw`` is the answer the output states and every
+    verdict is `judge.exact_verdict`'s."""
     rows = _rows(df)
+    if check == "exact":
+        answers = [final_answer(r[text_column])[-max_answer_chars:] for r in rows]
+        verdicts = [judge.exact_verdict(a, r["reference_answer"]) for a, r in zip(answers, rows, strict=True)]
+        return df.assign(judge_raw=[judge.stated_answer(a) for a in answers], verdict=verdicts,
+                         correct=[v == "correct" for v in verdicts], verdict_strict=verdicts, verdict_lenient=verdicts,
+                         judge_rule_changed=False)
     messages = [judge.answer_messages(prompts, r["question"], r["reference_answer"], r[text_column], max_answer_chars)
                 for r in rows]
     replies = judge.ask(judge_server, messages, max_tokens)
