@@ -172,3 +172,53 @@ def test_sweep_spec_and_paper_config_resolve_against_the_config():
     paper = load_config(job.config, job.config_path("paper"))
     assert paper.tuning.dpo.beta == 0.1 and paper.tuning.trainer.lr == 5e-6 and paper.tuning.trainer.lora.r == 32
     assert [a.method for a in paper.ablations] == ["sft", "dpo", "dpo"] and paper.tuning.trainer.deepspeed
+
+
+# ---- option order and the filtering pass -------------------------------------------------------------------
+COLOUR_WORLD = SceneConfig(colours=["red", "green", "blue", "yellow", "purple"], shapes=["square"], sizes=["large"],
+                           grid=2, min_objects=1, max_objects=1)
+COLOUR_BUILD = BuildConfig(kinds=["multi_attr"], max_objects_named=1, shuffle_options=False, option_order="vocabulary")
+
+
+def test_vocabulary_order_puts_the_right_option_at_the_letter_of_the_image_colour():
+    data = synthetic(COLOUR_WORLD, COLOUR_BUILD, {"test": 12}, seed=0)
+    rng = np.random.default_rng(0)
+    for p in data.probes["test"]:
+        colour = data.scenes[p.image_id].objects[0].colour
+        for row in items(p, rng, COLOUR_BUILD, "test", "synthetic"):
+            assert row["gt_index"] == COLOUR_WORLD.colours.index(colour), row
+            assert [colour_word in choice for colour_word, choice in zip(COLOUR_WORLD.colours, row["choices"],
+                                                                        strict=True)] == [True] * 5
+
+
+class _PlantedAnswerer:
+    """A server stand-in that answers each MC row with the letter `pick` chooses for its question."""
+
+    def __init__(self, pick):
+        self.pick = pick
+
+    def forward(self, requests):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(next_token=self.pick(r["messages"][0]["content"])) for r in requests]
+
+
+def test_filtering_keeps_exactly_the_pairs_whose_positive_the_filter_model_answers_right(world):
+    from jobs.finer.filtering import filter_pairs
+
+    _, data = world
+    rng = np.random.default_rng(0)
+    built = pd.DataFrame([r for p in data.probes["test"] for r in items(p, rng, BuildConfig(), "test", "synthetic")])
+    truth = {mc_prompt(r["question"], list(r["choices"])): "ABCDE"[r["gt_index"]] for r in built.to_dict("records")}
+    wrong_on = set(built["pair_id"].unique()[::3])  # the filter model misses the positive of every third pair
+    asked = {mc_prompt(r["question"], list(r["choices"])): r["pair_id"] for r in built.to_dict("records")}
+
+    def pick(prompt):
+        right = truth[prompt]
+        return "ABCDE"[("ABCDE".index(right) + 1) % 5] if asked[prompt] in wrong_on else right
+
+    kept, counts = filter_pairs(_PlantedAnswerer(pick), built, data.images)
+    assert set(kept["pair_id"]) == set(built["pair_id"]) - wrong_on
+    assert len(kept) == 2 * len(set(kept["pair_id"]))  # both rows of a kept pair stay
+    assert counts == {"pairs": built["pair_id"].nunique(), "kept": built["pair_id"].nunique() - len(wrong_on),
+                      "dropped": len(wrong_on)}

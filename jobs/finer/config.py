@@ -44,6 +44,13 @@ class HubBenchmark(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class FilterConfig(Section):
+    """The filtering pass: a strong VLM that must answer a pair's positive row right for the pair to stay."""
+
+    model: ModelSpec
+    server: dict[str, Any] = Field(default_factory=dict)  # HookedModel server options
+
+
 class Config(JobConfig):
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(name="Qwen/Qwen2.5-VL-7B-Instruct")],
                                     min_length=1)
@@ -51,6 +58,7 @@ class Config(JobConfig):
     build: BuildConfig = Field(default_factory=BuildConfig)
     n_images: dict[Literal["train", "test"], int] = Field(default_factory=lambda: {"train": 2000, "test": 500})
     synthetic_eval: bool = True  # evaluate on the synthetic test split
+    filter: FilterConfig | None = None  # None: keep every built item (synthetic answers are checked by construction)
     benchmarks: list[HubBenchmark] = Field(default_factory=list)  # released benchmarks (FINER-CompreCap, POPE, ...)
     tuning: TuningConfig | None = Field(default_factory=TuningConfig)  # None: evaluate the base models only
     ablations: list[TuningConfig] = Field(default_factory=list)  # e.g. SFT, negatives-only

@@ -21,7 +21,7 @@ from explab.job import Job
 from explab.models import ModelSpec
 from explab.runs import RunContext
 from explab.servers import stop_server
-from jobs.finer import hub, plots, tuning
+from jobs.finer import filtering, hub, plots, tuning
 from jobs.finer.benchmark import Synthetic, items, synthetic, training_pairs
 from jobs.finer.config import Config, TuningConfig
 from jobs.finer.evaluate import evaluate
@@ -63,6 +63,11 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     eval_sets: dict[str, Any] = {}
     data = synthetic(config.scenes, config.build, dict(config.n_images), config.seed)
     built = _items(config, data, config.seed + 1)
+    filtered: dict[str, int] = {}
+    if config.filter is not None and not built.empty:
+        handle = ctx.model(config.filter.model, "hooked", config.filter.server or None)
+        built, filtered = filtering.filter_pairs(handle, built, data.images)
+        stop_server(handle.name)
     if config.synthetic_eval and not built.empty:
         eval_sets["synthetic"] = (built, data.images)
     for bench in config.benchmarks:
@@ -71,7 +76,8 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
                           ignore_index=True)
     ctx.save_table("items", all_items)
     ctx.save_json("construction", {"probes": {k: len(v) for k, v in data.probes.items()},
-                                   "skipped": data.skipped, "images": len(data.images)})
+                                   "skipped": data.skipped, "images": len(data.images),
+                                   "filter": filtered})
     rows: list[dict] = []
     levels: list[pd.DataFrame] = []
     predictions: list[pd.DataFrame] = []

@@ -35,7 +35,7 @@ class SceneConfig(Section):
     """The synthetic world: vocabulary, layout and how many objects a scene holds."""
 
     colours: list[str] = Field(default_factory=lambda: list(COLOURS)[:6], min_length=2)
-    shapes: list[str] = Field(default_factory=lambda: list(SHAPES), min_length=2)
+    shapes: list[str] = Field(default_factory=lambda: list(SHAPES), min_length=1)  # 1: a colour-only world
     sizes: list[str] = Field(default_factory=lambda: list(SIZES), min_length=1)
     grid: int = Field(3, ge=2, le=6)  # cells per side
     min_objects: int = Field(2, ge=1)
