@@ -222,3 +222,83 @@ def test_filtering_keeps_exactly_the_pairs_whose_positive_the_filter_model_answe
     assert len(kept) == 2 * len(set(kept["pair_id"]))  # both rows of a kept pair stay
     assert counts == {"pairs": built["pair_id"].nunique(), "kept": built["pair_id"].nunique() - len(wrong_on),
                       "dropped": len(wrong_on)}
+
+
+# ---- other benchmarks from local copies, in the item schema ------------------------------------------------
+def _pixels(k):
+    return np.full((8, 8, 3), 40 * k, dtype=np.uint8)
+
+
+def test_yes_no_benchmarks_pope_hallusionbench_and_amber_map_to_pairs_and_score_as_pope(tmp_path):
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    from jobs.finer import hub
+    from jobs.finer.config import HubBenchmark
+    from jobs.finer.metrics import yes_no_scores
+
+    feats = Features({"image": Image(), "question": Value("string"), "answer": Value("string"),
+                      "image_source": Value("string"), "category": Value("string")})
+    pope = Dataset.from_dict({"image": [PILImage.fromarray(_pixels(k)) for k in (1, 1, 2, 2, 3)],
+                              "question": ["Is there a dog?", "Is there a cat?", "Is there a car?", "Is there a bus?",
+                                           "Is there a cup?"],
+                              "answer": ["yes", "no", "no", "yes", "yes"], "image_source": ["a", "a", "b", "b", "c"],
+                              "category": ["random"] * 5}, features=feats)
+    pope.to_parquet(tmp_path / "pope.parquet")
+    frame, images = hub.load(HubBenchmark(name="pope", data=f"local:{tmp_path / 'pope.parquet'}", format="pope"))
+    assert len(frame) == 4 and set(images) == {"a", "b", "c"}  # the partnerless "c" question drops out
+    assert dict(zip(frame["question"], frame["polarity"], strict=True)) == {
+        "Is there a dog?": "pos", "Is there a cat?": "neg", "Is there a car?": "neg", "Is there a bus?": "pos"}
+    assert (frame["gt_index"] == frame["polarity"].map({"pos": 0, "neg": 1})).all()
+    assert np.asarray(images["b"]).mean() == pytest.approx(80)
+    # HallusionBench's columns (gt_answer 1/0, filename) through `columns`
+    hb = pope.rename_columns({"answer": "gt_answer", "image_source": "filename"}).map(
+        lambda ex: {"gt_answer": {"yes": "1", "no": "0"}[ex["gt_answer"]]})
+    hb.save_to_disk(str(tmp_path / "hb"))
+    bench = HubBenchmark(name="hallusion", data=f"local:{tmp_path / 'hb'}", format="pope",
+                         columns={"gt_answer": "answer", "filename": "image_id"})
+    frame_hb, _ = hub.load(bench)
+    assert frame_hb[["question", "polarity", "image_id"]].equals(frame[["question", "polarity", "image_id"]])
+    # AMBER's discriminative queries joined with their truth, images as file names next to the json
+    PILImage.fromarray(_pixels(1)).save(tmp_path / "AMBER_1.jpg")
+    rows = [{"id": 1005, "image": "AMBER_1.jpg", "query": "Is there a tree in this image?", "truth": "yes",
+             "type": "discriminative-existence"},
+            {"id": 1006, "image": "AMBER_1.jpg", "query": "Is there a boat in this image?", "truth": "no",
+             "type": "discriminative-existence"}]
+    (tmp_path / "amber.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    amber = HubBenchmark(name="amber", data=f"local:{tmp_path / 'amber.jsonl'}", format="pope",
+                         columns={"query": "question", "truth": "answer", "type": "category"})
+    frame_a, images_a = hub.load(amber)
+    assert list(frame_a["polarity"]) == ["pos", "neg"] and frame_a["pair_id"].nunique() == 1
+    assert score(frame_a.assign(pred=[0, 1]))["paired_accuracy"] == 1.0
+    # POPE's scores: an always-yes model has recall 1, precision = the yes share of the truth, yes-ratio 1
+    s = yes_no_scores(frame.assign(pred=0))
+    assert s["yn_recall"] == 1.0 and s["yn_precision"] == 0.5 and s["yes_ratio"] == 1.0 and s["yn_accuracy"] == 0.5
+    assert s["yn_f1"] == pytest.approx(2 / 3)
+    with pytest.raises(ConfigError, match="not in the dataset"):
+        hub.load(HubBenchmark(name="x", data=f"local:{tmp_path / 'pope.parquet'}", format="pope",
+                              columns={"truth": "answer"}))
+
+
+def test_mcq_benchmarks_finer_comprecap_and_mmstar_map_from_local_copies(tmp_path):
+    from datasets import Dataset
+    from PIL import Image as PILImage
+
+    from jobs.finer import hub
+    from jobs.finer.config import HubBenchmark
+
+    img = [PILImage.fromarray(_pixels(1))] * 2
+    finer = Dataset.from_dict({"image": img, "image_filename": ["x.jpg", "x.jpg"],
+                               "qtype": ["multi_obj_pos", "multi_obj_neg"], "question": ["q+", "q-"],
+                               **{f"choice{j}": [f"p{j}", f"n{j}"] for j in range(1, 6)}, "gt_index": [0, 3]})
+    finer.save_to_disk(str(tmp_path / "finer"))
+    frame, _ = hub.load(HubBenchmark(name="comprecap", data=f"local:{tmp_path / 'finer'}", format="finer_mcq"))
+    assert frame["pair_id"].nunique() == 1 and list(frame["choices"].iloc[1]) == [f"n{j}" for j in range(1, 6)]
+    assert score(frame.assign(pred=[0, 3]))["paired_accuracy"] == 1.0
+    assert score(frame.assign(pred=[0, 2]))["paired_accuracy"] == 0.0
+    mmstar = Dataset.from_dict({"image": img, "question": ["Which? A: cat B: dog", "Count? A: 1 B: 2"],
+                                "A": ["cat", "1"], "B": ["dog", "2"], "answer": ["B", "A"]})
+    mmstar.save_to_disk(str(tmp_path / "mmstar"))
+    frame, _ = hub.load(HubBenchmark(name="mmstar", data=f"local:{tmp_path / 'mmstar'}", format="mcq_letter"))
+    assert list(frame["gt_index"]) == [1, 1, 0, 0] and list(frame["choices"].iloc[0]) == ["cat", "dog"]
+    assert score(frame.assign(pred=[1, 1, 1, 1]))["paired_accuracy"] == 0.5

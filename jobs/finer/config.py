@@ -36,11 +36,12 @@ class HubBenchmark(Section):
     """A published benchmark on the Hugging Face hub, read into the job's item schema (`hub.py`)."""
 
     name: str
-    data: str  # hf:<dataset id>
+    data: str  # hf:<dataset id> or local:<path> (parquet / json / jsonl / csv file, or a save_to_disk directory)
     format: Literal["finer_mcq", "pope", "mcq_letter"] = "finer_mcq"
     split: str = "test"
     config_name: str | None = None
     limit: int | None = Field(None, ge=1)
+    columns: dict[str, str] = Field(default_factory=dict)  # dataset column -> the name the format reads
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -25,7 +25,7 @@ from jobs.finer import filtering, hub, plots, tuning
 from jobs.finer.benchmark import Synthetic, items, synthetic, training_pairs
 from jobs.finer.config import Config, TuningConfig
 from jobs.finer.evaluate import evaluate
-from jobs.finer.metrics import by_granularity, score
+from jobs.finer.metrics import by_granularity, score, yes_no_scores
 
 
 def _items(config: Config, data: Synthetic, seed: int) -> pd.DataFrame:
@@ -44,9 +44,10 @@ def _score_rows(model: str, variant: str, scored: pd.DataFrame) -> tuple[list[di
     rows, levels = [], []
     for benchmark, frame in scored.groupby("benchmark", sort=False):
         splits = [("all", frame)] + list(frame.groupby("kind", sort=False))
+        yes_no = bool(frame["choices"].map(lambda c: list(c) == ["Yes", "No"]).all())
         for split, part in splits:
             rows.append({"model": model, "variant": variant, "tuned": variant != "base", "benchmark": benchmark,
-                         "split": split, **score(part)})
+                         "split": split, **score(part), **(yes_no_scores(part) if yes_no else {})})
         levels.append(by_granularity(frame).assign(model=model, variant=variant, benchmark=benchmark))
     return rows, levels
 
