@@ -302,3 +302,86 @@ def test_mcq_benchmarks_finer_comprecap_and_mmstar_map_from_local_copies(tmp_pat
     frame, _ = hub.load(HubBenchmark(name="mmstar", data=f"local:{tmp_path / 'mmstar'}", format="mcq_letter"))
     assert list(frame["gt_index"]) == [1, 1, 0, 0] and list(frame["choices"].iloc[0]) == ["cat", "dog"]
     assert score(frame.assign(pred=[1, 1, 1, 1]))["paired_accuracy"] == 0.5
+
+
+# ---- construction from captions through an LLM -------------------------------------------------------------
+def _vocab():
+    from jobs.finer.benchmark import vocabulary
+
+    return vocabulary(SceneConfig())
+
+
+GOOD_GRAPH = ('{"objects": [{"name": "circle", "colour": "red", "size": "large"}, '
+              '{"name": "square", "colour": "blue", "size": "small"}], '
+              '"relations": [{"subject": "circle", "relation": "left of", "object": "square"}]}')
+
+
+def test_graph_parser_accepts_a_well_formed_graph_and_refuses_everything_else():
+    from jobs.finer.captions import GraphError, parse_graph
+
+    vocab = _vocab()
+    scene = parse_graph(GOOD_GRAPH, vocab)
+    assert [(o.shape, o.colour, o.size) for o in scene.objects] == [("circle", "red", "large"),
+                                                                    ("square", "blue", "small")]
+    assert q.holds(scene, (("rel", "circle", "left of", "square"),))
+    assert not q.holds(scene, (("rel", "square", "left of", "circle"),))  # closed world: unstated is false
+    assert parse_graph(f"```json\n{GOOD_GRAPH}\n```", vocab) == scene
+    bad = {
+        "zzz": "not JSON",
+        "Sure! " + GOOD_GRAPH: "not JSON",
+        '{"objects": [], "relations": []}': "non-empty",
+        '{"objects": [{"name": "dog", "colour": "red"}]}': "name 'dog'",
+        '{"objects": [{"name": "circle", "colour": "teal"}]}': "colour 'teal'",
+        '{"objects": [{"name": "circle", "colour": "red"}], "extra": 1}': "keys",
+        '{"objects": [{"name": "circle", "colour": "red"}, {"name": "circle", "colour": "blue"}]}': "repeat",
+        '{"objects": [{"name": "circle", "colour": "red"}], "relations": [{"subject": "circle", '
+        '"relation": "above", "object": "square"}]}': "object 'square'",
+        '[1, 2]': "expected an object",
+    }
+    for text, reason in bad.items():
+        with pytest.raises(GraphError, match=reason):
+            parse_graph(text, vocab)
+
+
+class _PlantedGenerator:
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def generate(self, requests):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(completions=[SimpleNamespace(text=self.outputs[r["messages"][0]["content"]
+                                                                         .rsplit("Caption: ", 1)[1]])])
+                for r in requests]
+
+
+def test_caption_graphs_give_items_true_to_the_caption_and_junk_is_counted_as_skipped(world):
+    from jobs.finer.captions import caption_probes, describe, extract
+
+    _, data = world
+    vocab = _vocab()
+    scenes = {i: data.scenes[i] for i in list(data.scenes)[:8] if len(data.scenes[i].objects) >= 2}
+    texts = {i: describe(s) for i, s in scenes.items()}
+    as_json = {texts[i]: json.dumps({"objects": [{"name": o.shape, "colour": o.colour, "size": o.size}
+                                                 for o in s.objects]}) for i, s in scenes.items()}
+    junk = list(scenes)[0]
+    as_json[texts[junk]] = "I think the image shows shapes."
+    graphs, skipped = extract(_PlantedGenerator(as_json), texts, vocab)
+    assert set(graphs) == set(scenes) - {junk} and sum(skipped.values()) == 1 and "not JSON" in skipped
+    probes, _ = caption_probes(graphs, BuildConfig(kinds=["multi_obj", "multi_attr", "wh"]), vocab,
+                               np.random.default_rng(0))
+    assert probes
+    for p in probes:  # truth against the real scene the caption describes
+        assert q.holds(scenes[p.image_id], p.positive)
+        assert all(not q.holds(scenes[p.image_id], n) for n in p.negatives)
+
+
+def test_a_real_generator_on_a_tiny_model_writes_junk_that_is_counted_as_skipped(ray_local, world):
+    from explab.servers import get_server
+    from jobs.finer.captions import describe, extract
+
+    _, data = world
+    texts = {i: describe(data.scenes[i]) for i in list(data.scenes)[:3]}
+    generator = get_server("generator", "tiny:llama", {"backend": "transformers", "max_wait_ms": 20})
+    graphs, skipped = extract(generator, texts, _vocab(), max_tokens=16)
+    assert graphs == {} and sum(skipped.values()) == 3

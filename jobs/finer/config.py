@@ -52,6 +52,22 @@ class FilterConfig(Section):
     server: dict[str, Any] = Field(default_factory=dict)  # HookedModel server options
 
 
+class CaptionConfig(Section):
+    """Benchmark construction from captions: an LLM (served `Generator`) extracts each caption's scene graph.
+
+    ``data``: ``synthetic`` (captions written from the synthetic test scenes, `captions.describe`, their
+    rendered images) or a dataset (``hf:<id>`` / ``local:<path>``, as `HubBenchmark`) with ``image`` and
+    ``caption`` columns (rename others with ``columns``)."""
+
+    generator: ModelSpec
+    server: dict[str, Any] = Field(default_factory=dict)  # Generator server options
+    data: str = "synthetic"
+    split: str = "test"
+    columns: dict[str, str] = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1)
+    max_tokens: int = Field(256, ge=8)
+
+
 class Config(JobConfig):
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(name="Qwen/Qwen2.5-VL-7B-Instruct")],
                                     min_length=1)
@@ -59,6 +75,7 @@ class Config(JobConfig):
     build: BuildConfig = Field(default_factory=BuildConfig)
     n_images: dict[Literal["train", "test"], int] = Field(default_factory=lambda: {"train": 2000, "test": 500})
     synthetic_eval: bool = True  # evaluate on the synthetic test split
+    captions: CaptionConfig | None = None  # None: no caption-built items
     filter: FilterConfig | None = None  # None: keep every built item (synthetic answers are checked by construction)
     benchmarks: list[HubBenchmark] = Field(default_factory=list)  # released benchmarks (FINER-CompreCap, POPE, ...)
     tuning: TuningConfig | None = Field(default_factory=TuningConfig)  # None: evaluate the base models only

@@ -54,7 +54,8 @@ def _open(bench: Any) -> Any:
     return ds
 
 
-def _fetch(bench: Any) -> Any:
+def fetch(bench: Any) -> Any:
+    """The ``datasets.Dataset`` a `HubBenchmark` names (hub or local copy, columns renamed, limited)."""
     if not bench.data.startswith(("hf:", "local:")):
         raise ConfigError(f"benchmark {bench.name!r}: data {bench.data!r} is neither hf:<dataset id> nor "
                           "local:<path>: name a hub dataset or a local copy")
@@ -140,5 +141,5 @@ def _mcq(ds: Any, name: str) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 def load(bench: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``(items, images by image_id)`` of a `HubBenchmark`."""
-    ds = _fetch(bench)
+    ds = fetch(bench)
     return {"finer_mcq": _finer, "pope": _pope, "mcq_letter": _mcq}[bench.format](ds, bench.name)

@@ -21,9 +21,9 @@ from explab.job import Job
 from explab.models import ModelSpec
 from explab.runs import RunContext
 from explab.servers import stop_server
-from jobs.finer import filtering, hub, plots, tuning
-from jobs.finer.benchmark import Synthetic, items, synthetic, training_pairs
-from jobs.finer.config import Config, TuningConfig
+from jobs.finer import captions, filtering, hub, plots, tuning
+from jobs.finer.benchmark import Synthetic, items, synthetic, training_pairs, vocabulary
+from jobs.finer.config import Config, HubBenchmark, TuningConfig
 from jobs.finer.evaluate import evaluate
 from jobs.finer.metrics import by_granularity, score, yes_no_scores
 
@@ -38,6 +38,30 @@ def _pairs(config: Config, variant: TuningConfig, data: Synthetic, seed: int) ->
     rng = np.random.default_rng(seed)
     return [row for p in data.probes.get("train", [])
             for row in training_pairs(p, data.images[p.image_id], rng, variant.mode, variant.format, config.build)]
+
+
+def _caption_items(ctx: RunContext, config: Config, data: Synthetic) -> tuple[pd.DataFrame, dict[str, Any], dict]:
+    """Items built from captions through the Generator (`captions.py`), their images and the counts."""
+    source = config.captions
+    if source.data == "synthetic":
+        texts = {i: captions.describe(data.scenes[i]) for i in data.scenes if i.startswith("test-")}
+        images = {i: data.images[i] for i in texts}
+    else:
+        ds = hub.fetch(HubBenchmark(name="captions", data=source.data, split=source.split, columns=source.columns,
+                                    limit=source.limit))
+        texts, images = {}, {}
+        for k, ex in enumerate(ds):
+            texts[f"caption-{k:05d}"] = str(ex["caption"])
+            images[f"caption-{k:05d}"] = ex["image"]
+    vocab = vocabulary(config.scenes)
+    generator = ctx.model(source.generator, "generator", source.server or None)
+    graphs, refused = captions.extract(generator, texts, vocab, source.max_tokens)
+    probes, no_probe = captions.caption_probes(graphs, config.build, vocab, np.random.default_rng(config.seed + 3))
+    rng = np.random.default_rng(config.seed + 4)
+    rows = [row for p in probes for row in items(p, rng, config.build, "test", "captions")]
+    counts = {"captions": len(texts), "graphs": len(graphs), "skipped": sum(refused.values()),
+              "skipped_by_reason": dict(refused), "no_probe": no_probe, "items": len(rows)}
+    return pd.DataFrame(rows), images, counts
 
 
 def _score_rows(model: str, variant: str, scored: pd.DataFrame) -> tuple[list[dict], list[pd.DataFrame]]:
@@ -71,6 +95,11 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
         stop_server(handle.name)
     if config.synthetic_eval and not built.empty:
         eval_sets["synthetic"] = (built, data.images)
+    caption_counts: dict[str, Any] = {}
+    if config.captions is not None:
+        caption_frame, caption_images, caption_counts = _caption_items(ctx, config, data)
+        if not caption_frame.empty:
+            eval_sets["captions"] = (caption_frame, caption_images)
     for bench in config.benchmarks:
         eval_sets[bench.name] = hub.load(bench)
     all_items = pd.concat([frame.assign(benchmark=name) for name, (frame, _) in eval_sets.items()],
@@ -78,7 +107,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     ctx.save_table("items", all_items)
     ctx.save_json("construction", {"probes": {k: len(v) for k, v in data.probes.items()},
                                    "skipped": data.skipped, "images": len(data.images),
-                                   "filter": filtered})
+                                   "filter": filtered, "captions": caption_counts})
     rows: list[dict] = []
     levels: list[pd.DataFrame] = []
     predictions: list[pd.DataFrame] = []
