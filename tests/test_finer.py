@@ -385,3 +385,4 @@ def test_a_real_generator_on_a_tiny_model_writes_junk_that_is_counted_as_skipped
     generator = get_server("generator", "tiny:llama", {"backend": "transformers", "max_wait_ms": 20})
     graphs, skipped = extract(generator, texts, _vocab(), max_tokens=16)
     assert graphs == {} and sum(skipped.values()) == 3
+
