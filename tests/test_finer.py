@@ -172,3 +172,217 @@ def test_sweep_spec_and_paper_config_resolve_against_the_config():
     paper = load_config(job.config, job.config_path("paper"))
     assert paper.tuning.dpo.beta == 0.1 and paper.tuning.trainer.lr == 5e-6 and paper.tuning.trainer.lora.r == 32
     assert [a.method for a in paper.ablations] == ["sft", "dpo", "dpo"] and paper.tuning.trainer.deepspeed
+
+
+# ---- option order and the filtering pass -------------------------------------------------------------------
+COLOUR_WORLD = SceneConfig(colours=["red", "green", "blue", "yellow", "purple"], shapes=["square"], sizes=["large"],
+                           grid=2, min_objects=1, max_objects=1)
+COLOUR_BUILD = BuildConfig(kinds=["multi_attr"], max_objects_named=1, shuffle_options=False, option_order="vocabulary")
+
+
+def test_vocabulary_order_puts_the_right_option_at_the_letter_of_the_image_colour():
+    data = synthetic(COLOUR_WORLD, COLOUR_BUILD, {"test": 12}, seed=0)
+    rng = np.random.default_rng(0)
+    for p in data.probes["test"]:
+        colour = data.scenes[p.image_id].objects[0].colour
+        for row in items(p, rng, COLOUR_BUILD, "test", "synthetic"):
+            assert row["gt_index"] == COLOUR_WORLD.colours.index(colour), row
+            assert [colour_word in choice for colour_word, choice in zip(COLOUR_WORLD.colours, row["choices"],
+                                                                        strict=True)] == [True] * 5
+
+
+class _PlantedAnswerer:
+    """A server stand-in that answers each MC row with the letter `pick` chooses for its question."""
+
+    def __init__(self, pick):
+        self.pick = pick
+
+    def forward(self, requests):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(next_token=self.pick(r["messages"][0]["content"])) for r in requests]
+
+
+def test_filtering_keeps_exactly_the_pairs_whose_positive_the_filter_model_answers_right(world):
+    from jobs.finer.filtering import filter_pairs
+
+    _, data = world
+    rng = np.random.default_rng(0)
+    built = pd.DataFrame([r for p in data.probes["test"] for r in items(p, rng, BuildConfig(), "test", "synthetic")])
+    truth = {mc_prompt(r["question"], list(r["choices"])): "ABCDE"[r["gt_index"]] for r in built.to_dict("records")}
+    wrong_on = set(built["pair_id"].unique()[::3])  # the filter model misses the positive of every third pair
+    asked = {mc_prompt(r["question"], list(r["choices"])): r["pair_id"] for r in built.to_dict("records")}
+
+    def pick(prompt):
+        right = truth[prompt]
+        return "ABCDE"[("ABCDE".index(right) + 1) % 5] if asked[prompt] in wrong_on else right
+
+    kept, counts = filter_pairs(_PlantedAnswerer(pick), built, data.images)
+    assert set(kept["pair_id"]) == set(built["pair_id"]) - wrong_on
+    assert len(kept) == 2 * len(set(kept["pair_id"]))  # both rows of a kept pair stay
+    assert counts == {"pairs": built["pair_id"].nunique(), "kept": built["pair_id"].nunique() - len(wrong_on),
+                      "dropped": len(wrong_on)}
+
+
+# ---- other benchmarks from local copies, in the item schema ------------------------------------------------
+def _pixels(k):
+    return np.full((8, 8, 3), 40 * k, dtype=np.uint8)
+
+
+def test_yes_no_benchmarks_pope_hallusionbench_and_amber_map_to_pairs_and_score_as_pope(tmp_path):
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    from jobs.finer import hub
+    from jobs.finer.config import HubBenchmark
+    from jobs.finer.metrics import yes_no_scores
+
+    feats = Features({"image": Image(), "question": Value("string"), "answer": Value("string"),
+                      "image_source": Value("string"), "category": Value("string")})
+    pope = Dataset.from_dict({"image": [PILImage.fromarray(_pixels(k)) for k in (1, 1, 2, 2, 3)],
+                              "question": ["Is there a dog?", "Is there a cat?", "Is there a car?", "Is there a bus?",
+                                           "Is there a cup?"],
+                              "answer": ["yes", "no", "no", "yes", "yes"], "image_source": ["a", "a", "b", "b", "c"],
+                              "category": ["random"] * 5}, features=feats)
+    pope.to_parquet(tmp_path / "pope.parquet")
+    frame, images = hub.load(HubBenchmark(name="pope", data=f"local:{tmp_path / 'pope.parquet'}", format="pope"))
+    assert len(frame) == 4 and set(images) == {"a", "b", "c"}  # the partnerless "c" question drops out
+    assert dict(zip(frame["question"], frame["polarity"], strict=True)) == {
+        "Is there a dog?": "pos", "Is there a cat?": "neg", "Is there a car?": "neg", "Is there a bus?": "pos"}
+    assert (frame["gt_index"] == frame["polarity"].map({"pos": 0, "neg": 1})).all()
+    assert np.asarray(images["b"]).mean() == pytest.approx(80)
+    # HallusionBench's columns (gt_answer 1/0, filename) through `columns`
+    hb = pope.rename_columns({"answer": "gt_answer", "image_source": "filename"}).map(
+        lambda ex: {"gt_answer": {"yes": "1", "no": "0"}[ex["gt_answer"]]})
+    hb.save_to_disk(str(tmp_path / "hb"))
+    bench = HubBenchmark(name="hallusion", data=f"local:{tmp_path / 'hb'}", format="pope",
+                         columns={"gt_answer": "answer", "filename": "image_id"})
+    frame_hb, _ = hub.load(bench)
+    assert frame_hb[["question", "polarity", "image_id"]].equals(frame[["question", "polarity", "image_id"]])
+    # AMBER's discriminative queries joined with their truth, images as file names next to the json
+    PILImage.fromarray(_pixels(1)).save(tmp_path / "AMBER_1.jpg")
+    rows = [{"id": 1005, "image": "AMBER_1.jpg", "query": "Is there a tree in this image?", "truth": "yes",
+             "type": "discriminative-existence"},
+            {"id": 1006, "image": "AMBER_1.jpg", "query": "Is there a boat in this image?", "truth": "no",
+             "type": "discriminative-existence"}]
+    (tmp_path / "amber.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    amber = HubBenchmark(name="amber", data=f"local:{tmp_path / 'amber.jsonl'}", format="pope",
+                         columns={"query": "question", "truth": "answer", "type": "category"})
+    frame_a, images_a = hub.load(amber)
+    assert list(frame_a["polarity"]) == ["pos", "neg"] and frame_a["pair_id"].nunique() == 1
+    assert score(frame_a.assign(pred=[0, 1]))["paired_accuracy"] == 1.0
+    # POPE's scores: an always-yes model has recall 1, precision = the yes share of the truth, yes-ratio 1
+    s = yes_no_scores(frame.assign(pred=0))
+    assert s["yn_recall"] == 1.0 and s["yn_precision"] == 0.5 and s["yes_ratio"] == 1.0 and s["yn_accuracy"] == 0.5
+    assert s["yn_f1"] == pytest.approx(2 / 3)
+    with pytest.raises(ConfigError, match="not in the dataset"):
+        hub.load(HubBenchmark(name="x", data=f"local:{tmp_path / 'pope.parquet'}", format="pope",
+                              columns={"truth": "answer"}))
+
+
+def test_mcq_benchmarks_finer_comprecap_and_mmstar_map_from_local_copies(tmp_path):
+    from datasets import Dataset
+    from PIL import Image as PILImage
+
+    from jobs.finer import hub
+    from jobs.finer.config import HubBenchmark
+
+    img = [PILImage.fromarray(_pixels(1))] * 2
+    finer = Dataset.from_dict({"image": img, "image_filename": ["x.jpg", "x.jpg"],
+                               "qtype": ["multi_obj_pos", "multi_obj_neg"], "question": ["q+", "q-"],
+                               **{f"choice{j}": [f"p{j}", f"n{j}"] for j in range(1, 6)}, "gt_index": [0, 3]})
+    finer.save_to_disk(str(tmp_path / "finer"))
+    frame, _ = hub.load(HubBenchmark(name="comprecap", data=f"local:{tmp_path / 'finer'}", format="finer_mcq"))
+    assert frame["pair_id"].nunique() == 1 and list(frame["choices"].iloc[1]) == [f"n{j}" for j in range(1, 6)]
+    assert score(frame.assign(pred=[0, 3]))["paired_accuracy"] == 1.0
+    assert score(frame.assign(pred=[0, 2]))["paired_accuracy"] == 0.0
+    mmstar = Dataset.from_dict({"image": img, "question": ["Which? A: cat B: dog", "Count? A: 1 B: 2"],
+                                "A": ["cat", "1"], "B": ["dog", "2"], "answer": ["B", "A"]})
+    mmstar.save_to_disk(str(tmp_path / "mmstar"))
+    frame, _ = hub.load(HubBenchmark(name="mmstar", data=f"local:{tmp_path / 'mmstar'}", format="mcq_letter"))
+    assert list(frame["gt_index"]) == [1, 1, 0, 0] and list(frame["choices"].iloc[0]) == ["cat", "dog"]
+    assert score(frame.assign(pred=[1, 1, 1, 1]))["paired_accuracy"] == 0.5
+
+
+# ---- construction from captions through an LLM -------------------------------------------------------------
+def _vocab():
+    from jobs.finer.benchmark import vocabulary
+
+    return vocabulary(SceneConfig())
+
+
+GOOD_GRAPH = ('{"objects": [{"name": "circle", "colour": "red", "size": "large"}, '
+              '{"name": "square", "colour": "blue", "size": "small"}], '
+              '"relations": [{"subject": "circle", "relation": "left of", "object": "square"}]}')
+
+
+def test_graph_parser_accepts_a_well_formed_graph_and_refuses_everything_else():
+    from jobs.finer.captions import GraphError, parse_graph
+
+    vocab = _vocab()
+    scene = parse_graph(GOOD_GRAPH, vocab)
+    assert [(o.shape, o.colour, o.size) for o in scene.objects] == [("circle", "red", "large"),
+                                                                    ("square", "blue", "small")]
+    assert q.holds(scene, (("rel", "circle", "left of", "square"),))
+    assert not q.holds(scene, (("rel", "square", "left of", "circle"),))  # closed world: unstated is false
+    assert parse_graph(f"```json\n{GOOD_GRAPH}\n```", vocab) == scene
+    bad = {
+        "zzz": "not JSON",
+        "Sure! " + GOOD_GRAPH: "not JSON",
+        '{"objects": [], "relations": []}': "non-empty",
+        '{"objects": [{"name": "dog", "colour": "red"}]}': "name 'dog'",
+        '{"objects": [{"name": "circle", "colour": "teal"}]}': "colour 'teal'",
+        '{"objects": [{"name": "circle", "colour": "red"}], "extra": 1}': "keys",
+        '{"objects": [{"name": "circle", "colour": "red"}, {"name": "circle", "colour": "blue"}]}': "repeat",
+        '{"objects": [{"name": "circle", "colour": "red"}], "relations": [{"subject": "circle", '
+        '"relation": "above", "object": "square"}]}': "object 'square'",
+        '[1, 2]': "expected an object",
+    }
+    for text, reason in bad.items():
+        with pytest.raises(GraphError, match=reason):
+            parse_graph(text, vocab)
+
+
+class _PlantedGenerator:
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def generate(self, requests):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(completions=[SimpleNamespace(text=self.outputs[r["messages"][0]["content"]
+                                                                         .rsplit("Caption: ", 1)[1]])])
+                for r in requests]
+
+
+def test_caption_graphs_give_items_true_to_the_caption_and_junk_is_counted_as_skipped(world):
+    from jobs.finer.captions import caption_probes, describe, extract
+
+    _, data = world
+    vocab = _vocab()
+    scenes = {i: data.scenes[i] for i in list(data.scenes)[:8] if len(data.scenes[i].objects) >= 2}
+    texts = {i: describe(s) for i, s in scenes.items()}
+    as_json = {texts[i]: json.dumps({"objects": [{"name": o.shape, "colour": o.colour, "size": o.size}
+                                                 for o in s.objects]}) for i, s in scenes.items()}
+    junk = list(scenes)[0]
+    as_json[texts[junk]] = "I think the image shows shapes."
+    graphs, skipped = extract(_PlantedGenerator(as_json), texts, vocab)
+    assert set(graphs) == set(scenes) - {junk} and sum(skipped.values()) == 1 and "not JSON" in skipped
+    probes, _ = caption_probes(graphs, BuildConfig(kinds=["multi_obj", "multi_attr", "wh"]), vocab,
+                               np.random.default_rng(0))
+    assert probes
+    for p in probes:  # truth against the real scene the caption describes
+        assert q.holds(scenes[p.image_id], p.positive)
+        assert all(not q.holds(scenes[p.image_id], n) for n in p.negatives)
+
+
+def test_a_real_generator_on_a_tiny_model_writes_junk_that_is_counted_as_skipped(ray_local, world):
+    from explab.servers import get_server
+    from jobs.finer.captions import describe, extract
+
+    _, data = world
+    texts = {i: describe(data.scenes[i]) for i in list(data.scenes)[:3]}
+    generator = get_server("generator", "tiny:llama", {"backend": "transformers", "max_wait_ms": 20})
+    graphs, skipped = extract(generator, texts, _vocab(), max_tokens=16)
+    assert graphs == {} and sum(skipped.values()) == 3
+

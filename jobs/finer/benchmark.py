@@ -28,7 +28,7 @@ from pydantic import Field
 from explab.config import Section
 from explab.errors import ConfigError
 from jobs.finer import queries as q
-from jobs.finer.scenes import Scene, SceneConfig, random_scene, relations, render
+from jobs.finer.scenes import COLOURS, RELATIONS, SHAPES, SIZES, Scene, SceneConfig, random_scene, relations, render
 
 LETTERS = "ABCDE"
 N_OPTIONS = 5
@@ -52,7 +52,11 @@ class BuildConfig(Section):
         default_factory=lambda: list(q.KINDS), min_length=1)
     max_objects_named: int = Field(3, ge=1)  # multi_obj / multi_attr: 1..this many objects
     max_relations: int = Field(3, ge=1, le=3)  # multi_rel: 1..this many relations (the authors: <= 3)
-    shuffle_options: bool = True  # a seeded order per row; False: the options in alphabetical order
+    shuffle_options: bool = True  # a seeded order per row; False: the order `option_order` names
+    # with shuffle_options False: "alphabetical" (by option text) or "vocabulary" (by the elements the option
+    # names, in the world's fixed order of colours, shapes, sizes, relations: with one element varying, as in
+    # a one-object colour world, option k always names the k-th colour)
+    option_order: Literal["alphabetical", "vocabulary"] = "alphabetical"
 
 
 def vocabulary(scene_config: SceneConfig) -> dict[str, list[str]]:
@@ -109,20 +113,45 @@ def probe(scene: Scene, image_id: str, kind: str, vocab: dict[str, list[str]], b
     return Probe(image_id, kind, positive, negatives, tuple(second[i] for i in picks))
 
 
-def row_options(p: Probe, polarity: str) -> tuple[str, list[str]]:
-    """The question and its five options, the right one first."""
+def _named_options(p: Probe, polarity: str) -> tuple[str, list[tuple[str, q.Query]]]:
+    """The question and its five options with the query each option names, the right one first."""
     if polarity == "pos":
         if p.kind == "wh":
-            wrong = [q.yes(n) for n in p.negatives[1:]] + [q.absent(p.positive)]
+            wrong = [(q.yes(n), n) for n in p.negatives[1:]] + [(q.absent(p.positive), ())]
         else:
-            wrong = [q.no_but(p.positive, n) for n in p.negatives]
-        return q.ask(p.positive), [q.yes(p.positive), *wrong]
+            wrong = [(q.no_but(p.positive, n), n) for n in p.negatives]
+        return q.ask(p.positive), [(q.yes(p.positive), p.positive), *wrong]
     asked = p.negatives[0]
     if p.kind == "wh":
-        wrong = [q.yes(((*asked[0][:2], p.positive[0][2]),))] + [q.yes(d) for d in p.neg_distractors]
+        claimed = ((*asked[0][:2], p.positive[0][2]),)
+        wrong = [(q.yes(claimed), claimed)] + [(q.yes(d), d) for d in p.neg_distractors]
     else:
-        wrong = [q.yes(asked)] + [q.no_but(asked, d) for d in p.neg_distractors]
-    return q.ask(asked), [q.no_but(asked, p.positive), *wrong]
+        wrong = [(q.yes(asked), asked)] + [(q.no_but(asked, d), d) for d in p.neg_distractors]
+    return q.ask(asked), [(q.no_but(asked, p.positive), p.positive), *wrong]
+
+
+def row_options(p: Probe, polarity: str) -> tuple[str, list[str]]:
+    """The question and its five options, the right one first."""
+    question, named = _named_options(p, polarity)
+    return question, [text for text, _ in named]
+
+
+_WORLD_ORDER = {w: i for i, w in enumerate([*COLOURS, *SHAPES, *SIZES, *RELATIONS])}
+
+
+def _world_key(text_and_query: tuple[str, q.Query]) -> tuple[Any, ...]:
+    """Sort key of an option: the world-order indices of the elements its query names, then its text."""
+    text, query = text_and_query
+    return (tuple(tuple(_WORLD_ORDER.get(x, -1) for x in clause[1:] if x is not None) for clause in query), text)
+
+
+def _order(named: list[tuple[str, q.Query]], rng: np.random.Generator, build: BuildConfig) -> np.ndarray:
+    """The permutation that lays out a row's options (``order[k]`` = index into ``named`` shown k-th)."""
+    if build.shuffle_options:
+        return rng.permutation(N_OPTIONS)
+    if build.option_order == "vocabulary":
+        return np.asarray(sorted(range(len(named)), key=lambda i: _world_key(named[i])))
+    return np.argsort([text for text, _ in named])
 
 
 def mc_prompt(question: str, choices: list[str]) -> str:
@@ -139,10 +168,11 @@ def items(p: Probe, rng: np.random.Generator, build: BuildConfig, split: str, so
     """The two MC rows of a probe (pos first), with their provenance."""
     rows = []
     for polarity in ("pos", "neg"):
-        question, options = row_options(p, polarity)
+        question, named = _named_options(p, polarity)
+        options = [text for text, _ in named]
         if len(set(options)) != N_OPTIONS:
             raise ConfigError(f"probe {p.image_id}/{p.kind} gave repeated options: enlarge the vocabulary")
-        order = rng.permutation(N_OPTIONS) if build.shuffle_options else np.argsort(options)
+        order = _order(named, rng, build)
         choices = [options[i] for i in order]
         asked = p.positive if polarity == "pos" else p.negatives[0]
         rows.append({

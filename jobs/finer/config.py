@@ -36,12 +36,36 @@ class HubBenchmark(Section):
     """A published benchmark on the Hugging Face hub, read into the job's item schema (`hub.py`)."""
 
     name: str
-    data: str  # hf:<dataset id>
+    data: str  # hf:<dataset id> or local:<path> (parquet / json / jsonl / csv file, or a save_to_disk directory)
     format: Literal["finer_mcq", "pope", "mcq_letter"] = "finer_mcq"
     split: str = "test"
     config_name: str | None = None
     limit: int | None = Field(None, ge=1)
+    columns: dict[str, str] = Field(default_factory=dict)  # dataset column -> the name the format reads
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class FilterConfig(Section):
+    """The filtering pass: a strong VLM that must answer a pair's positive row right for the pair to stay."""
+
+    model: ModelSpec
+    server: dict[str, Any] = Field(default_factory=dict)  # HookedModel server options
+
+
+class CaptionConfig(Section):
+    """Benchmark construction from captions: an LLM (served `Generator`) extracts each caption's scene graph.
+
+    ``data``: ``synthetic`` (captions written from the synthetic test scenes, `captions.describe`, their
+    rendered images) or a dataset (``hf:<id>`` / ``local:<path>``, as `HubBenchmark`) with ``image`` and
+    ``caption`` columns (rename others with ``columns``)."""
+
+    generator: ModelSpec
+    server: dict[str, Any] = Field(default_factory=dict)  # Generator server options
+    data: str = "synthetic"
+    split: str = "test"
+    columns: dict[str, str] = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1)
+    max_tokens: int = Field(256, ge=8)
 
 
 class Config(JobConfig):
@@ -51,6 +75,8 @@ class Config(JobConfig):
     build: BuildConfig = Field(default_factory=BuildConfig)
     n_images: dict[Literal["train", "test"], int] = Field(default_factory=lambda: {"train": 2000, "test": 500})
     synthetic_eval: bool = True  # evaluate on the synthetic test split
+    captions: CaptionConfig | None = None  # None: no caption-built items
+    filter: FilterConfig | None = None  # None: keep every built item (synthetic answers are checked by construction)
     benchmarks: list[HubBenchmark] = Field(default_factory=list)  # released benchmarks (FINER-CompreCap, POPE, ...)
     tuning: TuningConfig | None = Field(default_factory=TuningConfig)  # None: evaluate the base models only
     ablations: list[TuningConfig] = Field(default_factory=list)  # e.g. SFT, negatives-only

@@ -21,11 +21,11 @@ from explab.job import Job
 from explab.models import ModelSpec
 from explab.runs import RunContext
 from explab.servers import stop_server
-from jobs.finer import hub, plots, tuning
-from jobs.finer.benchmark import Synthetic, items, synthetic, training_pairs
-from jobs.finer.config import Config, TuningConfig
+from jobs.finer import captions, filtering, hub, plots, tuning
+from jobs.finer.benchmark import Synthetic, items, synthetic, training_pairs, vocabulary
+from jobs.finer.config import Config, HubBenchmark, TuningConfig
 from jobs.finer.evaluate import evaluate
-from jobs.finer.metrics import by_granularity, score
+from jobs.finer.metrics import by_granularity, score, yes_no_scores
 
 
 def _items(config: Config, data: Synthetic, seed: int) -> pd.DataFrame:
@@ -40,13 +40,38 @@ def _pairs(config: Config, variant: TuningConfig, data: Synthetic, seed: int) ->
             for row in training_pairs(p, data.images[p.image_id], rng, variant.mode, variant.format, config.build)]
 
 
+def _caption_items(ctx: RunContext, config: Config, data: Synthetic) -> tuple[pd.DataFrame, dict[str, Any], dict]:
+    """Items built from captions through the Generator (`captions.py`), their images and the counts."""
+    source = config.captions
+    if source.data == "synthetic":
+        texts = {i: captions.describe(data.scenes[i]) for i in data.scenes if i.startswith("test-")}
+        images = {i: data.images[i] for i in texts}
+    else:
+        ds = hub.fetch(HubBenchmark(name="captions", data=source.data, split=source.split, columns=source.columns,
+                                    limit=source.limit))
+        texts, images = {}, {}
+        for k, ex in enumerate(ds):
+            texts[f"caption-{k:05d}"] = str(ex["caption"])
+            images[f"caption-{k:05d}"] = ex["image"]
+    vocab = vocabulary(config.scenes)
+    generator = ctx.model(source.generator, "generator", source.server or None)
+    graphs, refused = captions.extract(generator, texts, vocab, source.max_tokens)
+    probes, no_probe = captions.caption_probes(graphs, config.build, vocab, np.random.default_rng(config.seed + 3))
+    rng = np.random.default_rng(config.seed + 4)
+    rows = [row for p in probes for row in items(p, rng, config.build, "test", "captions")]
+    counts = {"captions": len(texts), "graphs": len(graphs), "skipped": sum(refused.values()),
+              "skipped_by_reason": dict(refused), "no_probe": no_probe, "items": len(rows)}
+    return pd.DataFrame(rows), images, counts
+
+
 def _score_rows(model: str, variant: str, scored: pd.DataFrame) -> tuple[list[dict], list[pd.DataFrame]]:
     rows, levels = [], []
     for benchmark, frame in scored.groupby("benchmark", sort=False):
         splits = [("all", frame)] + list(frame.groupby("kind", sort=False))
+        yes_no = bool(frame["choices"].map(lambda c: list(c) == ["Yes", "No"]).all())
         for split, part in splits:
             rows.append({"model": model, "variant": variant, "tuned": variant != "base", "benchmark": benchmark,
-                         "split": split, **score(part)})
+                         "split": split, **score(part), **(yes_no_scores(part) if yes_no else {})})
         levels.append(by_granularity(frame).assign(model=model, variant=variant, benchmark=benchmark))
     return rows, levels
 
@@ -63,15 +88,26 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     eval_sets: dict[str, Any] = {}
     data = synthetic(config.scenes, config.build, dict(config.n_images), config.seed)
     built = _items(config, data, config.seed + 1)
+    filtered: dict[str, int] = {}
+    if config.filter is not None and not built.empty:
+        handle = ctx.model(config.filter.model, "hooked", config.filter.server or None)
+        built, filtered = filtering.filter_pairs(handle, built, data.images)
+        stop_server(handle.name)
     if config.synthetic_eval and not built.empty:
         eval_sets["synthetic"] = (built, data.images)
+    caption_counts: dict[str, Any] = {}
+    if config.captions is not None:
+        caption_frame, caption_images, caption_counts = _caption_items(ctx, config, data)
+        if not caption_frame.empty:
+            eval_sets["captions"] = (caption_frame, caption_images)
     for bench in config.benchmarks:
         eval_sets[bench.name] = hub.load(bench)
     all_items = pd.concat([frame.assign(benchmark=name) for name, (frame, _) in eval_sets.items()],
                           ignore_index=True)
     ctx.save_table("items", all_items)
     ctx.save_json("construction", {"probes": {k: len(v) for k, v in data.probes.items()},
-                                   "skipped": data.skipped, "images": len(data.images)})
+                                   "skipped": data.skipped, "images": len(data.images),
+                                   "filter": filtered, "captions": caption_counts})
     rows: list[dict] = []
     levels: list[pd.DataFrame] = []
     predictions: list[pd.DataFrame] = []

@@ -80,3 +80,18 @@ def by_granularity(rows: pd.DataFrame) -> pd.DataFrame:
         columns={"mean": "row_accuracy", "size": "rows"})
     pair_acc = pairs.groupby("granularity")["both"].mean().rename("paired_accuracy")
     return row_acc.join(pair_acc).reset_index()
+
+
+def yes_no_scores(rows: pd.DataFrame) -> dict[str, float]:
+    """POPE's scores of yes/no rows (choices ``["Yes", "No"]``, ``gt_index`` 0 = yes): accuracy, precision,
+    recall and F1 of the "yes" class, and the share of "yes" answers; an invalid answer counts as wrong and
+    as neither yes nor no."""
+    truth_yes = rows["gt_index"] == 0
+    said_yes, said_no = rows["pred"] == 0, rows["pred"] == 1
+    tp = float((truth_yes & said_yes).sum())
+    precision = tp / float(said_yes.sum()) if said_yes.any() else 0.0
+    recall = tp / float(truth_yes.sum()) if truth_yes.any() else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    correct = (truth_yes & said_yes) | (~truth_yes & said_no)
+    return {"yn_accuracy": float(correct.mean()), "yn_precision": precision, "yn_recall": recall, "yn_f1": f1,
+            "yes_ratio": float(said_yes.mean())}

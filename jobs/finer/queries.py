@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from explab.errors import ExplabError
-from jobs.finer.scenes import RELATIONS, Scene, relation_holds
+from jobs.finer.scenes import RELATIONS, Scene
 
 Clause = tuple[Any, ...]
 Query = tuple[Clause, ...]
@@ -33,7 +33,7 @@ def clause_holds(scene: Scene, clause: Clause) -> bool:
     if tag == "rel":
         _, a, rel, b = clause
         subj, obj = scene.find(shape=a), scene.find(shape=b)
-        return any(relation_holds(x, rel, y) for x in subj for y in obj if x is not y)
+        return any(scene.related(x, rel, y) for x in subj for y in obj if x is not y)
     if tag == "wh":
         _, shape, colour = clause
         return bool(scene.find(shape=shape, colour=colour))

@@ -35,7 +35,7 @@ class SceneConfig(Section):
     """The synthetic world: vocabulary, layout and how many objects a scene holds."""
 
     colours: list[str] = Field(default_factory=lambda: list(COLOURS)[:6], min_length=2)
-    shapes: list[str] = Field(default_factory=lambda: list(SHAPES), min_length=2)
+    shapes: list[str] = Field(default_factory=lambda: list(SHAPES), min_length=1)  # 1: a colour-only world
     sizes: list[str] = Field(default_factory=lambda: list(SIZES), min_length=1)
     grid: int = Field(3, ge=2, le=6)  # cells per side
     min_objects: int = Field(2, ge=1)
@@ -74,8 +74,18 @@ class Obj:
 
 @dataclass(frozen=True)
 class Scene:
+    """Objects in cells. ``stated`` (a graph read from a caption, `captions.parse_graph`): the relations as
+    (subject index, relation, object index) triples, the only true ones; None: read off the cells."""
+
     objects: tuple[Obj, ...]
     grid: int
+    stated: tuple[tuple[int, str, int], ...] | None = None
+
+    def related(self, a: Obj, rel: str, b: Obj) -> bool:
+        """Whether ``a rel b`` holds: a stated triple, or the cells' relation (`relation_holds`)."""
+        if self.stated is None:
+            return relation_holds(a, rel, b)
+        return (self.objects.index(a), rel, self.objects.index(b)) in self.stated
 
     def find(self, shape: str | None = None, colour: str | None = None, size: str | None = None) -> list[Obj]:
         """The objects matching every given attribute."""
@@ -84,7 +94,8 @@ class Scene:
                 and (size is None or o.size == size)]
 
     def to_dict(self) -> dict:
-        return {"grid": self.grid, "objects": [o.__dict__ for o in self.objects]}
+        return {"grid": self.grid, "objects": [o.__dict__ for o in self.objects],
+                "stated": None if self.stated is None else [list(t) for t in self.stated]}
 
 
 def relation_holds(a: Obj, rel: str, b: Obj) -> bool:
@@ -103,7 +114,7 @@ def relation_holds(a: Obj, rel: str, b: Obj) -> bool:
 def relations(scene: Scene) -> list[tuple[Obj, str, Obj]]:
     """Every true (subject, relation, object) triple of the scene."""
     return [(a, r, b) for a in scene.objects for b in scene.objects if a is not b
-            for r in RELATIONS if relation_holds(a, r, b)]
+            for r in RELATIONS if scene.related(a, r, b)]
 
 
 def random_scene(rng: np.random.Generator, config: SceneConfig) -> Scene:
