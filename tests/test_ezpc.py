@@ -200,8 +200,14 @@ def test_bad_concept_file_is_one_clear_line_and_no_run(tmp_path, cli):
     assert not (tmp_path / "runs").exists()
 
 
-def test_tiny_config_runs_end_to_end_through_the_cli(monkeypatch, tmp_path, ray_local, cli):
-    monkeypatch.delenv("EXPLAB_CACHE", raising=False)
+@pytest.fixture(scope="module")
+def ezpc_cache(tmp_path_factory):
+    """One embedding cache for this module's runs of the tiny config (the first computes, later ones reuse)."""
+    return tmp_path_factory.mktemp("ezpc-cache")
+
+
+def test_tiny_config_runs_end_to_end_through_the_cli(monkeypatch, tmp_path, ray_local, cli, ezpc_cache):
+    monkeypatch.setenv("EXPLAB_CACHE", str(ezpc_cache))
     code, out, err = cli("run", "ezpc", "-c", "tiny", "--runs-dir", str(tmp_path / "runs"))
     assert code == 0, err
     run_dir = Path(out.strip().splitlines()[-1])
@@ -328,13 +334,14 @@ def test_kendall_tau_beside_spearman_by_hand():
     assert "kendall" in metrics.zero_shot(a, b, np.array([3, 3, 3]))
 
 
-def test_tiny_config_at_the_papers_logit_scale(monkeypatch, tmp_path, ray_local, cli):
+def test_tiny_config_at_the_papers_logit_scale(monkeypatch, tmp_path, ray_local, cli, ezpc_cache):
     """The tiny config at the authors' scale (raw cosines, 1) instead of its 100: a random tiny CLIP's
     class cosines differ by ~0.01, so the KL term is negligible next to MSE(A, Cᵀ) and A stays at the
     concepts — the bottleneck does not gain the agreement it gains at 100 (the end-to-end test above)."""
-    monkeypatch.delenv("EXPLAB_CACHE", raising=False)
+    monkeypatch.setenv("EXPLAB_CACHE", str(ezpc_cache))  # the end-to-end test's embeddings, reused
     code, out, err = cli("run", "ezpc", "-c", "tiny", "--runs-dir", str(tmp_path / "runs"),
-                         "--set", "train.logit_scale=1.0")
+                         "--set", "train.logit_scale=1.0", "--set", "eval.explain_images=0",
+                         "--set", "eval.region_images=0", "--set", "eval.explanations_table=8")
     assert code == 0, err
     results = pd.read_parquet(Path(out.strip().splitlines()[-1]) / "tables" / "results.parquet").iloc[0]
     assert results["col_norm_max_dev"] < 1e-5
