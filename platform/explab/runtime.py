@@ -15,12 +15,12 @@ unreachable one is one line instead of a hang. Once Ray is up, SIGTERM stops a r
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
 import socket
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +73,8 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
     if address:
         check_reachable(address)
         try:
-            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
+            with loopback_node() if loopback_only(address) else contextlib.nullcontext():
+                ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as error:
             raise ExplabError(f"could not join the Ray cluster at {address} ({one_line(error)}): start it "
                               "(`ray start --head`) or fix --address / RAY_ADDRESS") from None
@@ -100,7 +101,7 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
 _CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-@contextmanager
+@contextlib.contextmanager
 def loopback_node():
     """While Ray starts an embedded node: its node IP is 127.0.0.1, so the GCS, raylet, dashboard agent,
     runtime-env agent, metrics export and workers listen on loopback only. The switch is Ray's
@@ -120,6 +121,25 @@ def loopback_node():
             os.environ.pop(_CLUSTER_SWITCH, None)
         else:
             os.environ[_CLUSTER_SWITCH] = before_env
+
+
+def loopback_only(address: str) -> bool:
+    """Whether ``address`` is a loopback ``HOST:PORT`` that answers on 127.0.0.1 but not on this machine's
+    address: an embedded explab Ray (`loopback_node`) joined from another process. Ray would rewrite the
+    loopback host to the machine's address and never reach it, so joining it takes the same switch."""
+    import ray.util
+
+    host, sep, port = (address.split("://", 1)[-1]).rstrip("/").rpartition(":")
+    if not sep or not port.isdigit() or host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+        return False
+    machine = ray.util.get_node_ip_address()
+    if machine in ("127.0.0.1", "::1"):
+        return False
+    try:
+        with socket.create_connection((machine, int(port)), timeout=1.0):
+            return False
+    except OSError:
+        return True
 
 
 def _start_embedded(ray, num_cpus: int | None, dashboard: bool, dashboard_port: int | None, temp_dir: Path) -> None:
