@@ -129,14 +129,14 @@ def loopback_only(address: str) -> bool:
     loopback host to the machine's address and never reach it, so joining it takes the same switch."""
     import ray.util
 
-    host, sep, port = (address.split("://", 1)[-1]).rstrip("/").rpartition(":")
-    if not sep or not port.isdigit() or host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+    target = host_port(address)
+    if target is None or target[0] not in ("127.0.0.1", "localhost", "::1"):
         return False
     machine = ray.util.get_node_ip_address()
     if machine in ("127.0.0.1", "::1"):
         return False
     try:
-        with socket.create_connection((machine, int(port)), timeout=1.0):
+        with socket.create_connection((machine, target[1]), timeout=1.0):
             return False
     except OSError:
         return True
@@ -156,18 +156,25 @@ def _start_embedded(ray, num_cpus: int | None, dashboard: bool, dashboard_port: 
     )
 
 
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``HOST:PORT`` or ``scheme://HOST:PORT`` address (brackets of an IPv6 host
+    dropped); None when it has no numeric port."""
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = target.rstrip("/").rpartition(":")
+    return (host.strip("[]"), int(port)) if sep and port.isdigit() else None
+
+
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """One line, within ``timeout_s``, when nothing listens at a ``HOST:PORT`` or ``ray://HOST:PORT``
     address (``auto`` is left to Ray, which answers at once when there is no local cluster)."""
-    target = address.split("://", 1)[1] if "://" in address else address
     if address == "auto" or address.startswith(("http://", "https://")):
         return
-    host, sep, port = target.rstrip("/").rpartition(":")
-    if not sep or not port.isdigit():
+    target = host_port(address)
+    if target is None:
         raise ExplabError(f"--address {address!r} is not HOST:PORT, ray://HOST:PORT or auto: give the cluster's "
                           "GCS address (HOST:6379) or its Ray Client address (ray://HOST:10001)")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+        with socket.create_connection(target, timeout=timeout_s):
             pass
     except OSError as error:
         reason = "timed out" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__)
