@@ -180,40 +180,64 @@ def bench_model(spec: dict, args: argparse.Namespace) -> dict[str, Any]:
     systems: dict[str, Any] = {"explab": Explab(server, layers)}
     for cls in (TransformerLens, NNsight):
         systems[cls.name] = cls(copy.deepcopy(model), tok, folder)
-    pairs = prompts(tok, args.prompts, args.tokens)
-    texts, ids = [p[0] for p in pairs], [p[1] for p in pairs]
+    # prompts of their own for the warm-up and for each repeat of the capture/steering runs and of the
+    # sweep: explab's server keeps the prefills of prompts it generated from (its prefix cache), so no
+    # timed run may start with prompts an earlier one already sent
+    per_rep = args.prompts + args.sweep_prompts
+    pairs = prompts(tok, 2 + args.repeats * per_rep, args.tokens)
+    warm = [p[1] for p in pairs[:2]]
+    warm_texts = [p[0] for p in pairs[:2]]
+    reps = [pairs[2 + r * per_rep: 2 + (r + 1) * per_rep] for r in range(args.repeats)]
+    main = [([p[0] for p in rep[: args.prompts]], [p[1] for p in rep[: args.prompts]]) for rep in reps]
+    sweep = [([p[0] for p in rep[args.prompts:]], [p[1] for p in rep[args.prompts:]]) for rep in reps]
     layer = layers // 3
     g = torch.Generator().manual_seed(1)
     direction = torch.randn(model.config.hidden_size, generator=g)
-    resid = systems["transformer_lens"].capture(torch.tensor(ids[:2]))[layer]
+    resid = systems["transformer_lens"].capture(torch.tensor(warm))[layer]
     norm = float(resid.float().norm(dim=-1).mean())
     vector = direction / direction.norm() * norm * args.strength  # a strength relative to the residual norm
     report: dict[str, Any] = {"model": spec["name"], "layers": layers, "hidden": model.config.hidden_size}
 
     # warm up each system on two prompts
-    systems["explab"].capture(ids[:2])
-    systems["explab"].steer(texts[:2], layer, vector, 1.0, 2)
+    systems["explab"].capture(warm)
+    systems["explab"].steer(warm_texts, layer, vector, 1.0, 2)
     for name in ("transformer_lens", "nnsight"):
-        systems[name].capture(torch.tensor(ids[:2]))
-        systems[name].steer(torch.tensor(ids[:2]), layer, vector, 2)
+        systems[name].capture(torch.tensor(warm))
+        systems[name].steer(torch.tensor(warm), layer, vector, 2)
 
     workloads = {w.strip() for w in args.workloads.split(",")}
     # 1. capture
     if "capture" in workloads:
-        _capture(systems, ids, args, report)
+        _best(report, "capture", [_capture(systems, ids, args) for _, ids in main])
 
     # 2. steered generation, one setting
     if "steer" in workloads:
-        _steer(systems, texts, ids, layer, vector, eos, args, report)
+        _best(report, "steer", [_steer(systems, texts, ids, layer, vector, eos, args) for texts, ids in main])
 
     # 3. steering sweep: strengths x prompts
     if "sweep" in workloads:
-        _sweep(systems, texts, ids, layer, vector, eos, args, report)
-    report["server_batching"] = server.stats()["batching"]["batcher"]
+        _best(report, "sweep", [_sweep(systems, texts, ids, layer, vector, eos, args) for texts, ids in sweep])
+    stats = server.stats()
+    report["server_batching"] = stats["batching"]["batcher"]
+    report["prefix_cache"] = stats["prefix_cache"]
     return report
 
 
-def _capture(systems: dict[str, Any], ids: list[list[int]], args: argparse.Namespace, report: dict) -> None:
+def _best(report: dict[str, Any], workload: str, runs: list[dict[str, Any]]) -> None:
+    """Each system's fastest repeat (highest tokens/s; rates and ratios from it); ``tokens_agree``: the
+    lowest over the repeats."""
+    best = {name: max(runs, key=lambda run, n=name: run["tokens"][n] / run["seconds"][n])
+            for name in runs[0]["seconds"]}
+    report[workload] = _rates({n: run["seconds"][n] for n, run in best.items()},
+                              {n: run["seqs"] for n, run in best.items()},
+                              {n: run["tokens"][n] for n, run in best.items()})
+    report[workload]["all_s"] = {name: [round(run["seconds"][name], 3) for run in runs] for name in best}
+    if "agree" in runs[0]:
+        report[workload]["tokens_agree"] = {name: min(run["agree"][name] for run in runs)
+                                            for name in runs[0]["agree"]}
+
+
+def _capture(systems: dict[str, Any], ids: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     t, _ = _timed(lambda: systems["explab"].capture(ids))
     res["explab"] = t
@@ -221,11 +245,11 @@ def _capture(systems: dict[str, Any], ids: list[list[int]], args: argparse.Names
         sysm = systems[name]
         t, _ = _timed(lambda s=sysm: [s.capture(torch.tensor(b)) for b in _chunks(ids, args.batch)])
         res[name] = t
-    report["capture"] = _rates(res, args.prompts, args.prompts * args.tokens)
+    return {"seconds": res, "seqs": len(ids), "tokens": {name: len(ids) * args.tokens for name in res}}
 
 
 def _steer(systems: dict[str, Any], texts: list[str], ids: list[list[int]], layer: int, vector: torch.Tensor,
-           eos: set[int], args: argparse.Namespace, report: dict) -> None:
+           eos: set[int], args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     outs: dict[str, Any] = {}
     t, out = _timed(lambda: systems["explab"].steer(texts, layer, vector, 1.0, args.new_tokens))
@@ -236,14 +260,13 @@ def _steer(systems: dict[str, Any], texts: list[str], ids: list[list[int]], laye
                                         for row in s.steer(torch.tensor(b), layer, vector, args.new_tokens)])
         res[name], outs[name] = t, [_useful(o, eos) for o in out]
     toks = {k: sum(map(len, v)) for k, v in outs.items()}
-    report["steer"] = _rates(res, args.prompts, toks)
-    report["steer"]["tokens_agree"] = _agree(outs, eos)
+    return {"seconds": res, "seqs": len(ids), "tokens": toks, "agree": _agree(outs, eos)}
 
 
 def _sweep(systems: dict[str, Any], texts: list[str], ids: list[list[int]], layer: int, vector: torch.Tensor,
-           eos: set[int], args: argparse.Namespace, report: dict) -> None:
+           eos: set[int], args: argparse.Namespace) -> dict[str, Any]:
     alphas = [2.0 * k / max(args.strengths - 1, 1) for k in range(args.strengths)]
-    sweep_texts, sweep_ids = texts[: args.sweep_prompts], ids[: args.sweep_prompts]
+    sweep_texts, sweep_ids = texts, ids
     res, outs = {}, {}
     results: dict[float, list[list[int]]] = {}
 
@@ -268,8 +291,7 @@ def _sweep(systems: dict[str, Any], texts: list[str], ids: list[list[int]], laye
         t, out = _timed(loop)
         res[name], outs[name] = t, [_useful(o, eos) for o in out]
     toks = {k: sum(map(len, v)) for k, v in outs.items()}
-    report["sweep"] = _rates(res, len(alphas) * len(sweep_ids), toks)
-    report["sweep"]["tokens_agree"] = _agree(outs, eos)
+    return {"seconds": res, "seqs": len(alphas) * len(sweep_ids), "tokens": toks, "agree": _agree(outs, eos)}
 
 
 def _agree(outs: dict[str, list[list[int]]], eos: set[int]) -> dict[str, float]:
@@ -279,11 +301,10 @@ def _agree(outs: dict[str, list[list[int]]], eos: set[int]) -> dict[str, float]:
             for name, rows in outs.items() if name != "explab"}
 
 
-def _rates(seconds: dict[str, float], seqs: int, tokens: int | dict[str, int]) -> dict[str, Any]:
+def _rates(seconds: dict[str, float], seqs: dict[str, int], tokens: dict[str, int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, t in seconds.items():
-        n_tok = tokens[name] if isinstance(tokens, dict) else tokens
-        out[name] = {"s": round(t, 3), "seq_per_s": round(seqs / t, 2), "tok_per_s": round(n_tok / t, 1)}
+        out[name] = {"s": round(t, 3), "seq_per_s": round(seqs[name] / t, 2), "tok_per_s": round(tokens[name] / t, 1)}
     for name in ("transformer_lens", "nnsight"):
         out[f"explab/{name}"] = round(out["explab"]["tok_per_s"] / out[name]["tok_per_s"], 2)
     return out
@@ -302,12 +323,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64,
                         help="rows per batch, every system (the server's max_batch)")
     parser.add_argument("--strength", type=float, default=1.0, help="|v| / mean residual norm at the layer")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs per workload, each on prompts of its own; the fastest counts")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--layers", type=int, default=6, help="random Llama depth")
     parser.add_argument("--hidden", type=int, default=512, help="random Llama width")
     args = parser.parse_args()
-    if args.sweep_prompts > args.prompts:
-        parser.error("--sweep-prompts must not exceed --prompts")
 
     from explab import runtime
 

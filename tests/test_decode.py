@@ -273,3 +273,37 @@ def test_top_k_samples_only_among_the_k_most_likely_tokens() -> None:
     assert {sample_token(logits, SamplingParams(temperature=50.0, top_k=1), row_generator(7, i))
             for i in range(50)} == {1}
     assert len({sample_token(logits, SamplingParams(temperature=50.0), row_generator(7, i)) for i in range(300)}) == 6
+
+
+def test_growing_cache_equals_dynamic_cache_and_writes_steps_in_place() -> None:
+    from explab.interventions.kvcache import GrowingCache, full_attention
+
+    for kind in ("llama", "gpt2"):
+        model = tiny(kind)
+        assert full_attention(model)
+        ids, mask = left_pad(PROMPTS)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        caches = {"dynamic": T.DynamicCache(), "growing": GrowingCache(reserve=3)}
+        outs = {name: model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=True) for name, cache in caches.items()}
+        storage = caches["growing"].layers[0].keys.untyped_storage().data_ptr()
+        for step in range(6):  # past the reserve of 3: the buffers grow once
+            if step == 4:  # a reorder (beam search, prefill sharing) replaces the tensors; writing goes on
+                order = torch.tensor([2, 0, 1])
+                for name in outs:
+                    caches[name].reorder_cache(order)
+                    outs[name].logits = outs[name].logits[order]
+                mask = mask[order]
+            nxt = outs["dynamic"].logits[:, -1].argmax(-1, keepdim=True)
+            torch.testing.assert_close(outs["growing"].logits[:, -1], outs["dynamic"].logits[:, -1],
+                                       atol=1e-5, rtol=1e-5)
+            mask = torch.cat([mask, mask.new_ones((3, 1))], dim=1)
+            pos = (mask.cumsum(-1) - 1)[:, -1:]
+            outs = {name: model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                use_cache=True) for name, cache in caches.items()}
+            layer = caches["growing"].layers[0]
+            assert layer.keys.shape == caches["dynamic"].layers[0].keys.shape
+            torch.testing.assert_close(layer.keys, caches["dynamic"].layers[0].keys)
+            if step < 3:  # within the reserve every step lands in the same buffer: no copy of the cache
+                assert layer.keys.untyped_storage().data_ptr() == storage
+        torch.testing.assert_close(outs["growing"].logits, outs["dynamic"].logits, atol=1e-5, rtol=1e-5)

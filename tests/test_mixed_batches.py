@@ -288,3 +288,118 @@ def test_typed_constructors_fail_where_built_with_one_line() -> None:
     s = Steer(point=points.resid_post(L - 1), vector=torch.ones(D), alpha=2)
     assert s.vector == [1.0] * D and isinstance(s.vector[0], float)
     assert Steer.model_validate_json(s.model_dump_json()) == s
+
+
+def _prefill_rows(model):
+    """Record the batch size of every prefill (a forward without a filled KV cache)."""
+    sizes: list[int] = []
+
+    def hook(module, args, kwargs):
+        pkv = kwargs.get("past_key_values")
+        if pkv is None or pkv.get_seq_length() == 0:
+            sizes.append(int(kwargs["input_ids"].shape[0]))
+
+    return sizes, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_a_sweep_over_strengths_prefills_each_prompt_once_and_equals_each_row_alone() -> None:
+    model = tiny_char()
+    v = vec(7, 3.0)
+    alphas = [-2.0, 0.0, 1.0, 2.5]
+    prompts = [p for p in PROMPTS for _ in alphas]
+    params = [SamplingParams(temperature=0, max_tokens=8) for _ in prompts]
+    per_prompt = [
+        [Steer(point=points.resid_post(1), vector=v, alpha=a, positions="generated"),
+         Capture(point=points.resid_post(0), positions="generated")]
+        for _ in PROMPTS for a in alphas
+    ]
+    sizes, handle = _prefill_rows(model)
+    try:
+        batched = decode(model, TOK, prompts, params, per_prompt=per_prompt)
+        assert sizes == [len(PROMPTS)]  # 12 rows, 3 distinct prompts: one prefill of 3 rows
+        sizes.clear()
+        sampled = decode(model, TOK, PROMPTS[:1], SamplingParams(temperature=0.9, max_tokens=6, seed=3, n=4))
+        assert sizes == [1]  # n samples of one prompt share its prefill too
+        sizes.clear()
+        # a row whose spec acts on prompt positions (or records the prefill's last step) prefills every row
+        for spec in (Steer(point=points.resid_post(1), vector=v, positions="prompt"),
+                     Capture(point=points.resid_post(1), per_step=True)):
+            decode(model, TOK, prompts[:2], params[:2], per_prompt=[[spec], []])
+            assert sizes == [2]
+            sizes.clear()
+    finally:
+        handle.remove()
+    key = per_prompt[0][1].key
+    for p, prm, specs, got in zip(prompts, params, per_prompt, batched, strict=True):
+        ref = decode(model, TOK, [p], prm, specs)[0]
+        assert got.completions[0].token_ids == ref.completions[0].token_ids
+        torch.testing.assert_close(got.captures[0][key], ref.captures[0][key], atol=1e-4, rtol=1e-4)
+        assert torch.equal(got.capture_positions[0][key], ref.capture_positions[0][key])
+    # the same samples from a full prefill: a zero steer on the prompt turns the sharing off
+    off = [Steer(point=points.resid_post(0), vector=v, alpha=0.0, positions="prompt")]
+    full = decode(model, TOK, PROMPTS[:1], SamplingParams(temperature=0.9, max_tokens=6, seed=3, n=4), off)
+    assert [c.token_ids for c in sampled[0].completions] == [c.token_ids for c in full[0].completions]
+    assert len({tuple(c.token_ids) for c in sampled[0].completions}) > 1
+    tokens = [tuple(o.completions[0].token_ids) for o in batched[: len(alphas)]]
+    assert len(set(tokens)) > 1  # the strengths steer differently
+
+
+def test_a_prefix_cache_prefills_each_prompt_once_across_calls() -> None:
+    from explab.interventions.prefixes import PrefixCache
+
+    model = tiny_char()
+    v = vec(11, 3.0)
+    cache = PrefixCache(2**20)
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+
+    def sweep(alpha: float, prompts: list[list[int]], prefixes=cache):
+        specs = [[Steer(point=points.resid_post(1), vector=v, alpha=alpha, positions="generated"),
+                  Capture(point=points.mlp_out(0), positions="generated")] for _ in prompts]
+        return decode(model, TOK, prompts, greedy, per_prompt=specs, prefix_cache=prefixes)
+
+    sizes, handle = _prefill_rows(model)
+    try:
+        sweep(1.0, PROMPTS[:2])  # first sight of each prompt: remembered, not stored
+        assert sizes == [2] and cache.stats()["entries"] == 0
+        sizes.clear()
+        second = sweep(-2.0, PROMPTS)  # the first two seen again: stored; the third remembered
+        assert sizes == [3] and cache.stats()["entries"] == 2 and cache.hits == 0
+        sizes.clear()
+        third = sweep(0.5, PROMPTS)  # two known: only the third is prefilled (and now stored)
+        assert sizes == [1] and cache.hits == 2 and cache.stats()["entries"] == 3
+        sizes.clear()
+        fourth = sweep(-2.0, PROMPTS)
+        assert sizes == [] and cache.hits == 5
+        sizes.clear()
+        twice = [[2, *TOK.encode("a new prompt")]] * 2  # twice in one batch: stored at once
+        sweep(1.0, twice)
+        assert sizes == [1] and cache.stats()["entries"] == 4
+    finally:
+        handle.remove()
+    for alpha, got in ((-2.0, second), (0.5, third), (-2.0, fourth)):
+        ref = sweep(alpha, PROMPTS, prefixes=None)
+        for g, r in zip(got, ref, strict=True):
+            assert g.completions[0].token_ids == r.completions[0].token_ids
+            key = next(iter(r.captures[0]))
+            torch.testing.assert_close(g.captures[0][key], r.captures[0][key], atol=1e-4, rtol=1e-4)
+            assert torch.equal(g.capture_positions[0][key], r.capture_positions[0][key])
+    assert [o.completions[0].token_ids for o in second] != [o.completions[0].token_ids for o in third]
+
+
+def test_the_prefix_cache_drops_the_least_recently_used_prompt_past_its_bytes() -> None:
+    from explab.interventions.prefixes import Prefill, PrefixCache
+
+    def entry(n: int) -> Prefill:  # n positions of one head: 2 * n * 50 floats, and 28 logits
+        return Prefill(((torch.zeros(1, n, 50), torch.zeros(1, n, 50)),), torch.zeros(28))
+
+    size = entry(1).nbytes
+    assert size == (2 * 50 + 28) * 4
+    cache = PrefixCache(3 * size)
+    assert not cache.admit((1,)) and cache.admit((1,)) and cache.admit((2,), repeated=True)
+    for key in ((1,), (2,), (3,)):
+        cache.put(key, entry(1))
+    assert cache.get((1,)) is not None  # (2,) is now the least recently used
+    cache.put((4,), entry(1))
+    assert cache.get((2,)) is None and all(cache.get(k) is not None for k in ((1,), (3,), (4,)))
+    cache.put((5,), entry(4))  # bigger than the whole cache: not kept, nothing dropped for it
+    assert cache.get((5,)) is None and cache.stats()["entries"] == 3 and cache.stats()["bytes"] == 3 * size

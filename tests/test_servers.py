@@ -227,6 +227,31 @@ def test_concurrent_steering_sweep_shares_batches_and_equals_alone(hooked):
     assert len(tokens) > 1  # the settings really differ
 
 
+def test_a_sweep_prefills_its_prompt_once_on_the_server(hooked):
+    vector = np.random.default_rng(1).normal(size=64)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+
+    def request(alpha, *extra):
+        steer = Steer(point=points.resid_post(1), vector=vector, alpha=alpha, positions="generated")
+        return chat("A prompt only this test sends", params=params, interventions=[steer, *extra])
+
+    def cache():
+        return hooked.stats()["prefix_cache"]
+
+    before = cache()
+    results = [hooked.generate([request(alpha)])[0] for alpha in (-6.0, 0.0, 6.0)]
+    after = cache()
+    # first sight: remembered; second: stored; third: reused
+    assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (2, 1)
+    # the same rows with the prompt's own forward pass: a zero steer on the prompt turns the sharing off
+    off = Steer(point=points.resid_post(0), vector=vector, alpha=0.0, positions="prompt")
+    for alpha, got in zip((-6.0, 0.0, 6.0), results, strict=True):
+        full = hooked.generate([request(alpha, off)])[0]
+        assert got.completions[0].token_ids == full.completions[0].token_ids
+    assert cache()["hits"] == after["hits"]  # those did not use the cache
+    assert len({tuple(r.completions[0].token_ids) for r in results}) > 1
+
+
 def test_knockout_rows_run_in_their_own_batch(hooked):
     knock = Knockout(queries=Positions(kind="span", start=3), keys=Positions(kind="indices", indices=[1]))
     requests = [ForwardRequest(text=t, interventions=iv, return_logits="last") for t, iv in [

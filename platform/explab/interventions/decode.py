@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 from explab.errors import ExplabError
 from explab.generation import Completion, SamplingParams
 from explab.interventions.hooks import Spec, intervene
-from explab.interventions.specs import Capture, parse_interventions
+from explab.interventions.prefixes import PrefixCache, assemble, split
+from explab.interventions.specs import Capture, ProjectOut, Steer, batch_key, parse_interventions
 
 
 @dataclass
@@ -82,6 +84,19 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     return ids
 
 
+def _inert_in_prompt(specs: Sequence[Spec]) -> bool:
+    """Whether ``specs`` leave a prompt's forward pass untouched: every spec acts on (or captures)
+    generated positions only, with the model's own attention (no masks, no attention patterns)."""
+    if batch_key(specs):
+        return False
+    return all(
+        isinstance(s, (Steer, ProjectOut, Capture))
+        and s.positions.kind in ("generated", "paragraph")
+        and not (isinstance(s, Capture) and s.per_step)
+        for s in specs
+    )
+
+
 def _find_stop(text: str, stops: Sequence[str]) -> int:
     hits = [i for s in stops if s and (i := text.find(s)) >= 0]
     return min(hits) if hits else -1
@@ -97,6 +112,7 @@ def decode(
     *,
     per_prompt: Sequence[Sequence[Spec | Mapping[str, Any]]] | None = None,
     extra_inputs: Mapping[str, Any] | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> list[DecodeOutput]:
     """Generate for ``prompts`` (token ids) with per-prompt ``params`` and ``specs`` active at every step.
 
@@ -104,6 +120,12 @@ def decode(
     prompts still decode as one batch (see ``per_row`` of :func:`~explab.interventions.intervene`),
     and each prompt's result equals decoding it alone with its specs. ``extra_inputs`` (e.g.
     ``pixel_values``) go to the prefill forward as given; they must match the rows after ``n``-expansion.
+
+    When no spec of any row touches prompt positions (steering or captures on generated tokens: a
+    steering sweep, ``n`` samples), the prefill runs without hooks and once per distinct prompt; its KV
+    cache and last logits are copied to the prompt's rows. With ``prefix_cache`` (a server's
+    `~explab.interventions.prefixes.PrefixCache`), prompts prefilled by earlier calls are not run
+    again, and new ones are stored.
     """
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
@@ -149,15 +171,31 @@ def decode(
     texts = [""] * R
     finish: list[str | None] = [None] * R
     per_row = [own[i] for i, _ in rows] if own is not None else None
+    row_specs = [[*specs, *(own[i] if own is not None else ())] for i, _ in rows]
+    from explab.interventions.kvcache import full_attention  # imports transformers
+
+    # a KV cache with room for the new tokens (not copied at every step); sliding-window or
+    # linear-attention layers keep transformers' own cache, and no prefix cache
+    reserve = max(p.max_tokens for p in plist) if full_attention(model) else None
+    if reserve is None:
+        prefix_cache = None
+    prefilled = None
+    if extra_inputs is None and all(_inert_in_prompt(row) for row in row_specs):
+        prefilled = _prefill_apart(model, [prompts[i] for i, _ in rows], ids, mask, pos, keep1, prefix_cache, reserve)
     with intervene(model, specs, tokenizer=tokenizer, per_row=per_row) as session:
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            use_cache=True,
-            **keep1,
-            **(extra_inputs or {}),
-        )
+        if prefilled is None:
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                **_cache(reserve),
+                **keep1,
+                **(extra_inputs or {}),
+            )
+        else:  # the hooks did not see the prefill (nothing of theirs acts on it): give them its layout
+            session.track(input_ids=ids, attention_mask=mask)
+            out = prefilled
         while True:
             logits = out.logits[:, -1, :].float()
             nxt = [pad_id] * R
@@ -193,8 +231,7 @@ def decode(
         caps, cpos = session.captures, session.capture_positions
     results = [DecodeOutput(list(prompts[i]), []) for i in range(len(prompts))]
     for r, (i, _) in enumerate(rows):
-        row_specs = [*specs, *(own[i] if own is not None else ())]
-        asked = [s for s in row_specs if isinstance(s, Capture)]
+        asked = [s for s in row_specs[r] if isinstance(s, Capture)]
         per_step = {s.key for s in asked if s.per_step}
         g, limit = len(out_ids[r]), len(prompts[i]) + len(out_ids[r]) - 1
         comp = Completion(
@@ -216,6 +253,69 @@ def decode(
         results[i].captures.append(row_caps)
         results[i].capture_positions.append(row_pos)
     return results
+
+
+def _cache(reserve: int | None) -> dict[str, Any]:
+    """The prefill's ``past_key_values``: a `GrowingCache` with room for ``reserve`` tokens (None: the model's)."""
+    from explab.interventions.kvcache import GrowingCache
+
+    return {} if reserve is None else {"past_key_values": GrowingCache(reserve)}
+
+
+def _store(
+    cache: PrefixCache, keys: list[tuple[int, ...]], repeated: list[bool], out: Any, every: bool = False
+) -> dict[tuple[int, ...], Any]:
+    """Store the prefills of ``keys`` (the rows of ``out``, in order) that the cache admits; returns
+    those entries (``every``: the entries of all rows)."""
+    admitted = [cache.admit(key, rep) for key, rep in zip(keys, repeated, strict=True)]
+    rows = [i for i, yes in enumerate(admitted) if yes or every]
+    entries = split(out.past_key_values, out.logits[:, -1], [len(k) for k in keys], rows)
+    found = {keys[i]: entry for i, entry in zip(rows, entries, strict=True)}
+    for key, yes in zip(keys, admitted, strict=True):
+        if yes:
+            cache.put(key, found[key])
+    return found
+
+
+def _prefill_apart(
+    model: nn.Module,
+    prompts: list[Sequence[int]],
+    ids: Tensor,
+    mask: Tensor,
+    pos: Tensor,
+    keep1: dict[str, int],
+    cache: PrefixCache | None,
+    reserve: int | None,
+) -> Any:
+    """The batch's prefill (KV cache and last logits of every row), run without hooks and once per
+    distinct prompt not in ``cache``; None when that saves nothing (every prompt new and no cache)."""
+    first: dict[tuple[int, ...], int] = {}
+    index = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    if cache is None and len(first) == len(prompts):
+        return None
+    found = {key: cache.get(key) for key in first} if cache is not None else {}
+    missing = [key for key in first if found.get(key) is None]
+    counts = [index.count(u) for u in range(len(first))]
+    if len(missing) == len(first):  # nothing known: one prefill of the distinct prompts, copied to their rows
+        rows = [index.index(u) for u in range(len(first))]
+        out = model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=pos[rows], use_cache=True,
+                    **_cache(reserve), **keep1)
+        if cache is not None:
+            _store(cache, list(first), [counts[first[key]] > 1 for key in first], out)
+        if len(rows) < len(prompts):
+            chosen = torch.tensor(index, dtype=torch.long, device=ids.device)
+            out.past_key_values.reorder_cache(chosen)
+            out.logits = out.logits.index_select(0, chosen)
+        return out
+    if missing:  # the unknown prompts alone, at their own padded width
+        rows = [index.index(first[key]) for key in missing]
+        cols = slice(ids.shape[1] - max(map(len, missing)), None)
+        out = model(input_ids=ids[rows, cols], attention_mask=mask[rows, cols], position_ids=pos[rows, cols],
+                    use_cache=True, **keep1)
+        repeated = [counts[first[key]] > 1 for key in missing]
+        found.update(_store(cache, missing, repeated, out, every=True))  # type: ignore[arg-type]
+    kv, logits = assemble([found[tuple(p)] for p in prompts], ids.shape[1], reserve or 0)  # type: ignore[misc]
+    return SimpleNamespace(past_key_values=kv, logits=logits)
 
 
 __all__ = ["DecodeOutput", "decode", "row_generator", "sample_token"]

@@ -469,6 +469,13 @@ class Session:
             self._attn_restore = None
 
     # -- layout tracking -------------------------------------------------------------------------
+    def track(self, **inputs: Any) -> None:
+        """Record the layout of a forward pass over ``inputs`` (``input_ids``, ``attention_mask``) that
+        ran without these hooks, e.g. a prefill no spec acts on, so later passes count positions on
+        from it as if the hooks had seen it."""
+        self._on_forward(self.model, (), inputs)
+        self._owner = None
+
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._owner is not None:
             return

@@ -3,7 +3,9 @@
 - ``forward(requests)``: one batched forward pass for concurrent requests, each row with its own
   interventions; returns captured activations as numpy arrays (and optionally logits);
 - ``generate(requests)``: token-by-token generation (`explab.interventions.decode`) with each
-  request's interventions active at every step and per-step captures;
+  request's interventions active at every step and per-step captures; prompts whose rows act on
+  generated tokens only are prefilled once and kept (``prefix_cache_mb``; `explab.interventions.prefixes`),
+  so a sweep that sends the same prompts under many strengths prefills each prompt once;
 - ``score(prompt, continuations)``: per-token logprobs of each continuation after the prompt;
 - ``paragraphs(token_ids)``: the paragraph index of every token of generated token sequences, as
   the ``paragraph`` position set counts it.
@@ -124,6 +126,11 @@ class HookedModel(ServerBase):
         self.tokenizer = self.loaded.tokenizer
         self.device = next(self.model.parameters()).device
         self.batcher = self._batcher(self._run, group_key=lambda item: (item[0], item[2]))
+        from explab.interventions.kvcache import full_attention
+        from explab.interventions.prefixes import PrefixCache
+
+        mb = self.options.prefix_cache_mb
+        self.prefixes = PrefixCache(int(mb * 2**20)) if mb > 0 and full_attention(self.model) else None
 
     def _info(self) -> dict[str, Any]:
         from explab.interventions import n_layers, resolve_arch
@@ -133,7 +140,8 @@ class HookedModel(ServerBase):
                 "dtype": str(self.loaded.dtype).replace("torch.", ""),
                 "revision": self.loaded.revision, "n_layers": n_layers(self.model),
                 "n_params": parameter_count(self.model),
-                "n_vision_layers": len(vision) if vision is not None else 0}
+                "n_vision_layers": len(vision) if vision is not None else 0,
+                "prefix_cache": self.prefixes.stats() if self.prefixes is not None else None}
 
     # --- public methods (each request becomes one batcher item: (op, request, group)) --------
     async def forward(self, requests: list[ForwardRequest]) -> list[ForwardResult]:
@@ -297,7 +305,7 @@ class HookedModel(ServerBase):
 
         prompts = [encode_request(self.tokenizer, r) for r in requests]
         outputs = decode(self.model, self.tokenizer, prompts, [r.params for r in requests],
-                         per_prompt=[r.interventions for r in requests])
+                         per_prompt=[r.interventions for r in requests], prefix_cache=self.prefixes)
         self._metrics.tokens(sum(len(c.token_ids) for o in outputs for c in o.completions))
         return [HookedGeneration(prompt_token_ids=p, completions=o.completions,
                                  captures=[{k: _np(v) for k, v in caps.items()} for caps in o.captures])

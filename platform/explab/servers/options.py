@@ -18,6 +18,8 @@ class ServerOptions(BaseModel):
     max_batch: int = Field(16, ge=1)  # most requests merged into one batched call
     max_wait_ms: float = Field(5.0, ge=0.0)  # how long the first request waits for company
     max_concurrency: int = Field(256, ge=1)  # concurrent calls the actor accepts
+    # HookedModel generation: prompts' prefills kept for later calls (explab.interventions.prefixes); 0: off
+    prefix_cache_mb: float = Field(256.0, ge=0.0)
     # vLLM engine kwargs (gpu_memory_utilization, max_model_len, ...)
     engine: dict[str, Any] = Field(default_factory=dict)
     shared: bool = True  # False: a private server for this caller (its own copy, owned by it, not detached)
