@@ -405,9 +405,11 @@ def test_resume_from_an_earlier_runs_checkpoint_continues_it(one_worker_run, tmp
     a, b = _weights(single.checkpoint), _weights(result.checkpoint)
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
-    with pytest.raises(Exception, match="not a training checkpoint"):
-        bad = _trainer(resume_from=str(tmp_path))
-        fit(_run(tmp_path, "bad"), supervised_loop, _loop_config(bad), bad)
+    bad = _trainer(resume_from=str(tmp_path))
+    bad_run = _run(tmp_path, "bad")
+    with pytest.raises(ConfigError, match="not a training checkpoint"):
+        fit(bad_run, supervised_loop, _loop_config(bad), bad)
+    assert not bad_run.path("artifacts", "train").exists()  # refused before any worker started
 
 
 @pytest.mark.slow
