@@ -359,15 +359,22 @@ def _dies_once_loop(config):
     import time
     from pathlib import Path
 
+    import ray.train
+
     from explab.train import loops, worker
 
     marker = Path(config.pop("marker"))
     report = worker.report
+    # the controller's checkpoint bookkeeping, written when it has taken in a reported checkpoint
+    snapshot = Path(ray.train.get_context().get_storage().checkpoint_manager_snapshot_path)
 
     def report_or_die(metrics, save=None, **kw):
         if metrics["step"] == 3 and not marker.exists():
             marker.write_text("killed")
-            time.sleep(5)  # let the controller collect the checkpoint of step 2 first
+            deadline = time.monotonic() + 30  # let the controller collect the checkpoint of step 2 first
+            while time.monotonic() < deadline and not (
+                    snapshot.is_file() and "checkpoint_000002" in snapshot.read_text()):
+                time.sleep(0.1)
             os._exit(1)
         report(metrics, save, **kw)
 
