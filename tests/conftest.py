@@ -218,6 +218,7 @@ class HeadJobs:
         self.ids = {}
         self.status = {}
         self.samples = {}  # name -> {series: (labels, last value seen)}, every explab series scraped so far
+        self.sweep_file = os.path.join(ROOT, HEAD_SWEEP)  # the submitted sweep's spec
 
     def scrape(self):
         try:
@@ -233,6 +234,23 @@ class HeadJobs:
         return [value for labels, value in self.samples.get(name, {}).values()
                 if all(labels.get(k) == v for k, v in tags.items())]
 
+    def runs_ended_in_export(self):
+        """Whether the export has shown every run under the runs dir (not a sweep's trials) start and
+        end, and every completed run's progress at 1: the last values its driver sends."""
+        import json
+
+        for job_dir in (p for p in self.runs_dir.iterdir() if p.is_dir() and p.name != "sweeps"):
+            manifests = [json.loads(p.read_text()) for p in job_dir.glob("*/manifest.json")]
+            tags = {"explab_job": job_dir.name, "sweep": ""}
+            ended = sum(sum(self.values(f"ray_explab_runs_{state}_total", **tags))
+                        for state in ("completed", "failed", "stopped"))
+            if sum(self.values("ray_explab_runs_started_total", **tags)) != len(manifests) or ended != len(manifests):
+                return False
+            if any(self.values("ray_explab_run_progress", **tags, run=m["run_id"]) != [1.0]
+                   for m in manifests if m["status"] == "completed"):
+                return False
+        return True
+
     def scrape_until(self, names, timeout_s):
         import time
 
@@ -243,6 +261,7 @@ class HeadJobs:
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project
+HEAD_SWEEP = "tests/head_sweep.yaml"  # jobs/quadratic/sweep.yaml with 4 trials instead of 24
 HEAD_JOBS = {
     # a run that completes (its progress, logged and final metrics, server request metrics)
     "quickstart": ["quickstart", "-c", "tiny", "--set", "alphas=[0, 4, 8]", "--set", "questions=[Hi, Hello there]",
@@ -253,14 +272,15 @@ HEAD_JOBS = {
     "failing": ["quickstart", "-c", "tiny", "--set", "alphas=[0]", "--set", "questions=[Hi]",
                 "--set", "model.device=meta"],
     # a sweep (trials are runs tagged with the sweep; ASHA stops some early)
-    "sweep": ["--sweep", "jobs/quadratic/sweep.yaml"],
+    "sweep": ["--sweep", HEAD_SWEEP],
 }
 
 
 @pytest.fixture(scope="session")
 def head_jobs(ray_head, tmp_path_factory):
     """Submits HEAD_JOBS to the test head at once through the CLI and waits for them (5 min at most),
-    scraping the head's metrics every second meanwhile (gauges leave the export ~20 s after a run)."""
+    scraping the head's metrics every half second meanwhile (gauges leave the export ~20 s after a run),
+    then until the runs' last values are in the export (30 s at most)."""
     import subprocess
     import sys
     import time
@@ -268,7 +288,7 @@ def head_jobs(ray_head, tmp_path_factory):
     jobs = HeadJobs(ray_head, tmp_path_factory.mktemp("head-runs"))
     submitting = {}
     for name, args in HEAD_JOBS.items():
-        if name == "sweep" and not os.path.isfile(os.path.join(ROOT, "jobs/quadratic/sweep.yaml")):
+        if name == "sweep" and not os.path.isfile(os.path.join(ROOT, HEAD_SWEEP)):
             continue
         submitting[name] = subprocess.Popen(
             [sys.executable, "-m", "explab.cli", "submit", *args, "--runs-dir", str(jobs.runs_dir),
@@ -284,8 +304,9 @@ def head_jobs(ray_head, tmp_path_factory):
         jobs.status = {name: str(client.get_job_status(job_id).value) for name, job_id in jobs.ids.items()}
         if all(s in ("SUCCEEDED", "FAILED", "STOPPED") for s in jobs.status.values()):
             break
-        time.sleep(1)
-    for _ in range(5):  # the last driver's final flush
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30  # the last drivers' final flush: until it is seen, not a fixed wait
+    while not jobs.runs_ended_in_export() and time.monotonic() < deadline:
+        time.sleep(0.5)
         jobs.scrape()
-        time.sleep(1)
     return jobs

@@ -231,17 +231,17 @@ def test_tiny_config_runs_end_to_end_through_the_cli(monkeypatch, tmp_path, ray_
     assert results["logit_scale"] == 100.0 and results["logit_bias"] == 0.0
 
 
-def test_two_datasets_give_a_transfer_table_and_plot(monkeypatch, tmp_path, ray_local):
+def test_two_datasets_give_a_transfer_table_and_plot(monkeypatch, tmp_path, ray_local, ezpc_cache):
     from explab.config import load_config
     from explab.job import get_job
     from explab.runs import execute
 
-    monkeypatch.delenv("EXPLAB_CACHE", raising=False)
+    monkeypatch.setenv("EXPLAB_CACHE", str(ezpc_cache))  # "shapes" is the tiny config's: its embeddings reused
     job = get_job("ezpc")
     config = load_config(job.config, job.config_path("tiny"), ["train.epochs=300", "eval.explain_images=0",
                                        "eval.explanations_table=8",
                                        "datasets=[{name: shapes, spec: 'synthetic:ezpc_shapes', concepts: [shapes], "
-                                       "kwargs: {n: 120}}, {name: bright, spec: 'synthetic:ezpc_shapes', "
+                                       "kwargs: {n: 240}}, {name: bright, spec: 'synthetic:ezpc_shapes', "
                                        "concepts: [shapes], kwargs: {n: 120, colours: [purple, orange, white], "
                                        "shapes: [circle, cross]}}]"])
     run_dir, result = execute(job, config, runs_dir=tmp_path / "runs")
@@ -265,14 +265,16 @@ def test_two_datasets_give_a_transfer_table_and_plot(monkeypatch, tmp_path, ray_
     assert result["transfer_hm_ezpc"] == pytest.approx(gzsl["hm_ezpc"].mean())
 
 
-def test_the_shipped_sweep_runs_under_explab_sweep(ray_local, tmp_path):
+def test_the_shipped_sweep_runs_under_explab_sweep(ray_local, tmp_path, ezpc_cache):
     import yaml
 
     from explab.sweep import run_sweep
 
     spec = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "ezpc" / "sweep.yaml").read_text())
     spec["num_samples"] = 2
-    spec["base"]["overrides"] = [*spec["base"]["overrides"], "train.epochs=300", "eval.explanations_table=8"]
+    # the trials (Ray workers, which do not see this process's EXPLAB_CACHE) reuse the end-to-end run's embeddings
+    spec["base"]["overrides"] = [*spec["base"]["overrides"], "train.epochs=300", "eval.explanations_table=8",
+                                 f"cache_dir={ezpc_cache / 'embeddings'}"]
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     sweep_dir = run_sweep(path, tmp_path / "runs")

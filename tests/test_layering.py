@@ -121,3 +121,21 @@ def test_import_explab_is_light_and_exports_what_jobs_use():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]"
     assert out[1] == "explab.job explab.runs explab.models.encoders explab.seeds"
+
+
+def test_get_job_imports_that_job_alone():
+    """`explab run`/`submit` and every sweep trial look their job up by name: only its package is imported
+    (importing every job costs seconds of torch/transformers/sklearn imports per process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from explab.job import get_job; job = get_job('quadratic'); print(job.name, job.package, "
+            "sorted(m for m in sys.modules if m.startswith('jobs.') and m.count('.') == 1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.split("\n")[0] == "quadratic jobs.quadratic ['jobs.quadratic']"
+    from explab.errors import ExplabError
+    from explab.job import discover, get_job
+
+    assert get_job("quickstart") == discover()["quickstart"]
+    with pytest.raises(ExplabError, match="unknown job 'nosuchjob': known jobs are .*quadratic"):
+        get_job("nosuchjob")

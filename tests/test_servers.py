@@ -311,6 +311,25 @@ def test_private_servers_are_separate_actors_and_shared_ones_are_one(ray_local):
     assert shared_a.describe(refresh=True)["pid"] in {shared_b.describe()["pid"]}
 
 
+def test_start_servers_creates_every_actor_before_waiting_for_any(ray_local, monkeypatch):
+    """Several servers side by side (a run's roles): all actors exist before the first load is waited
+    for; the handles are `get_server`'s; a server that cannot load is the same one clear error."""
+    from explab.servers import registry
+
+    events = []
+    create, wait = registry._create, registry._wait_loaded
+    monkeypatch.setattr(registry, "_create", lambda *args: events.append("create") or create(*args))
+    monkeypatch.setattr(registry, "_wait_loaded", lambda handle: events.append("wait") or wait(handle))
+    private, shared = registry.start_servers([("hooked", "tiny:gpt2", {"shared": False}),
+                                              ("hooked", "tiny:gpt2", None)])
+    assert events == ["create", "create", "wait", "wait"]
+    assert shared.name == get_server("hooked", "tiny:gpt2").name and private.name.startswith(f"{shared.name}#")
+    assert private.describe()["pid"] != shared.describe()["pid"]  # both loaded, each in its own actor
+    assert registry.release_private_servers() == 1
+    with pytest.raises(ModelError, match="tiny"):
+        registry.start_servers([("hooked", "tiny:gpt2", None), ("hooked", "tiny:nonexistent", None)])
+
+
 def test_a_server_started_inside_a_placement_group_outlives_it(ray_local):
     """A sweep trial runs in a placement group that captures its children; the shared server it
     starts must not be placed in that group, or it would die when the trial's group is removed."""

@@ -122,7 +122,7 @@ def test_run_metrics_carry_job_run_model_and_values(head_jobs):
 def test_sweep_trials_are_runs_tagged_with_their_sweep(head_jobs):
     if "sweep" not in head_jobs.ids:
         pytest.skip("no jobs/quadratic/sweep.yaml")
-    spec = yaml.safe_load((ROOT / "jobs/quadratic/sweep.yaml").read_text())
+    spec = yaml.safe_load(Path(head_jobs.sweep_file).read_text())
 
     def counts():
         started = sum(head_jobs.values("ray_explab_runs_started_total", explab_job="quadratic"))

@@ -359,15 +359,22 @@ def _dies_once_loop(config):
     import time
     from pathlib import Path
 
+    import ray.train
+
     from explab.train import loops, worker
 
     marker = Path(config.pop("marker"))
     report = worker.report
+    # the controller's checkpoint bookkeeping, written when it has taken in a reported checkpoint
+    snapshot = Path(ray.train.get_context().get_storage().checkpoint_manager_snapshot_path)
 
     def report_or_die(metrics, save=None, **kw):
         if metrics["step"] == 3 and not marker.exists():
             marker.write_text("killed")
-            time.sleep(5)  # let the controller collect the checkpoint of step 2 first
+            deadline = time.monotonic() + 30  # let the controller collect the checkpoint of step 2 first
+            while time.monotonic() < deadline and not (
+                    snapshot.is_file() and "checkpoint_000002" in snapshot.read_text()):
+                time.sleep(0.1)
             os._exit(1)
         report(metrics, save, **kw)
 
@@ -405,9 +412,11 @@ def test_resume_from_an_earlier_runs_checkpoint_continues_it(one_worker_run, tmp
     a, b = _weights(single.checkpoint), _weights(result.checkpoint)
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
-    with pytest.raises(Exception, match="not a training checkpoint"):
-        bad = _trainer(resume_from=str(tmp_path))
-        fit(_run(tmp_path, "bad"), supervised_loop, _loop_config(bad), bad)
+    bad = _trainer(resume_from=str(tmp_path))
+    bad_run = _run(tmp_path, "bad")
+    with pytest.raises(ConfigError, match="not a training checkpoint"):
+        fit(bad_run, supervised_loop, _loop_config(bad), bad)
+    assert not bad_run.path("artifacts", "train").exists()  # refused before any worker started
 
 
 @pytest.mark.slow

@@ -281,6 +281,19 @@ def run_soft_prompts(config: Config, ctx: RunContext, runs: list[tuple[str, Role
     return out
 
 
+def side_by_side_servers(config: Config) -> list[tuple[Any, str, Any]]:
+    """The run's servers that can start together (`RunContext.models`): every LLM role on the transformers
+    backend, and the soft prompt's HookedModel servers unless they run one after another (`sequential`).
+    A vLLM engine sizes its cache from the GPU memory free when it starts, so those start in turn."""
+    roles = [config.user, config.judge, config.benchmark.candidates, *config.base_models.values()]
+    out = [(r.model, "generator", r.server) for r in roles
+           if r is not None and r.kind == "llm" and r.server.backend == "transformers"]
+    sp = config.methods.soft_prompt
+    if "soft_prompt" in config.methods.enabled and not sp.sequential:
+        out += [(r.model, "hooked", sp.server) for r in config.base_models.values() if r.kind == "llm"]
+    return out
+
+
 def run(config: Config, ctx: RunContext) -> dict[str, float]:
     b = config.benchmark
     vocab = load_vocab(b.attributes_file, b.principles_file, b.topics_file, b.attributes, b.principles)
@@ -289,6 +302,7 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     method_prompts = check_method_prompts(read_yaml_file(config.methods.prompts, "methods.prompts"),
                                           config.methods.prompts)
 
+    ctx.models(side_by_side_servers(config))  # loaded together: each make_role / launch below finds its server up
     user_llm = make_role(config.user, ctx, "user", vocab)
     judge_llm = make_role(config.judge, ctx, "judge", vocab, judge_prompts.scale)
     cand_role = b.candidates or next(iter(config.base_models.values()))

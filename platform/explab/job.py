@@ -51,28 +51,45 @@ class Job:
         raise ConfigError(f"config {ref!r} is neither a file nor one of job {self.name!r}'s configs ({known})")
 
 
-def discover() -> dict[str, Job]:
-    """Import every ``jobs.<name>.job`` module and collect its ``JOB``."""
+def _package_job(package: str) -> Job | None:
+    """The ``JOB`` of ``jobs.<package>.job`` (None when the package has no job module or no JOB)."""
+    module_name = f"jobs.{package}.job"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None
+        raise
+    job = getattr(module, "JOB", None)
+    if not isinstance(job, Job):
+        return None
+    return Job(job.name, job.description, job.config, job.run, f"jobs.{package}", job.synthetic)
+
+
+def _job_packages() -> list[str]:
     import jobs as jobs_pkg
 
+    return [info.name for info in pkgutil.iter_modules(jobs_pkg.__path__)
+            if info.ispkg and not info.name.startswith("_")]
+
+
+def discover() -> dict[str, Job]:
+    """Import every ``jobs.<name>.job`` module and collect its ``JOB``."""
     found: dict[str, Job] = {}
-    for info in pkgutil.iter_modules(jobs_pkg.__path__):
-        if not info.ispkg or info.name.startswith("_"):
-            continue
-        module_name = f"jobs.{info.name}.job"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name == module_name:
-                continue
-            raise
-        job = getattr(module, "JOB", None)
-        if isinstance(job, Job):
-            found[job.name] = Job(job.name, job.description, job.config, job.run, f"jobs.{info.name}", job.synthetic)
+    for package in _job_packages():
+        job = _package_job(package)
+        if job is not None:
+            found[job.name] = job
     return dict(sorted(found.items()))
 
 
 def get_job(name: str) -> Job:
+    """The job called ``name``: ``jobs/<name>/`` is imported alone when it holds that job (a run, a
+    submission or a sweep trial then imports one job, not all of them); else every job is searched."""
+    if name in _job_packages():
+        job = _package_job(name)
+        if job is not None and job.name == name:
+            return job
     jobs = discover()
     if name not in jobs:
         raise ExplabError(f"unknown job {name!r}: known jobs are {', '.join(jobs) or 'none'} (see `explab jobs`)")

@@ -335,6 +335,19 @@ class RunContext:
         self._write_manifest()
         return handle
 
+    def models(self, requests: list[tuple[Any, str, Any]]) -> list[Any]:
+        """`model` of each ``(spec, server, options)``, the servers started side by side (their models
+        load at the same time, not in turn: see `explab.servers.start_servers`)."""
+        from explab.models import ModelSpec
+        from explab.servers import start_servers
+
+        specs = [(ModelSpec.of(spec), server, options) for spec, server, options in requests]
+        handles = start_servers([(server, spec, options) for spec, server, options in specs])
+        for (spec, server, _), handle in zip(specs, handles, strict=True):
+            self._models[f"{server}:{spec.name}"] = {"name": spec.name, "server": server, **handle.describe()}
+        self._write_manifest()
+        return handles
+
     def dataset(self, spec: Any, **kwargs: Any) -> Any:
         from explab.data import load_dataset
 

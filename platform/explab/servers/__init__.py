@@ -11,14 +11,14 @@ from typing import Any
 from explab.servers.handle import ServerHandle, as_requests
 from explab.servers.options import ServerOptions
 from explab.servers.prompts import encode_request, render_prompt
-from explab.servers.registry import get_server, list_servers, server_name, stop_server
+from explab.servers.registry import get_server, list_servers, server_name, start_servers, stop_server
 from explab.servers.types import ChatMessage, Completion, GenerationRequest, GenerationResult, SamplingParams
 
 __all__ = [
     "AttentionRequest", "ChatMessage", "Completion", "DiffusionRequest", "DiffusionResult", "ForwardRequest",
     "ForwardResult", "GenerationRequest", "GenerationResult", "SamplingParams", "ServerHandle",
     "ServerOptions", "as_requests", "encode_request", "get_server", "list_servers", "render_prompt", "server_name",
-    "stop_server",
+    "start_servers", "stop_server",
 ]
 
 # the server actors' own request/result types, imported on first use: their modules define Ray actors

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from explab.errors import ExplabError, ModelError, one_line, root_cause
@@ -52,6 +53,20 @@ def get_server(kind: str, spec: ModelSpec | str | dict, options: ServerOptions |
     model in an actor named ``<kind>:<spec key>#<random>``, owned by the caller (not detached), so
     it ends with the caller's process (or at `release_private_servers`).
     """
+    return _wait_loaded(_create(kind, spec, options))
+
+
+def start_servers(requests: Sequence[tuple[str, ModelSpec | str | dict, ServerOptions | dict | None]]
+                  ) -> list[ServerHandle]:
+    """`get_server` of each ``(kind, spec, options)``, side by side: every actor is created before any
+    is waited for, so their processes start and load their models at the same time instead of in turn.
+    (A vLLM engine sizes its cache from the GPU memory free when it starts: start those one by one.)"""
+    handles = [_create(kind, spec, options) for kind, spec, options in requests]
+    return [_wait_loaded(handle) for handle in handles]
+
+
+def _create(kind: str, spec: ModelSpec | str | dict, options: ServerOptions | dict | None) -> ServerHandle:
+    """The server's actor, created (or found, when shared) without waiting for its model."""
     import ray
 
     from explab import runtime
@@ -74,14 +89,20 @@ def get_server(kind: str, spec: ModelSpec | str | dict, options: ServerOptions |
         actor = cls.options(name=name, namespace=NAMESPACE, **placement).remote(spec.model_dump(), opts.model_dump())
         with _private_lock:
             _private.append(actor)
-    handle = ServerHandle(kind=kind, name=name, actor=actor)
+    return ServerHandle(kind=kind, name=name, actor=actor)
+
+
+def _wait_loaded(handle: ServerHandle) -> ServerHandle:
+    """``handle`` once its server has loaded its model; a server that failed to start is one clear error."""
+    import ray
+
     try:
         handle.describe(refresh=True)
     except ray.exceptions.RayActorError as err:
         cause = root_cause(err)
         if isinstance(cause, ExplabError):
             raise type(cause)(str(cause)) from None
-        raise ModelError(f"server {name} failed to start: {one_line(err)}") from None
+        raise ModelError(f"server {handle.name} failed to start: {one_line(err)}") from None
     return handle
 
 

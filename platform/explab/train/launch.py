@@ -76,7 +76,10 @@ def fit(
     from ray.util.queue import Empty, Queue
 
     from explab import runtime
+    from explab.train.worker import check_resume_from
 
+    if trainer.resume_from:  # a bad path is refused here, not after the workers have started and loaded
+        check_resume_from(trainer.resume_from)
     storage = ctx.path("artifacts").resolve()
     if (storage / name).exists():
         raise ConfigError(

@@ -51,6 +51,15 @@ def load(spec: ModelSpec | str | dict[str, Any], *, train: bool = True) -> Loade
     return loaded
 
 
+def check_resume_from(resume_from: str) -> None:
+    """Raise `ConfigError` unless ``resume_from`` is a checkpoint directory (it holds ``state.json``)."""
+    if not (Path(resume_from) / STATE_FILE).is_file():
+        raise ConfigError(
+            f"trainer.resume_from {resume_from!r} is not a training checkpoint (no {STATE_FILE}): "
+            "give a checkpoint_* directory of an earlier run's artifacts"
+        )
+
+
 @contextmanager
 def restore(resume_from: str | None = None) -> Iterator[Path | None]:
     """The checkpoint directory to continue from, or None for a fresh start.
@@ -61,11 +70,7 @@ def restore(resume_from: str | None = None) -> Iterator[Path | None]:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from:
-        if not (Path(resume_from) / STATE_FILE).is_file():
-            raise ConfigError(
-                f"trainer.resume_from {resume_from!r} is not a training checkpoint (no {STATE_FILE}): "
-                "give a checkpoint_* directory of an earlier run's artifacts"
-            )
+        check_resume_from(resume_from)
         checkpoint = ray.train.Checkpoint.from_directory(resume_from)
     if checkpoint is None:
         yield None
