@@ -386,3 +386,53 @@ def test_a_real_generator_on_a_tiny_model_writes_junk_that_is_counted_as_skipped
     graphs, skipped = extract(generator, texts, _vocab(), max_tokens=16)
     assert graphs == {} and sum(skipped.values()) == 3
 
+
+
+# ---- the DPO step sees the image (wiring of explab.train.build_dpo_trainer to trl) --------------------------
+def test_dpo_batches_carry_each_pairs_image_and_their_log_probs_depend_on_it(tmp_path):
+    """trl's collated batch for the tiny LLaVA: rows [chosen..., rejected...] of one prompt share that pair's
+    pixels, every row holds the whole image (16 image tokens) and the whole question, the log-probability trl
+    sums (its fused head) equals `sequence_logprob` of the logits, and another image changes it."""
+    import torch
+
+    from explab.models import ModelSpec, load_model
+    from explab.train import DPOConfig, TrainerConfig, build_dpo_trainer
+    from explab.train.objectives import sequence_logprob
+    from jobs.finer.tuning import _wire
+
+    data = synthetic(COLOUR_WORLD, COLOUR_BUILD, {"train": 6}, seed=0)
+    rng = np.random.default_rng(0)
+    rows = [r for p in data.probes["train"]
+            for r in training_pairs(p, data.images[p.image_id], rng, "both", "letter", COLOUR_BUILD)]
+    loaded = load_model(ModelSpec(name="tiny:llava", device="cpu"))
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}  # reference: the base (adapters off)
+    trainer = build_dpo_trainer(loaded, None, _wire(rows), TrainerConfig(batch_size=4, steps=1, lora=lora),
+                                DPOConfig(max_length=512), tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, completion, pixels = batch["input_ids"], batch["completion_mask"], batch["pixel_values"]
+    half = ids.shape[0] // 2
+    assert pixels.shape[0] == ids.shape[0] == 8 and torch.equal(pixels[:half], pixels[half:])
+    tok = loaded.tokenizer
+    processed = {}
+    for r in rows:
+        pix = loaded.processor.image_processor(images=[r["images"][0]], return_tensors="pt")["pixel_values"][0]
+        processed.setdefault(r["prompt"][0]["content"][1]["text"], []).append((r["chosen"][0]["content"], pix))
+    for b in range(ids.shape[0]):
+        assert int((ids[b] == loaded.model.config.image_token_id).sum()) == 16
+        prompt = tok.decode(ids[b][completion[b] == 0], skip_special_tokens=True).strip("\n")
+        question = prompt.split("\n", 1)[1] if prompt.startswith("user") else prompt
+        text = next(t for t in processed if question.endswith(t))  # the whole MC prompt reached the model
+        answer = tok.decode(ids[b][completion[b] == 1], skip_special_tokens=True).strip()
+        if b < half:  # the chosen row's pixels are those of a training image asked this question with this answer
+            assert any(a == answer and torch.allclose(p, pixels[b]) for a, p in processed[text]), b
+    labels = ids.masked_fill(completion == 0, -100)
+    model = trainer.model
+    with torch.no_grad():
+        kwargs = {k: v for k, v in batch.items() if k != "completion_mask"}
+        trl_logps = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True).log_probs.sum(1)
+        ours = sequence_logprob(model(**kwargs, use_cache=False).logits, labels)
+        kwargs["pixel_values"] = torch.roll(pixels, 1, dims=0)
+        other = sequence_logprob(model(**kwargs, use_cache=False).logits, labels)
+    assert torch.allclose(trl_logps, ours, atol=1e-4)
+    changed = ~torch.all(torch.isclose(pixels, torch.roll(pixels, 1, dims=0)).flatten(1), dim=1)
+    assert changed.any() and ((ours - other).abs()[changed] > 1e-3).all()
