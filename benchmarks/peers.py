@@ -7,7 +7,9 @@ process. Per model (a random Llama, default 6 layers x 512, and the real SmolLM2
 1. capture: the residual stream after every block (``blocks.{i}.resid_post``) for ``--prompts``
    prompts of ``--tokens`` tokens. explab: one ``forward`` call to the shared server (it batches up
    to ``--batch`` rows); TransformerLens: ``run_with_cache`` with a names filter on batches of
-   ``--batch``; nnsight: ``trace`` saving every layer's output on batches of ``--batch``.
+   ``--batch``; nnsight: ``trace`` saving every layer's output on batches of ``--batch``. Also timed:
+   explab's hooks in this process (``run_with_hooks``, no server), which shows what the server's
+   process boundary (activations shipped to the caller through Ray) costs.
 2. steered generation: ``alpha * v`` added at ``blocks.{L}.resid_post`` on generated positions,
    greedy, ``--new-tokens`` tokens. explab: one ``generate`` call with a ``Steer`` spec;
    TransformerLens: ``generate`` under a hook that acts on one-position (KV-cache) steps; nnsight:
@@ -139,6 +141,22 @@ class NNsight:
         return out[:, ids.shape[1]:].tolist()
 
 
+# --- explab's hooks in this process (no server): where the server's process boundary costs ----------
+class ExplabInProcess:
+    name = "explab_in_process"
+
+    def __init__(self, model: Any, layers: int):
+        self.model, self.layers = model, layers
+
+    @torch.no_grad()
+    def capture(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        from explab.interventions import run_with_hooks
+
+        specs = [{"type": "capture", "point": f"blocks.{i}.resid_post"} for i in range(self.layers)]
+        _, session = run_with_hooks(self.model, {"input_ids": ids}, specs, logits_to_keep=1)
+        return [torch.stack(session.captures[f"blocks.{i}.resid_post"]) for i in range(self.layers)]
+
+
 # --- explab, through the shared server -------------------------------------------------------------
 class Explab:
     name = "explab"
@@ -180,6 +198,7 @@ def bench_model(spec: dict, args: argparse.Namespace) -> dict[str, Any]:
     systems: dict[str, Any] = {"explab": Explab(server, layers)}
     for cls in (TransformerLens, NNsight):
         systems[cls.name] = cls(copy.deepcopy(model), tok, folder)
+    systems[ExplabInProcess.name] = ExplabInProcess(model, layers)
     # prompts of their own for the warm-up and for each repeat of the capture/steering runs and of the
     # sweep: explab's server keeps the prefills of prompts it generated from (its prefix cache), so no
     # timed run may start with prompts an earlier one already sent
@@ -241,7 +260,7 @@ def _capture(systems: dict[str, Any], ids: list[list[int]], args: argparse.Names
     res: dict[str, Any] = {}
     t, _ = _timed(lambda: systems["explab"].capture(ids))
     res["explab"] = t
-    for name in ("transformer_lens", "nnsight"):
+    for name in ("transformer_lens", "nnsight", "explab_in_process"):
         sysm = systems[name]
         t, _ = _timed(lambda s=sysm: [s.capture(torch.tensor(b)) for b in _chunks(ids, args.batch)])
         res[name] = t
@@ -305,7 +324,7 @@ def _rates(seconds: dict[str, float], seqs: dict[str, int], tokens: dict[str, in
     out: dict[str, Any] = {}
     for name, t in seconds.items():
         out[name] = {"s": round(t, 3), "seq_per_s": round(seqs[name] / t, 2), "tok_per_s": round(tokens[name] / t, 1)}
-    for name in ("transformer_lens", "nnsight"):
+    for name in [n for n in seconds if n != "explab"]:
         out[f"explab/{name}"] = round(out["explab"]["tok_per_s"] / out[name]["tok_per_s"], 2)
     return out
 

@@ -129,6 +129,8 @@ class HookedModel(ServerBase):
         from explab.interventions.kvcache import full_attention
         from explab.interventions.prefixes import PrefixCache
 
+        # a single forward pass builds no KV cache (nothing generates from it)
+        self._no_cache = {"use_cache": False} if "use_cache" in inspect.signature(self.model.forward).parameters else {}
         mb = self.options.prefix_cache_mb
         self.prefixes = PrefixCache(int(mb * 2**20)) if mb > 0 and full_attention(self.model) else None
 
@@ -224,7 +226,7 @@ class HookedModel(ServerBase):
         per_row = [r.interventions for r in requests]
         opts = {"per_row": per_row, "tokenizer": self.tokenizer, "prompt_lengths": lengths}
         with intervene(self.model, **opts) as session:
-            out = self.model(**inputs, **keep)
+            out = self.model(**inputs, **keep, **self._no_cache)
         captures, positions = session.captures, session.capture_positions
         width = inputs["input_ids"].shape[1]
         results = []
@@ -315,7 +317,7 @@ class HookedModel(ServerBase):
     def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
         seqs = [p + c for p, c in pairs]
         inputs = self._padded(seqs)
-        logprobs = torch.log_softmax(self.model(**inputs).logits.float(), dim=-1)
+        logprobs = torch.log_softmax(self.model(**inputs, **self._no_cache).logits.float(), dim=-1)
         width = inputs["input_ids"].shape[1]
         results = []
         for row, (_, cont) in enumerate(pairs):
