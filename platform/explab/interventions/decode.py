@@ -27,6 +27,8 @@ from explab.interventions.hooks import Spec, intervene
 from explab.interventions.prefixes import PrefixCache, assemble, split
 from explab.interventions.specs import Capture, ProjectOut, Steer, batch_key, parse_interventions
 
+RESERVE = 256  # most positions a KV cache reserves ahead (then it doubles when full)
+
 
 @dataclass
 class DecodeOutput:
@@ -174,9 +176,10 @@ def decode(
     row_specs = [[*specs, *(own[i] if own is not None else ())] for i, _ in rows]
     from explab.interventions.kvcache import full_attention  # imports transformers
 
-    # a KV cache with room for the new tokens (not copied at every step); sliding-window or
-    # linear-attention layers keep transformers' own cache, and no prefix cache
-    reserve = max(p.max_tokens for p in plist) if full_attention(model) else None
+    # a KV cache with room for the new tokens (not copied at every step; past RESERVE tokens it doubles,
+    # so a long max_tokens that stops early at EOS does not reserve memory it never uses); sliding-window
+    # or linear-attention layers keep transformers' own cache, and no prefix cache
+    reserve = min(max(p.max_tokens for p in plist), RESERVE) if full_attention(model) else None
     if reserve is None:
         prefix_cache = None
     prefilled = None
