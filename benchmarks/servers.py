@@ -1,11 +1,11 @@
 """Shared servers vs the bare library, as throughput ratios measured in one run.
 
-1. Hooked capture: 8 concurrent callers each send single-sequence forward requests (capturing
+1. Hooked capture: 8 (``--callers``) concurrent callers each send single-sequence forward requests (capturing
    ``blocks.{L}.resid_post``) to the shared HookedModel server, which batches them dynamically;
-   baseline: the same sequences as batched forward passes (batch 8, ``output_hidden_states``) in
+   baseline: the same sequences as batched forward passes (batch = callers, ``output_hidden_states``) in
    this process.
 2. Generation: 8 concurrent callers send single greedy chat requests to the shared Generator
-   (transformers backend); baseline: ``model.generate`` on left-padded batches of 8.
+   (transformers backend); baseline: ``model.generate`` on left-padded batches of the same size.
 3. Mixed interventions (a steering sweep through the shared HookedModel): 8 concurrent callers send
    single greedy steered generation requests (``alpha * v`` added at ``blocks.{layer}.resid_post`` on
    generated positions); "mixed": each caller has its own alpha and layer, so every batch carries
@@ -22,6 +22,8 @@ layers, 512 wide; ``--layers``/``--hidden`` change it); ``--model`` takes any mo
 
     python benchmarks/servers.py [--model tiny:llama --layers 6 --hidden 512 --requests 64 --tokens 64
                                   --new-tokens 32 --workloads capture,generate,mixed]
+
+On a GPU (bf16, the servers sharing it): ``--num-gpus 0.5 --callers 64 --max-batch 64 --layers 16 --hidden 2048``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import threading
 import time
 
@@ -73,20 +76,22 @@ def bench_capture(args: argparse.Namespace, loaded, hooked) -> dict:
     mid = hooked.describe()["n_layers"] // 2
     point = points.resid_post(mid)
     texts = _texts(args.requests, args.tokens)
-    batches = [texts[i:i + 8] for i in range(0, len(texts), 8)]
+    n = args.callers
+    batches = [texts[i:i + n] for i in range(0, len(texts), n)]
 
     @torch.no_grad()
     def bare() -> float:
         start = time.perf_counter()
         for batch in batches:
-            enc = tok(batch, return_tensors="pt", padding=True)
+            enc = tok(batch, return_tensors="pt", padding=True).to(model.device)
             enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             hs = model(**enc, output_hidden_states=True).hidden_states[mid + 1]
-            [hs[i, enc["attention_mask"][i].bool()].numpy() for i in range(len(batch))]
+            hs = hs.float().cpu()
+            [hs[i, enc["attention_mask"][i].bool().cpu()].numpy() for i in range(len(batch))]
         return time.perf_counter() - start
 
     capture = [Capture(point=point)]
-    served = lambda: _concurrent(8, texts, lambda t: hooked.forward([{"text": t, "interventions": capture}]))  # noqa: E731
+    served = lambda: _concurrent(n, texts, lambda t: hooked.forward([{"text": t, "interventions": capture}]))  # noqa: E731
     bare(), served()  # warm up both
     t_bare = min(bare() for _ in range(args.repeats))
     t_served = min(served() for _ in range(args.repeats))
@@ -107,12 +112,13 @@ def bench_generate(args: argparse.Namespace, loaded, generator) -> dict:
     @torch.no_grad()
     def bare() -> tuple[float, int]:
         start, produced = time.perf_counter(), 0
-        for i in range(0, len(prompts), 8):
-            chunk = prompts[i:i + 8]
+        for i in range(0, len(prompts), args.callers):
+            chunk = prompts[i:i + args.callers]
             width = max(map(len, chunk))
             ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
+            out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
+                                 max_new_tokens=args.new_tokens,
                                  min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
             produced += (out.shape[1] - width) * len(chunk)
         return time.perf_counter() - start, produced
@@ -125,7 +131,7 @@ def bench_generate(args: argparse.Namespace, loaded, generator) -> dict:
 
     def served() -> tuple[float, int]:
         counts.clear()
-        return _concurrent(8, requests, call), sum(counts)
+        return _concurrent(args.callers, requests, call), sum(counts)
 
     bare(), served()
     t_bare, n_bare = min(bare() for _ in range(args.repeats))
@@ -152,8 +158,8 @@ def bench_mixed(args: argparse.Namespace, loaded, hooked) -> dict:
     emb = loaded.model.get_input_embeddings().weight.detach().float()
     scale = float(emb.norm(dim=1).mean())  # a token embedding's norm
     alphas = [scale * a for a in (-2.0, -1.0, -0.5, -0.25, 0.25, 0.5, 1.0, 2.0)]
-    mixed = [(i % n_layers, alphas[i]) for i in range(8)]  # caller i: its own layer and strength
-    shared = [(n_layers // 2, alphas[-1])] * 8
+    mixed = [(i % n_layers, alphas[i % 8]) for i in range(args.callers)]  # caller i: its own layer and strength
+    shared = [(n_layers // 2, alphas[-1])] * args.callers
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=not args.stop_at_eos)
     questions = _texts(args.requests, args.tokens // 3, seed=2)
     texts = _texts(args.requests, args.tokens, seed=4)
@@ -180,7 +186,7 @@ def bench_mixed(args: argparse.Namespace, loaded, hooked) -> dict:
         """(seconds, tokens generated, mean batch size) of one pass: caller i runs with settings[i]."""
         counts.clear()
         calls = [make(s) for s in settings]
-        chunks = [work[i::8] for i in range(8)]
+        chunks = [work[i::args.callers] for i in range(args.callers)]
         r0, b0 = _batching(hooked)
         start = time.perf_counter()
         threads = [threading.Thread(target=lambda c=c, k=k: [k(x) for x in c])
@@ -228,6 +234,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--callers", type=int, default=8,
+                        help="concurrent callers, and the batch of the bare baselines")
+    parser.add_argument("--num-gpus", type=float, default=0.0,
+                        help="GPU share of each server actor (0.5: the two servers share one GPU)")
     args = parser.parse_args()
 
     from explab import runtime
@@ -238,19 +248,23 @@ def main() -> None:
     runtime.init(dashboard=False)
     spec = _spec(args)
     loaded = load_model(spec)
-    opts = {"max_batch": args.max_batch, "max_wait_ms": 10}
+    opts = {"max_batch": args.max_batch, "max_wait_ms": 10, "num_gpus": args.num_gpus}
     workloads = set(args.workloads.split(","))
     hooked = get_server("hooked", spec, opts)
     model = f"random Llama {args.layers} layers x {args.hidden}" if args.model == "tiny:llama" else args.model
-    report: dict = {"model": model, "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()}
+    report: dict = {"model": model, "device": str(loaded.device), "dtype": str(loaded.dtype),
+                    "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()}
     if "capture" in workloads:
         report["hooked_capture"] = bench_capture(args, loaded, hooked)
+        print(json.dumps({"hooked_capture": report["hooked_capture"]}), file=sys.stderr, flush=True)
     if "generate" in workloads:
         generator = get_server("generator", spec, {**opts, "backend": "transformers"})
         report["generation"] = bench_generate(args, loaded, generator)
+        print(json.dumps({"generation": report["generation"]}), file=sys.stderr, flush=True)
         report["generator_batching"] = generator.stats()["batching"]["batcher"]
     if "mixed" in workloads:
         report["mixed_interventions"] = bench_mixed(args, loaded, hooked)
+        print(json.dumps({"mixed_interventions": report["mixed_interventions"]}), file=sys.stderr, flush=True)
     report["hooked_batching"] = hooked.stats()["batching"]["batcher"]
     report["load_avg_end"] = os.getloadavg()
     print(json.dumps(report, indent=2))

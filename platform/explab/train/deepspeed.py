@@ -19,7 +19,9 @@ from explab.errors import ConfigError
 from explab.train.config import DeepSpeedConfig, TrainerConfig, schedule_factor
 
 CHECKPOINT_DIR = "deepspeed"
-TAG = "latest"
+# the checkpoint tag: not "latest", the name of the file in which DeepSpeed records the newest tag beside it
+# (a tag "latest" makes a directory there, and writing that file fails, as seen on a GPU worker)
+TAG = "state"
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
