@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=40, help="training scenes (two pairs each)")
     parser.add_argument("--test", type=int, default=20, help="held-out scenes (one MC pair each)")
     parser.add_argument("--perceive", type=int, default=0, help="SFT steps on 'What colour is the square?' first")
+    parser.add_argument("--warm", type=int, default=0,
+                        help="SFT steps on the training pairs' chosen letters first (an SFT'd base, lr 1e-3)")
     parser.add_argument("--method", choices=["dpo", "sft"], default="dpo")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -124,6 +126,9 @@ def main() -> None:
                                + [{"role": "assistant", "content": data.scenes[i].objects[0].colour}],
                                [data.images[i]]) for i in data.scenes if i.startswith("train")]
         sft(base, colour, args.perceive, 1e-3, args.seed)
+    if args.warm:
+        sft(base, [chat_example(base, r["prompt"] + r["chosen"], r["images"]) for r in pairs], args.warm, 1e-3,
+            args.seed + 100)
     result: dict[str, Any] = {"base": held_out(base, base.model, args.test_rows, args.images)}
     for name, swap in (("tuned", False), ("swapped", True)):
         scores, margin, seconds = tune(base, pairs, args, swap)

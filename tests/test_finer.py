@@ -131,15 +131,20 @@ def test_released_benchmark_offline_is_one_clear_error():
 
 # ---- the job ------------------------------------------------------------------------------------------
 def test_tiny_config_runs_end_to_end_through_explab_run(tmp_path, ray_local, cli):
+    # the tiny config's DPO run beside one of its three ablations (SFT), trained side by side; the other two
+    # differ from the DPO run only in which questions the pairs ask (`training_pairs` modes, tested above)
+    sft = ("ablations=[{name: sft_tuned, method: sft, format: letter, trainer: {lr: 2.0e-3, batch_size: 4, "
+           "lora: {r: 8, alpha: 16, target_modules: [q_proj, v_proj]}}}]")
     code, out, err = cli("run", "finer", "-c", "tiny", "--runs-dir", str(tmp_path),
-                         "--set", "n_images.train=2", "--set", "n_images.test=2")
+                         "--set", "n_images.train=2", "--set", "n_images.test=2", "--set", sft)
     assert code in (0, None), err
     run_dir = Path(out.strip().splitlines()[-1])
     built = pd.read_parquet(run_dir / "tables" / "items.parquet")
     assert set(built["kind"]) == set(q.KINDS) and len(built) % 2 == 0
     assert (built.groupby("pair_id")["polarity"].apply(sorted).map(tuple) == ("neg", "pos")).all()
     table = pd.read_parquet(run_dir / "tables" / "eval.parquet")
-    assert set(table["variant"]) == {"base", "finer_tuned"}
+    variants = {"finer_tuned", "sft_tuned"}
+    assert set(table["variant"]) == {"base", *variants}
     assert set(table["split"]) == {"all", *q.KINDS}
     for col in ("paired_accuracy", "row_accuracy", "invalid"):
         assert table[col].between(0, 1).all()
@@ -149,14 +154,18 @@ def test_tiny_config_runs_end_to_end_through_explab_run(tmp_path, ray_local, cli
     preds = pd.read_parquet(run_dir / "tables" / "predictions.parquet")
     assert (preds["pred"] == preds["response"].map(parse_letter)).all()
     result = json.loads((run_dir / "result.json").read_text())
-    assert {"base_paired_accuracy", "finer_tuned_paired_accuracy", "gain"} <= set(result)
+    assert {"base_paired_accuracy", "gain", *(f"{v}_paired_accuracy" for v in variants)} <= set(result)
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
-    # DPO through trl with LoRA (B = 0 at the start): the first step's policy is the reference, loss ln 2
-    assert "loss" in metrics.columns and metrics["loss"].dropna().iloc[0] == pytest.approx(math.log(2), abs=1e-4)
+    # DPO through trl with LoRA (B = 0 at the start): the first step's policy is the reference, loss ln 2;
+    # the variants trained side by side keep their own curves (<variant>_loss)
+    assert metrics["finer_tuned_loss"].dropna().iloc[0] == pytest.approx(math.log(2), abs=1e-4)
+    sft = metrics["sft_tuned_loss"].dropna()  # cross-entropy of the random model over a 264-token vocabulary
+    assert len(sft) >= 1 and sft.iloc[0] == pytest.approx(math.log(264), abs=0.5)
     for name in ("plots/paired_accuracy.png", "plots/granularity.png"):
         assert (run_dir / name).stat().st_size > 500, name
-    assert list((run_dir / "artifacts").glob("finer_tuned_0/checkpoint_*/model.safetensors"))
-    assert (run_dir / "artifacts" / "finer_tuned_0_model" / "model.safetensors").is_file()
+    for v in variants:
+        assert list((run_dir / "artifacts").glob(f"{v}_0/checkpoint_*/model.safetensors")), v
+        assert (run_dir / "artifacts" / f"{v}_0_model" / "model.safetensors").is_file(), v
 
 
 def test_sweep_spec_and_paper_config_resolve_against_the_config():

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from explab.job import Job
 from explab.models import ModelSpec
 from explab.runs import RunContext
 from explab.servers import stop_server
+from explab.train import TrainerConfig, TrainResult
 from jobs.finer import captions, filtering, hub, plots, tuning
 from jobs.finer.benchmark import Synthetic, items, synthetic, training_pairs, vocabulary
 from jobs.finer.config import Config, HubBenchmark, TuningConfig
@@ -84,6 +86,28 @@ def _evaluate(ctx: RunContext, config: Config, spec: ModelSpec, eval_sets: dict[
     return pd.concat(frames, ignore_index=True), handle
 
 
+def _train_variants(ctx: RunContext, config: Config, spec: ModelSpec, variants: list[TuningConfig], data: Synthetic,
+                    m: int) -> dict[str, tuple[TrainerConfig, TrainResult]]:
+    """Every tuning variant of model ``m`` trained side by side (one Ray Train run each, started from its own
+    thread; the cluster runs them at once where it has the workers' resources). Each run's metrics are logged
+    as ``<variant>_<metric>``. Returns ``{variant: (its trainer settings, its TrainResult)}``."""
+    def one(variant: TuningConfig) -> tuple[TrainerConfig, TrainResult]:
+        pairs = _pairs(config, variant, data, config.seed + 2)
+        trainer = variant.trainer
+        if variant.epochs is not None:
+            trainer = trainer.model_copy(update={"steps": max(1, math.ceil(variant.epochs * len(pairs)
+                                                                           / trainer.batch_size))})
+        trained = tuning.train(ctx, spec, pairs, variant.method, trainer, variant.dpo, f"{variant.name}_{m}",
+                               config.seed, metrics_prefix=f"{variant.name}_")
+        return trainer, trained
+
+    if len(variants) < 2:
+        return {v.name: one(v) for v in variants}
+    with ThreadPoolExecutor(max_workers=len(variants), thread_name_prefix="finer-tuning") as pool:
+        futures = {v.name: pool.submit(one, v) for v in variants}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def run(config: Config, ctx: RunContext) -> dict[str, float]:
     eval_sets: dict[str, Any] = {}
     data = synthetic(config.scenes, config.build, dict(config.n_images), config.seed)
@@ -123,14 +147,10 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
         ctx.log(step=m, **{f"base_{k}": v for k, v in base.items() if isinstance(v, float)})
         if m == 0:
             result.update({"base_paired_accuracy": base["paired_accuracy"], "base_row_accuracy": base["row_accuracy"]})
+        trained_by = _train_variants(ctx, config, spec, variants, data, m)
         for variant in variants:
-            pairs = _pairs(config, variant, data, config.seed + 2)
-            trainer = variant.trainer
-            if variant.epochs is not None:
-                trainer = trainer.model_copy(update={"steps": max(1, math.ceil(variant.epochs * len(pairs)
-                                                                               / trainer.batch_size))})
+            trainer, trained = trained_by[variant.name]
             phase = f"{variant.name}_{m}"
-            trained = tuning.train(ctx, spec, pairs, variant.method, trainer, variant.dpo, phase, config.seed)
             tuned = tuning.export(ctx, spec, trained, trainer, phase)
             scored, handle = _evaluate(ctx, config, tuned, eval_sets)
             stop_server(handle.name)

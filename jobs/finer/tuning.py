@@ -24,16 +24,17 @@ def _wire(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def train(ctx: Any, spec: ModelSpec, rows: list[dict[str, Any]], method: Method, trainer: TrainerConfig,
-          dpo: DPOConfig, name: str, seed: int) -> TrainResult:
-    """One tuning phase named ``name`` of the run (``artifacts/<name>/``)."""
+          dpo: DPOConfig, name: str, seed: int, metrics_prefix: str = "") -> TrainResult:
+    """One tuning phase named ``name`` of the run (``artifacts/<name>/``); its training metrics are logged
+    with ``metrics_prefix`` before their names."""
     model = spec.model_dump()
     if method == "dpo":
         config = {"model": model, "trainer": trainer.model_dump(), "dpo": dpo.model_dump(), "pairs": _wire(rows),
                   "seed": seed}
-        return fit(ctx, dpo_loop, config, trainer, name=name)
+        return fit(ctx, dpo_loop, config, trainer, name=name, metrics_prefix=metrics_prefix)
     examples = [{"messages": row["prompt"] + row["chosen"], "images": row["images"]} for row in rows]
     config = {"model": model, "trainer": trainer.model_dump(), "objective": {"alpha": 0.0}, "examples": examples}
-    return fit(ctx, supervised_loop, config, trainer, name=name)
+    return fit(ctx, supervised_loop, config, trainer, name=name, metrics_prefix=metrics_prefix)
 
 
 def export(ctx: Any, spec: ModelSpec, result: TrainResult, trainer: TrainerConfig, name: str) -> ModelSpec:

@@ -45,10 +45,10 @@ def _relay_callback(queue: Any) -> Any:
     return MetricsRelay()
 
 
-def _log_row(ctx: Any, row: dict[str, Any]) -> None:
+def _log_row(ctx: Any, row: dict[str, Any], prefix: str = "") -> None:
     step = row.pop("step", None)
     values = {
-        k: float(v)
+        prefix + k: float(v)
         for k, v in row.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
     }
@@ -63,10 +63,13 @@ def fit(
     trainer: TrainerConfig,
     *,
     name: str = "train",
+    metrics_prefix: str = "",
 ) -> TrainResult:
     """Run ``loop`` on ``trainer.workers`` with ``loop_config`` (plain data: it travels to the workers).
 
     ``name`` names this training phase inside the run (``artifacts/<name>/``); use one per phase.
+    ``metrics_prefix`` is put before the names of the metrics it logs to the run (e.g. ``"sft_"``), so
+    that phases trained side by side (one thread each) keep their curves apart.
     Up to ``trainer.max_failures`` worker-group failures restart the loop, which continues from the
     last checkpoint (`explab.train.worker.restore`). Raises Ray Train's ``TrainingFailedError`` when
     the loop fails for good."""
@@ -127,7 +130,7 @@ def fit(
             last.clear()
             last.update(row)
             try:
-                _log_row(ctx, dict(row))
+                _log_row(ctx, dict(row), metrics_prefix)
             except BaseException as err:
                 errors.append(err)
                 return
