@@ -70,3 +70,98 @@ def test_images_to_a_text_only_model_or_the_generator_are_one_clear_error(ray_lo
     generator = get_server("generator", "tiny:llama", {"backend": "transformers", "max_wait_ms": 20})
     with pytest.raises(ExplabError, match="takes no `images`"):
         generator.generate([request], {"max_tokens": 2})
+
+
+# ---- VQA accuracy and the MMHal judge (pure) ---------------------------------------------------------------
+def test_vqa_accuracy_is_the_leave_one_out_mean_on_normalised_answers():
+    from jobs.finer.openended import normalize_answer, vqa_accuracy
+
+    assert normalize_answer("Two dogs.") == normalize_answer("2 dogs") == "2 dogs"
+    assert normalize_answer("The 1,000 cats!") == "1000 cats"
+    assert normalize_answer("Dont") == normalize_answer("don't") == "don't"
+    assert normalize_answer("3.5 kg.") == "3.5 kg"
+    others = ["cat"] * 7
+    assert vqa_accuracy("x", ["x"] * 3 + others) == pytest.approx(0.9, abs=1e-12)
+    assert vqa_accuracy("x", ["x"] + ["cat"] * 9) == pytest.approx(0.3, abs=1e-12)
+    assert vqa_accuracy("x", ["x"] * 2 + ["cat"] * 8) == pytest.approx(0.6, abs=1e-12)
+    assert vqa_accuracy("x", ["cat"] * 10) == 0.0
+    assert vqa_accuracy("Two dogs.", ["2 dogs"] * 4 + ["cat"] * 6) == 1.0
+
+
+def test_judge_ratings_parse_or_count_as_unparsed_and_mmhal_metrics_on_planted_ratings():
+    import math
+
+    import pandas as pd
+    from pydantic import ValidationError
+
+    from jobs.finer.config import HubBenchmark
+    from jobs.finer.openended import judge_prompt, mmhal_scores, parse_rating, score_rows
+
+    assert parse_rating("The response names a dog that is not there.\nRating: 1") == 1
+    assert parse_rating("**Rating:** 6") == 6
+    assert parse_rating("rating: 4 ... on reflection, Rating: 5") == 5
+    assert parse_rating("Rating: 9") is None and parse_rating("I like it") is None and parse_rating("") is None
+    prompt = judge_prompt(["dog", "ball"], "What is the dog doing?", "Chasing a ball.", "Sleeping.")
+    assert "dog, ball" in prompt and "Chasing a ball." in prompt and "Sleeping." in prompt and "Rating: N" in prompt
+    frame = pd.DataFrame({"kind": ["count", "count", "attribute", "attribute"], "rating": [6.0, 2.0, 1.0, math.nan]})
+    got = mmhal_scores(frame)
+    assert got["mmhal_score"] == 3.0 and got["mmhal_hallucination_rate"] == pytest.approx(2 / 3)
+    assert got["mmhal_unparsed"] == 0.25 and got["n"] == 4
+    rows = {r["split"]: r for r in score_rows("mmhal", frame)}
+    assert rows["count"]["mmhal_score"] == 4.0 and rows["count"]["mmhal_hallucination_rate"] == 0.5
+    assert rows["attribute"]["mmhal_hallucination_rate"] == 1.0 and rows["attribute"]["mmhal_unparsed"] == 0.5
+    with pytest.raises(ValidationError, match="needs a `judge`"):
+        HubBenchmark(name="mmhal", data="hf:Shengcao1006/MMHal-Bench", format="mmhal")
+
+
+# ---- the job's open-ended evaluation on local copies ---------------------------------------------------------
+def test_textvqa_and_mmhal_from_local_copies_run_through_the_jobs_evaluation(tmp_path, llava):
+    """Local copies in the hub forms go through `hub.load` and the job's `_evaluate` (the tiny LLaVA answers
+    with the image, a tiny Llama judges): eval rows in range, every junk judgement unparsed; planted answers
+    and ratings give the exact scores through the same `openended.table_rows` the job writes."""
+    import math
+
+    from datasets import Dataset
+    from PIL import Image
+
+    from explab.models import ModelSpec
+    from explab.runs import RunContext
+    from jobs.finer import hub, openended
+    from jobs.finer.config import Config, HubBenchmark
+    from jobs.finer.job import _evaluate
+
+    pics = [Image.fromarray(_image(s)) for s in (3, 4)]
+    Dataset.from_dict({"image": pics, "question": ["What brand?", "What number?"], "question_id": [7, 8],
+                       "answers": [["Nike"] * 3 + ["adidas"] * 7, ["Two"] + ["3"] * 9]}).save_to_disk(
+        str(tmp_path / "textvqa"))
+    Dataset.from_dict({"image": pics, "question_type": ["counting", "attribute"],
+                       "question_topic": ["animal", "vehicle"], "image_id": ["a", "b"],
+                       "image_content": [{"class": ["Dog", "Ball"]}, {"class": ["Car"]}],
+                       "question": ["How many dogs?", "What colour is the car?"],
+                       "gt_answer": ["There is one dog.", "The car is red."]}).save_to_disk(str(tmp_path / "mmhal"))
+    judge = ModelSpec(name="tiny:llama")
+    benches = [HubBenchmark(name="textvqa", data=f"local:{tmp_path / 'textvqa'}", format="vqa", max_new_tokens=4),
+               HubBenchmark(name="mmhal", data=f"local:{tmp_path / 'mmhal'}", format="mmhal", max_new_tokens=4,
+                            judge=judge, judge_server={"backend": "transformers", "max_wait_ms": 20},
+                            judge_max_tokens=12)]
+    config = Config(models=[ModelSpec(name="tiny:llava")], benchmarks=benches, server={"max_wait_ms": 20})
+    open_sets = {b.name: (b, *hub.load(b)) for b in benches}
+    items = open_sets["mmhal"][1]
+    assert list(items["image_content"].iloc[0]) == ["Dog", "Ball"] and list(items["kind"]) == ["counting", "attribute"]
+    ctx = RunContext("finer", config, tmp_path / "run")
+    scored, _, opened = _evaluate(ctx, config, config.models[0], {}, open_sets)
+    assert scored.empty and len(opened) == 4 and opened["response"].map(lambda t: isinstance(t, str)).all()
+    rows = openended.table_rows("tiny:llava", "base", opened)
+    vqa = [r for r in rows if r["benchmark"] == "textvqa"]
+    assert len(vqa) == 1 and 0.0 <= vqa[0]["vqa_accuracy"] <= 1.0
+    mmhal = {r["split"]: r for r in rows if r["benchmark"] == "mmhal"}
+    assert set(mmhal) == {"all", "counting", "attribute"}
+    # a random tiny judge writes no "Rating: N": counted as unparsed, never a crash or a zero
+    assert mmhal["all"]["mmhal_unparsed"] == 1.0 and math.isnan(mmhal["all"]["mmhal_score"])
+    planted = opened.copy()
+    planted.loc[planted["benchmark"] == "textvqa", "response"] = ["nike.", "2"]  # 3 of 10 -> 0.9; 1 of 10 -> 0.3
+    planted.loc[planted["benchmark"] == "mmhal", "rating"] = [5.0, 2.0]
+    rows = {(r["benchmark"], r["split"]): r for r in openended.table_rows("tiny:llava", "base", planted)}
+    assert rows[("textvqa", "all")]["vqa_accuracy"] == pytest.approx(0.6, abs=1e-12)
+    assert rows[("mmhal", "all")]["mmhal_score"] == 3.5 and rows[("mmhal", "all")]["mmhal_hallucination_rate"] == 0.5
+    assert 0 <= rows[("mmhal", "counting")]["mmhal_score"] <= 6

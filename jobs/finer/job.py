@@ -85,7 +85,7 @@ def _evaluate(ctx: RunContext, config: Config, spec: ModelSpec, eval_sets: dict[
         frames.append(evaluate(handle, frame, images).assign(benchmark=name))
     opened = openended.evaluate_sets(handle, open_sets,
                                      lambda bench: ctx.model(bench.judge, "generator", bench.judge_server or None))
-    return pd.concat(frames, ignore_index=True), handle, opened
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), handle, opened
 
 
 def run(config: Config, ctx: RunContext) -> dict[str, float]:
