@@ -61,12 +61,16 @@ def test_generation_with_images_equals_decode_with_the_processors_pixels_and_the
 
 
 def test_images_to_a_text_only_model_or_the_generator_are_one_clear_error(ray_local):
+    """The text-only refusal runs the HookedModel's own class in process (`__ray_actor_class__`: the same code
+    the actor runs, without a second model worker); the Generator refuses through its served actor."""
     from explab.servers import get_server
+    from explab.servers.hooked import HookedModel
+    from explab.servers.types import GenerationRequest
 
     request = {"messages": [{"role": "user", "content": "hi"}], "images": [_image(0)]}
-    hooked = get_server("hooked", "tiny:llama", {"max_wait_ms": 20})
+    text_only = HookedModel.__ray_actor_class__({"name": "tiny:llama", "device": "cpu"}, {})
     with pytest.raises(ExplabError, match="only a VLM takes `images`"):
-        hooked.generate([request], {"max_tokens": 2})
+        text_only._generate_batch([GenerationRequest.model_validate(request)])
     generator = get_server("generator", "tiny:llama", {"backend": "transformers", "max_wait_ms": 20})
     with pytest.raises(ExplabError, match="takes no `images`"):
         generator.generate([request], {"max_tokens": 2})
