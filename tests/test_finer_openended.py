@@ -33,7 +33,7 @@ def _reference(loaded, question: str, image: np.ndarray, params):
     inputs = processor(images=[image], text=[text], return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     out = decode(loaded.model, loaded.tokenizer, [ids], params,
-                 extra_inputs={"pixel_values": inputs["pixel_values"].to(loaded.dtype)})
+                 extra_inputs={"pixel_values": inputs["pixel_values"].to(loaded.model.device, loaded.dtype)})
     return ids, out[0].completions[0]
 
 
@@ -74,6 +74,33 @@ def test_images_to_a_text_only_model_or_the_generator_are_one_clear_error(ray_lo
     generator = get_server("generator", "tiny:llama", {"backend": "transformers", "max_wait_ms": 20})
     with pytest.raises(ExplabError, match="takes no `images`"):
         generator.generate([request], {"max_tokens": 2})
+
+
+@pytest.mark.gpu
+def test_a_gpu_hooked_server_generates_with_images_in_bf16_like_decode_in_process(ray_local):
+    """On CUDA (skipped without one): the tiny LLaVA served on the GPU in bf16 (pixels cast to bf16) generates
+    with an image the tokens `decode` gives with the processor's pixels in this process."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from explab.models import ModelSpec, load_model
+    from explab.servers import get_server, stop_server
+    from explab.servers.types import SamplingParams
+
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    server = get_server("hooked", {"name": "tiny:llava"}, {"num_gpus": 1, "shared": False})
+    try:
+        described = server.describe()
+        assert "cuda" in str(described.get("device")) and "bfloat16" in str(described.get("dtype")), described
+        loaded = load_model(ModelSpec(name="tiny:llava"))
+        for seed in (0, 1):
+            request = {"messages": [{"role": "user", "content": "What is shown?"}], "images": [_image(seed)]}
+            served = server.generate([request], params)[0].completions[0].token_ids
+            _, local = _reference(loaded, "What is shown?", _image(seed), params)
+            assert served == local.token_ids
+    finally:
+        stop_server(server.name)
 
 
 # ---- VQA accuracy and the MMHal judge (pure) ---------------------------------------------------------------
