@@ -147,11 +147,11 @@ def test_judge_ratings_parse_or_count_as_unparsed_and_mmhal_metrics_on_planted_r
 
 # ---- the job's open-ended evaluation on local copies ---------------------------------------------------------
 def test_textvqa_and_mmhal_from_local_copies_run_through_the_jobs_evaluation(tmp_path, llava):
-    """Local copies in the hub forms go through `hub.load` and the job's `_evaluate` (the tiny LLaVA answers
-    with the image, a tiny Llama judges): eval rows in range, every junk judgement unparsed; planted answers
-    and ratings give the exact scores through the same `openended.table_rows` the job writes."""
-    import math
-
+    """Local copies in the hub forms go through the job's `run` beside a synthetic MC set (the tiny LLaVA
+    answers with the image, a tiny Llama judges): eval rows in range, every junk judgement unparsed, MC and
+    open-ended columns NaN where they do not apply; planted answers and ratings in the job's predictions give
+    the exact scores through the same `openended.table_rows` the job writes."""
+    import pandas as pd
     from datasets import Dataset
     from PIL import Image
 
@@ -159,7 +159,8 @@ def test_textvqa_and_mmhal_from_local_copies_run_through_the_jobs_evaluation(tmp
     from explab.runs import RunContext
     from jobs.finer import hub, openended
     from jobs.finer.config import Config, HubBenchmark
-    from jobs.finer.job import _evaluate
+    from jobs.finer.job import run
+    from jobs.finer.scenes import SceneConfig
 
     pics = [Image.fromarray(_image(s)) for s in (3, 4)]
     Dataset.from_dict({"image": pics, "question": ["What brand?", "What number?"], "question_id": [7, 8],
@@ -175,21 +176,29 @@ def test_textvqa_and_mmhal_from_local_copies_run_through_the_jobs_evaluation(tmp
                HubBenchmark(name="mmhal", data=f"local:{tmp_path / 'mmhal'}", format="mmhal", max_new_tokens=4,
                             judge=judge, judge_server={"backend": "transformers", "max_wait_ms": 20},
                             judge_max_tokens=12)]
-    config = Config(models=[ModelSpec(name="tiny:llava")], benchmarks=benches, server={"max_wait_ms": 20})
-    open_sets = {b.name: (b, *hub.load(b)) for b in benches}
-    items = open_sets["mmhal"][1]
+    scenes = SceneConfig(colours=["red", "green"], shapes=["circle", "square"], sizes=["large"], grid=2,
+                         min_objects=2, max_objects=2, image_size=32)
+    config = Config(models=[ModelSpec(name="tiny:llava")], benchmarks=benches, server={"max_wait_ms": 20},
+                    scenes=scenes, build={"max_objects_named": 2, "max_relations": 2},
+                    n_images={"train": 0, "test": 1}, tuning=None)
+    items = hub.load(benches[1])[0]
     assert list(items["image_content"].iloc[0]) == ["Dog", "Ball"] and list(items["kind"]) == ["counting", "attribute"]
     ctx = RunContext("finer", config, tmp_path / "run")
-    scored, _, opened = _evaluate(ctx, config, config.models[0], {}, open_sets)
-    assert scored.empty and len(opened) == 4 and opened["response"].map(lambda t: isinstance(t, str)).all()
-    rows = openended.table_rows("tiny:llava", "base", opened)
-    vqa = [r for r in rows if r["benchmark"] == "textvqa"]
-    assert len(vqa) == 1 and 0.0 <= vqa[0]["vqa_accuracy"] <= 1.0
-    mmhal = {r["split"]: r for r in rows if r["benchmark"] == "mmhal"}
-    assert set(mmhal) == {"all", "counting", "attribute"}
+    run(config, ctx)  # the synthetic MC set beside the two open-ended ones, base model only
+    table = pd.read_parquet(ctx.path("tables", "eval.parquet"))
+    predictions = pd.read_parquet(ctx.path("tables", "predictions.parquet"))
+    assert (table["benchmark"] == "synthetic").any() and table.loc[table["benchmark"] == "synthetic", "vqa_accuracy"
+                                                                   ].isna().all()
+    vqa = table[table["benchmark"] == "textvqa"]
+    assert len(vqa) == 1 and 0.0 <= vqa["vqa_accuracy"].iloc[0] <= 1.0 and vqa["paired_accuracy"].isna().all()
+    mmhal = table[table["benchmark"] == "mmhal"].set_index("split")
+    assert set(mmhal.index) == {"all", "counting", "attribute"}
     # a random tiny judge writes no "Rating: N": counted as unparsed, never a crash or a zero
-    assert mmhal["all"]["mmhal_unparsed"] == 1.0 and math.isnan(mmhal["all"]["mmhal_score"])
-    planted = opened.copy()
+    assert (mmhal["mmhal_unparsed"] == 1.0).all() and mmhal["mmhal_score"].isna().all()
+    opened = predictions[predictions["benchmark"].isin(["textvqa", "mmhal"])].reset_index(drop=True)
+    assert len(opened) == 4 and opened["response"].map(lambda t: isinstance(t, str)).all()
+    assert opened.loc[opened["benchmark"] == "mmhal", "judge_text"].map(len).gt(0).all()
+    planted = opened.copy()  # the job's predictions with planted answers and ratings, scored as the job scores
     planted.loc[planted["benchmark"] == "textvqa", "response"] = ["nike.", "2"]  # 3 of 10 -> 0.9; 1 of 10 -> 0.3
     planted.loc[planted["benchmark"] == "mmhal", "rating"] = [5.0, 2.0]
     rows = {(r["benchmark"], r["split"]): r for r in openended.table_rows("tiny:llava", "base", planted)}
