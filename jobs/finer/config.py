@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from explab.config import JobConfig, Section
 from explab.models import ModelSpec
@@ -33,16 +33,36 @@ class TuningConfig(Section):
 
 
 class HubBenchmark(Section):
-    """A published benchmark on the Hugging Face hub, read into the job's item schema (`hub.py`)."""
+    """A published benchmark on the Hugging Face hub, read into the job's item schema (`hub.py`).
+
+    The open-ended formats (``vqa``: TextVQA; ``mmhal``: MMHal-Bench; `openended.py`) are answered by greedy
+    generation of at most ``max_new_tokens`` (default 32 for ``vqa``, 256 for ``mmhal``) after the question
+    and ``instruction`` (default: TextVQA's short-answer line for ``vqa``, none for ``mmhal``); ``mmhal`` needs
+    a ``judge`` LLM (served as a `Generator` with ``judge_server`` options) that rates every response."""
 
     name: str
     data: str  # hf:<dataset id> or local:<path> (parquet / json / jsonl / csv file, or a save_to_disk directory)
-    format: Literal["finer_mcq", "pope", "mcq_letter"] = "finer_mcq"
+    format: Literal["finer_mcq", "pope", "mcq_letter", "vqa", "mmhal"] = "finer_mcq"
     split: str = "test"
     config_name: str | None = None
     limit: int | None = Field(None, ge=1)
     columns: dict[str, str] = Field(default_factory=dict)  # dataset column -> the name the format reads
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    max_new_tokens: int | None = Field(None, ge=1)  # open-ended formats only
+    instruction: str | None = None  # open-ended formats only
+    judge: ModelSpec | None = None  # mmhal only: the judge LLM
+    judge_server: dict[str, Any] = Field(default_factory=dict)
+    judge_max_tokens: int = Field(256, ge=8)
+
+    @model_validator(mode="after")
+    def _judged(self) -> HubBenchmark:
+        if self.format == "mmhal" and self.judge is None:
+            raise ValueError(f"benchmark {self.name!r}: format mmhal needs a `judge` model (an instruct LLM)")
+        return self
+
+    @property
+    def open_ended(self) -> bool:
+        return self.format in ("vqa", "mmhal")
 
 
 class FilterConfig(Section):

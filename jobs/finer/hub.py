@@ -13,6 +13,13 @@
   from `metrics.yes_no_scores`.
 - ``mcq_letter`` (general MC checks, e.g. MMStar): ``image``, ``question``, ``options`` or ``A..E`` columns,
   ``answer`` (a letter); each row is paired with itself so paired accuracy equals row accuracy.
+- ``vqa`` (open-ended, TextVQA ``lmms-lab/textvqa`` split ``validation``): ``image``, ``question``, ``answers``
+  (the ten human answers), optional ``question_id`` / ``image_id``; scored by VQA accuracy (`openended.py`).
+- ``mmhal`` (open-ended, MMHal-Bench ``Shengcao1006/MMHal-Bench`` split ``test``): ``image`` (an image, or a
+  file name next to a local copy: map the hub form's ``image_path`` with ``columns: {image_path: image}``),
+  ``question``, ``gt_answer``, ``image_content`` (a list of strings, or the hub form's ``{"class": [...]}``),
+  ``question_type``, ``question_topic``, optional ``image_id``; judged by an LLM. Open-ended items carry
+  their own columns (``answers`` / ``gt_answer``, no ``choices``) and never enter the paired MC metric.
 
 ``data`` is ``hf:<dataset id>`` or ``local:<path>`` (a ``.parquet`` / ``.json`` / ``.jsonl`` / ``.csv`` file, or a
 directory written by ``Dataset.save_to_disk``); ``columns`` renames a dataset's columns to the names above.
@@ -139,7 +146,44 @@ def _mcq(ds: Any, name: str) -> tuple[pd.DataFrame, dict[str, Any]]:
     return pd.DataFrame(rows), images
 
 
+def _vqa(ds: Any, name: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    rows, images = [], {}
+    for i, ex in enumerate(ds):
+        image_id = str(ex.get("image_id") or f"{name}-{i}")
+        images.setdefault(image_id, to_pil(ex["image"]))
+        answers = [str(a) for a in (ex["answers"] or [])]
+        if not answers:
+            raise ConfigError(f"benchmark {name!r} row {i}: no human `answers`: map the answers column with "
+                              "`columns`, or drop the row")
+        rows.append({"item_id": f"{name}-{ex.get('question_id', i)}", "image_id": image_id, "kind": "vqa",
+                     "question": ex["question"], "answers": answers, "split": "test", "source": name})
+    return pd.DataFrame(rows), images
+
+
+def _content(value: Any) -> list[str]:
+    if isinstance(value, dict):  # the hub form's Sequence({"class": ...})
+        value = next(iter(value.values()), [])
+    return [str(v) for v in (value or [])]
+
+
+def _mmhal(ds: Any, name: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    rows, images = [], {}
+    for i, ex in enumerate(ds):
+        source = ex.get("image") if ex.get("image") is not None else ex.get("image_path")
+        if source is None:
+            raise ConfigError(f"benchmark {name!r} row {i}: no `image` or `image_path` (columns "
+                              f"{sorted(ex)}): download the images and name their column with `columns`")
+        image_id = str(ex.get("image_id") or f"{name}-{i}")
+        images.setdefault(image_id, to_pil(source))
+        rows.append({"item_id": f"{name}-{i}", "image_id": image_id, "kind": str(ex.get("question_type") or "mmhal"),
+                     "topic": str(ex.get("question_topic") or ""), "question": ex["question"],
+                     "gt_answer": str(ex["gt_answer"]), "image_content": _content(ex.get("image_content")),
+                     "split": "test", "source": name})
+    return pd.DataFrame(rows), images
+
+
 def load(bench: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``(items, images by image_id)`` of a `HubBenchmark`."""
     ds = fetch(bench)
-    return {"finer_mcq": _finer, "pope": _pope, "mcq_letter": _mcq}[bench.format](ds, bench.name)
+    loaders = {"finer_mcq": _finer, "pope": _pope, "mcq_letter": _mcq, "vqa": _vqa, "mmhal": _mmhal}
+    return loaders[bench.format](ds, bench.name)

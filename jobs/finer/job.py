@@ -23,7 +23,7 @@ from explab.models import ModelSpec
 from explab.runs import RunContext
 from explab.servers import stop_server
 from explab.train import TrainerConfig, TrainResult
-from jobs.finer import captions, filtering, hub, plots, tuning
+from jobs.finer import captions, filtering, hub, openended, plots, tuning
 from jobs.finer.benchmark import Synthetic, items, synthetic, training_pairs, vocabulary
 from jobs.finer.config import Config, HubBenchmark, TuningConfig
 from jobs.finer.evaluate import evaluate
@@ -78,12 +78,16 @@ def _score_rows(model: str, variant: str, scored: pd.DataFrame) -> tuple[list[di
     return rows, levels
 
 
-def _evaluate(ctx: RunContext, config: Config, spec: ModelSpec, eval_sets: dict[str, Any]) -> pd.DataFrame:
+def _evaluate(ctx: RunContext, config: Config, spec: ModelSpec, eval_sets: dict[str, Any],
+              open_sets: dict[str, Any]) -> tuple[pd.DataFrame, Any, pd.DataFrame]:
+    """MC sets scored, the server's handle, and the open-ended sets scored (`openended.evaluate_sets`)."""
     handle = ctx.model(spec, "hooked", config.server or None)
     frames = []
     for name, (frame, images) in eval_sets.items():
         frames.append(evaluate(handle, frame, images).assign(benchmark=name))
-    return pd.concat(frames, ignore_index=True), handle
+    opened = openended.evaluate_sets(handle, open_sets,
+                                     lambda bench: ctx.model(bench.judge, "generator", bench.judge_server or None))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), handle, opened
 
 
 def _train_variants(ctx: RunContext, config: Config, spec: ModelSpec, variants: list[TuningConfig], data: Synthetic,
@@ -124,9 +128,14 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
         caption_frame, caption_images, caption_counts = _caption_items(ctx, config, data)
         if not caption_frame.empty:
             eval_sets["captions"] = (caption_frame, caption_images)
+    open_sets: dict[str, Any] = {}  # open-ended (TextVQA, MMHal): generated answers, not MC pairs
     for bench in config.benchmarks:
-        eval_sets[bench.name] = hub.load(bench)
-    all_items = pd.concat([frame.assign(benchmark=name) for name, (frame, _) in eval_sets.items()],
+        if bench.open_ended:
+            open_sets[bench.name] = (bench, *hub.load(bench))
+        else:
+            eval_sets[bench.name] = hub.load(bench)
+    all_items = pd.concat([frame.assign(benchmark=name) for name, (frame, _) in eval_sets.items()]
+                          + [frame.assign(benchmark=name) for name, (_, frame, _) in open_sets.items()],
                           ignore_index=True)
     ctx.save_table("items", all_items)
     ctx.save_json("construction", {"probes": {k: len(v) for k, v in data.probes.items()},
@@ -138,10 +147,10 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
     variants = [v for v in [config.tuning, *config.ablations] if v is not None]
     result: dict[str, float] = {}
     for m, spec in enumerate(config.models):
-        scored, _ = _evaluate(ctx, config, spec, eval_sets)
-        predictions.append(scored.assign(model=spec.name, variant="base"))
+        scored, _, opened = _evaluate(ctx, config, spec, eval_sets, open_sets)
+        predictions += [scored.assign(model=spec.name, variant="base"), opened.assign(model=spec.name, variant="base")]
         r, lv = _score_rows(spec.name, "base", scored)
-        rows += r
+        rows += r + openended.table_rows(spec.name, "base", opened)
         levels += lv
         base = r[0]
         ctx.log(step=m, **{f"base_{k}": v for k, v in base.items() if isinstance(v, float)})
@@ -152,11 +161,12 @@ def run(config: Config, ctx: RunContext) -> dict[str, float]:
             trainer, trained = trained_by[variant.name]
             phase = f"{variant.name}_{m}"
             tuned = tuning.export(ctx, spec, trained, trainer, phase)
-            scored, handle = _evaluate(ctx, config, tuned, eval_sets)
+            scored, handle, opened = _evaluate(ctx, config, tuned, eval_sets, open_sets)
             stop_server(handle.name)
-            predictions.append(scored.assign(model=spec.name, variant=variant.name))
+            predictions += [scored.assign(model=spec.name, variant=variant.name),
+                            opened.assign(model=spec.name, variant=variant.name)]
             r, lv = _score_rows(spec.name, variant.name, scored)
-            rows += r
+            rows += r + openended.table_rows(spec.name, variant.name, opened)
             levels += lv
             ctx.log(step=m, **{f"{variant.name}_{k}": v for k, v in r[0].items() if isinstance(v, float)},
                     **{f"{variant.name}_train_{k}": float(v) for k, v in trained.metrics.items()

@@ -6,6 +6,7 @@ from typing import Any
 
 import ray
 
+from explab.errors import ExplabError
 from explab.servers.base import ServerBase
 from explab.servers.types import GenerationRequest, GenerationResult
 
@@ -47,4 +48,7 @@ class Generator(ServerBase):
         return results
 
     async def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        if any(r.images for r in requests):
+            raise ExplabError(f"the Generator ({self.backend_name}) takes no `images`: serve the VLM as a "
+                              "HookedModel (kind 'hooked') for image-conditioned generation")
         return await self.batcher.submit_many(requests)

@@ -3,7 +3,9 @@
 - ``forward(requests)``: one batched forward pass for concurrent requests, each row with its own
   interventions; returns captured activations as numpy arrays (and optionally logits);
 - ``generate(requests)``: token-by-token generation (`explab.interventions.decode`) with each
-  request's interventions active at every step and per-step captures; prompts whose rows act on
+  request's interventions active at every step and per-step captures; a request's ``images`` (VLMs) go
+  through the processor with its prompt and its ``pixel_values`` (and ``image_sizes`` ...) into the
+  prefill; rows with images never use the prefix cache; prompts whose rows act on
   generated tokens only are prefilled once and kept (``prefix_cache_mb``; `explab.interventions.prefixes`),
   so a sweep that sends the same prompts under many strengths prefills each prompt once;
 - ``score(prompt, continuations)``: per-token logprobs of each continuation after the prompt;
@@ -108,6 +110,13 @@ def as_forward_requests(requests: Any) -> list[ForwardRequest]:
     return out
 
 
+def _image_kind(images: list[Any] | None) -> tuple[tuple[int, ...], ...] | None:
+    """The batching key of a request's images: None without images, else each image's shape."""
+    if images is None:
+        return None
+    return tuple(tuple(np.asarray(img).shape) for img in images)
+
+
 def _captured(interventions: list[Any]) -> list[str]:
     return [s.key for s in interventions if isinstance(s, Capture)]
 
@@ -154,7 +163,9 @@ class HookedModel(ServerBase):
         return await self.batcher.submit_many(items)
 
     async def generate(self, requests: list[GenerationRequest]) -> list[HookedGeneration]:
-        return await self.batcher.submit_many([("generate", r, batch_key(r.interventions)) for r in requests])
+        # rows with images batch only with rows whose images have the same count and sizes
+        return await self.batcher.submit_many([("generate", r, (batch_key(r.interventions), _image_kind(r.images)))
+                                               for r in requests])
 
     async def score(self, prompt: str | list[dict[str, str]], continuations: list[str]) -> list[list[float]]:
         if isinstance(prompt, str):
@@ -263,7 +274,8 @@ class HookedModel(ServerBase):
             return [g for gs in rows for g in gs]  # tower rows are the request's images / tiles
         return rows[row]
 
-    def _vision_inputs(self, requests: list[ForwardRequest]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    def _vision_inputs(self, requests: list[ForwardRequest],
+                       padding_side: str | None = None) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
         processor = self.loaded.processor
         if self.loaded.kind != "vlm" or processor is None:
             raise ExplabError(f"model {self.spec.name!r} is a {self.loaded.kind}: only a VLM takes `images`")
@@ -277,7 +289,15 @@ class HookedModel(ServerBase):
                 raise ExplabError("a request with `images` needs `text` holding the model's image token, "
                                   "or chat `messages`")
         images = [img for r in requests for img in (r.images or [])]
-        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        tok = getattr(processor, "tokenizer", None)
+        side = getattr(tok, "padding_side", None)
+        if padding_side is not None and tok is not None:
+            tok.padding_side = padding_side
+        try:
+            inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        finally:
+            if padding_side is not None and tok is not None:
+                tok.padding_side = side
         mask = inputs["attention_mask"]
         if not hasattr(getattr(self.model, "model", None), "get_rope_index"):  # M-RoPE finds its own
             inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -305,13 +325,32 @@ class HookedModel(ServerBase):
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[HookedGeneration]:
         from explab.interventions.decode import decode
 
-        prompts = [encode_request(self.tokenizer, r) for r in requests]
+        extra = None
+        if requests[0].images is not None:  # the batcher groups rows with images apart (`_image_kind`)
+            prompts, extra = self._vision_prompts(requests)
+        else:
+            prompts = [encode_request(self.tokenizer, r) for r in requests]
+        # decode runs no prefix cache with extra inputs: a prefill is never served across different images
         outputs = decode(self.model, self.tokenizer, prompts, [r.params for r in requests],
-                         per_prompt=[r.interventions for r in requests], prefix_cache=self.prefixes)
+                         per_prompt=[r.interventions for r in requests], extra_inputs=extra,
+                         prefix_cache=self.prefixes)
         self._metrics.tokens(sum(len(c.token_ids) for o in outputs for c in o.completions))
         return [HookedGeneration(prompt_token_ids=p, completions=o.completions,
                                  captures=[{k: _np(v) for k, v in caps.items()} for caps in o.captures])
                 for p, o in zip(prompts, outputs, strict=True)]
+
+    def _vision_prompts(self, requests: list[GenerationRequest]) -> tuple[list[list[int]], dict[str, Any]]:
+        """Prompt ids and the processor's other inputs (``pixel_values``, ``image_sizes``, ...) for the prefill
+        of generation requests with images, rendered as `forward` renders them (`_vision_inputs`). Each request
+        is repeated ``params.n`` times, as `decode` expands its rows, and padded on the left as `decode` pads,
+        so every processor output lines up with decode's rows."""
+        rows = [ForwardRequest(text=r.prompt, messages=r.messages, assistant_prefix=r.assistant_prefix,
+                               images=r.images)
+                for r in requests for _ in range(r.params.n)]
+        inputs, seqs = self._vision_inputs(rows, padding_side="left")
+        firsts = np.cumsum([0] + [r.params.n for r in requests])[:-1]
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "position_ids")}
+        return [seqs[i] for i in firsts], extra
 
     @torch.no_grad()
     def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:

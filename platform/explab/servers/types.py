@@ -19,6 +19,10 @@ class GenerationRequest(BaseModel):
 
     ``assistant_prefix`` is text the assistant turn already starts with; generation continues it
     (used to resume a perturbed chain of thought). It is not repeated in the result's text.
+    ``images`` (HookedModel serving a VLM only; H×W×3 uint8 arrays or PIL images): rendered with the
+    prompt through the model's processor, as `ForwardRequest.images` (chat ``messages`` get the images
+    at the start of the first user turn; a raw ``prompt`` must hold the model's image token). The
+    `Generator` refuses them.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -30,6 +34,7 @@ class GenerationRequest(BaseModel):
     # HookedModel only: spec objects (explab.interventions) or dicts, validated here (one line on a bad
     # spec) and kept as plain dicts on the wire
     interventions: list[dict[str, Any]] = Field(default_factory=list)
+    images: list[Any] | None = None
 
     @field_validator("interventions", mode="before")
     @classmethod
