@@ -98,7 +98,10 @@ class _Steps:
         self.count = [0] * R
         self._active = [True] * R
         self._active_t: Tensor | None = None  # None: every row is active
-        self._stale = False  # _active_t is behind _active
+        self._stale = False  # _active_t and the row lists below are behind _active
+        self._rows: list[int] = []  # active rows that sample (temperature > 0)
+        self._lp_now: list[int] = []  # active rows that report logprobs
+        self._rows_t = self._lp_t = torch.zeros(0, dtype=torch.long)
         self._sampled = [r for r, p in enumerate(plist) if p.temperature > 0]
         self._lp_rows = [r for r, p in enumerate(plist) if p.logprobs]
         self._toks = torch.full((R, cap), pad_id, dtype=torch.long, device=device)
@@ -113,20 +116,24 @@ class _Steps:
 
     def sample(self, logits: Tensor) -> Tensor:
         """(R,) the next token of every row (``pad_id`` for finished rows), from the float logits (R, V)."""
+        if self._stale or self._t == 0:  # the rows that sample, as host lists and device indices
+            self._rows = [r for r in self._sampled if self._active[r]]
+            self._lp_now = [r for r in self._lp_rows if self._active[r]]
+            self._rows_t, self._lp_t = (torch.tensor(x, dtype=torch.long, device=self.device)
+                                        for x in (self._rows, self._lp_now))
+            if self._stale:
+                self._active_t = torch.tensor(self._active, device=self.device)
+            self._stale = False
         nxt = logits.argmax(-1)  # greedy rows (the others are overwritten)
-        rows = [r for r in self._sampled if self._active[r]]
-        if rows:
-            picked = torch.stack([_sample_row(logits[r], self.plist[r], self.gens[r]) for r in rows])
-            nxt[torch.tensor(rows, device=self.device)] = picked
-        if self._stale:
-            self._active_t, self._stale = torch.tensor(self._active, device=self.device), False
+        if self._rows:
+            picked = torch.stack([_sample_row(logits[r], self.plist[r], self.gens[r]) for r in self._rows])
+            nxt[self._rows_t] = picked
         if self._active_t is not None:
             nxt = nxt.masked_fill(~self._active_t, self.pad_id)
         t = self._t
         self._toks[:, t] = nxt
-        lp_rows = [r for r in self._lp_rows if self._active[r]]
-        if lp_rows and self._lps is not None:
-            idx = torch.tensor(lp_rows, device=self.device)
+        if self._lp_now and self._lps is not None:
+            idx = self._lp_t
             lp = torch.log_softmax(logits[idx], -1).gather(1, nxt[idx, None])[:, 0]
             self._lps[idx, t] = lp
         for r, a in enumerate(self._active):
