@@ -28,6 +28,10 @@ from explab.interventions.prefixes import PrefixCache, assemble, split
 from explab.interventions.specs import Capture, ProjectOut, Steer, batch_key, parse_interventions
 
 RESERVE = 256  # most positions a KV cache reserves ahead (then it doubles when full)
+# Without interventions, sampled tokens reach the host (for EOS and stop-string checks) every this many steps,
+# per device type (others: 8): on a GPU each read is a sync that stalls the queue of kernels, on a CPU it costs
+# nothing, while each read later than a row's end costs one forward pass more. The tokens are the same for any value.
+READ_EVERY: dict[str, int] = {"cpu": 1}
 
 
 @dataclass
@@ -81,8 +85,11 @@ def _sample_row(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) 
 class _Steps:
     """The decode loop's per-step state, kept on the device: sampled tokens and logprobs go into
     buffers and reach the host once at the end, unless some row can stop early (at EOS or a stop
-    string), when each step's tokens are read in one transfer (``watch``). Finished rows are fed
-    ``pad_id`` and sample nothing (their generators are not advanced), as if they were not there."""
+    string, ``watch``), when the tokens of the last ``every`` steps are read in one transfer, or sooner
+    when a row reaches its ``max_tokens``. Finished rows are fed ``pad_id`` and sample nothing (their
+    generators are not advanced), as if they were not there; a row that ended between two reads runs on
+    until the read (its own tokens only: rows do not see each other), and what it made after its end is
+    dropped, so the tokens are the same for any ``every``."""
 
     def __init__(
         self,
@@ -91,11 +98,14 @@ class _Steps:
         eos: set[int],
         pad_id: int,
         device: torch.device,
+        every: int = 1,
     ) -> None:
         R, cap = len(plist), max(1, max(p.max_tokens for p in plist))
         self.plist, self.gens, self.pad_id, self.device = plist, gens, pad_id, device
         self.watch = any(p.stop for p in plist) or (bool(eos) and any(not p.ignore_eos for p in plist))
         self.count = [0] * R
+        self.every = max(1, every)
+        self._read_to = 0  # steps before this one have been read
         self._active = [True] * R
         self._active_t: Tensor | None = None  # None: every row is active
         self._stale = False  # _active_t and the row lists below are behind _active
@@ -107,7 +117,6 @@ class _Steps:
         self._toks = torch.full((R, cap), pad_id, dtype=torch.long, device=device)
         self._lps = torch.zeros((R, cap), dtype=torch.float, device=device) if self._lp_rows else None
         self._host: list[list[int]] = [[] for _ in range(R)]
-        self._last: Tensor | None = None
         self._mask: Tensor | None = None
         self._t = 0
 
@@ -140,24 +149,29 @@ class _Steps:
             if a:
                 self.count[r] += 1
         self._t += 1
-        self._last = nxt
         return nxt
 
-    def read(self) -> list[tuple[int, int]]:
-        """(row, token) of the rows that sampled at the last step (one device-to-host transfer)."""
-        assert self._last is not None
-        vals = self._last.tolist()
-        out = [(r, vals[r]) for r in self.active()]
-        for r, tok in out:
-            self._host[r].append(tok)
-        return out
+    def due(self) -> bool:
+        """Whether the tokens must be read now: ``every`` steps since the last read, or a row is at its end."""
+        if self._t - self._read_to >= self.every:
+            return True
+        return any(a and n >= p.max_tokens for a, n, p in zip(self._active, self.count, self.plist, strict=True))
+
+    def read(self) -> list[tuple[int, list[int]]]:
+        """(row, its tokens since the last read) of every active row, in one device-to-host transfer."""
+        window = self._toks[:, self._read_to : self._t].tolist()
+        self._read_to = self._t
+        return [(r, window[r]) for r in self.active()]
 
     def tokens(self, r: int) -> list[int]:
-        """Row ``r``'s tokens so far (in ``watch`` mode, after `read`)."""
+        """Row ``r``'s kept tokens (in ``watch`` mode: the caller appends what `read` gives)."""
         return self._host[r]
 
-    def finish(self, r: int) -> None:
+    def finish(self, r: int, kept: int | None = None) -> None:
+        """Row ``r`` is done, with its first ``kept`` tokens (default: all it sampled)."""
         self._active[r] = False
+        if kept is not None:
+            self.count[r] = kept
         self._stale = True
 
     def mask(self, prompt_mask: Tensor) -> Tensor:
@@ -306,22 +320,27 @@ def decode(
         else:  # the hooks did not see the prefill (nothing of theirs acts on it): give them its layout
             session.track(input_ids=ids, attention_mask=mask)
             out = prefilled
-        step = _Steps(plist, gens, eos, pad_id, device)
+        # with interventions every step is read: a row's steps past its end would count in n_applied
+        every = 1 if any(row_specs) else READ_EVERY.get(device.type, 8)
+        step = _Steps(plist, gens, eos, pad_id, device, every)
         while True:
             nxt = step.sample(out.logits[:, -1, :].float())
-            if step.watch:  # a row may stop at EOS or a stop string: read this step's tokens now
-                for r, tok in step.read():
-                    p = plist[r]
-                    if p.stop:
-                        texts[r] = tokenizer.decode(step.tokens(r), skip_special_tokens=True)
-                    if tok in eos and not p.ignore_eos:
-                        finish[r] = "stop"
-                    elif p.stop and (k := _find_stop(texts[r], p.stop)) >= 0:
-                        texts[r], finish[r] = texts[r][:k], "stop"
-                    elif step.count[r] >= p.max_tokens:
-                        finish[r] = "length"
-                    if finish[r] is not None:
-                        step.finish(r)
+            if step.watch:  # a row may stop at EOS or a stop string: check its tokens at each read
+                for r, window in step.read() if step.due() else ():
+                    p, kept = plist[r], step.tokens(r)
+                    for tok in window:
+                        kept.append(tok)
+                        if p.stop:
+                            texts[r] = tokenizer.decode(kept, skip_special_tokens=True)
+                        if tok in eos and not p.ignore_eos:
+                            finish[r] = "stop"
+                        elif p.stop and (k := _find_stop(texts[r], p.stop)) >= 0:
+                            texts[r], finish[r] = texts[r][:k], "stop"
+                        elif len(kept) >= p.max_tokens:
+                            finish[r] = "length"
+                        if finish[r] is not None:
+                            step.finish(r, len(kept))
+                            break
             else:  # rows end at max_tokens only: nothing to read before the end
                 for r in step.active():
                     if step.count[r] >= plist[r].max_tokens:
