@@ -338,3 +338,41 @@ def test_tokens_read_at_the_end_equal_tokens_read_every_step() -> None:
         for a, b in zip(deferred[i].captures, stepped[i].captures, strict=True):
             assert torch.equal(a["blocks.0.resid_post"], b["blocks.0.resid_post"])
             assert a["blocks.0.resid_post"].shape[0] == sp.max_tokens
+
+
+def test_tokens_read_every_k_steps_equal_tokens_read_every_step(monkeypatch) -> None:
+    """Without interventions a GPU reads the tokens every few steps (READ_EVERY): rows that end at EOS
+    or a stop string between two reads are cut exactly where reading every step cuts them (planted:
+    a big EOS logit from step 5 on for one row's prompt), with the same logprobs and texts."""
+    from explab.interventions.decode import READ_EVERY
+
+    model = tiny()
+    eos = TOK.eos_token_id
+    fed = {"n": 0}
+
+    def plant(module, args, out):  # from the 5th forward on, EOS wins for row 0 (its prompt is PROMPTS[0])
+        fed["n"] += 1
+        if fed["n"] >= 5:
+            out = out.clone()
+            out[0, -1, eos] += 100.0
+        return out
+
+    params = [
+        SamplingParams(temperature=0, max_tokens=30, logprobs=True),
+        SamplingParams(temperature=1.0, max_tokens=23, n=2, seed=5, logprobs=True),
+        SamplingParams(temperature=1.0, max_tokens=40, seed=6, stop=["e", "a"]),
+    ]
+    got = {}
+    for every in (1, 3, 7):
+        monkeypatch.setitem(READ_EVERY, "cpu", every)
+        fed["n"] = 0
+        handle = model.lm_head.register_forward_hook(plant)
+        try:
+            got[every] = decode(model, TOK, PROMPTS, params)
+        finally:
+            handle.remove()
+    first = got[1][0].completions[0]
+    assert first.finish_reason == "stop" and first.token_ids[-1] == eos and len(first.token_ids) == 5
+    assert any(c.finish_reason == "stop" for c in got[1][2].completions)  # a stop string cut row 2
+    for every in (3, 7):
+        assert got[every] == got[1]
