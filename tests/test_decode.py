@@ -307,3 +307,72 @@ def test_growing_cache_equals_dynamic_cache_and_writes_steps_in_place() -> None:
             if step < 3:  # within the reserve every step lands in the same buffer: no copy of the cache
                 assert layer.keys.untyped_storage().data_ptr() == storage
         torch.testing.assert_close(outs["growing"].logits, outs["dynamic"].logits, atol=1e-5, rtol=1e-5)
+
+
+def test_tokens_read_at_the_end_equal_tokens_read_every_step() -> None:
+    """Rows that can only end at max_tokens keep their tokens on the device until the end; the same
+    batch with a stop string on one row (one that never matches) reads every step instead: every row's
+    tokens, logprobs, text and captures are the same either way, and each row's tokens the same as
+    decoding it alone."""
+    model = tiny()
+    v = torch.randn(D, generator=torch.Generator().manual_seed(4)).tolist()
+    gen = Positions(kind="generated")
+    params = [
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=True),
+        SamplingParams(temperature=0.9, top_k=12, max_tokens=12, n=2, seed=3, ignore_eos=True, logprobs=True),
+        SamplingParams(temperature=1.0, max_tokens=4, seed=8, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+    ]
+    watched = [*params[:3], params[3].model_copy(update={"stop": ["never said"]})]
+    prompts = [*PROMPTS, PROMPTS[0]]
+    own = [[Steer(point="blocks.1.resid_post", vector=v, alpha=float(i), positions=gen),
+            Capture(point="blocks.0.resid_post", per_step=True)] for i in range(4)]
+    deferred = decode(model, TOK, prompts, params, per_prompt=own)
+    stepped = decode(model, TOK, prompts, watched, per_prompt=own)
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        alone = decode(model, TOK, [p], [sp], per_prompt=[own[i]])[0]
+        for a, b, c in zip(deferred[i].completions, stepped[i].completions, alone.completions, strict=True):
+            assert a == b and len(a.token_ids) == sp.max_tokens and a.finish_reason == "length"
+            assert a.token_ids == c.token_ids and a.text == TOK.decode(a.token_ids, skip_special_tokens=True)
+            assert (a.logprobs is not None) == sp.logprobs
+        for a, b in zip(deferred[i].captures, stepped[i].captures, strict=True):
+            assert torch.equal(a["blocks.0.resid_post"], b["blocks.0.resid_post"])
+            assert a["blocks.0.resid_post"].shape[0] == sp.max_tokens
+
+
+def test_tokens_read_every_k_steps_equal_tokens_read_every_step(monkeypatch) -> None:
+    """Without interventions a GPU reads the tokens every few steps (READ_EVERY): rows that end at EOS
+    or a stop string between two reads are cut exactly where reading every step cuts them (planted:
+    a big EOS logit from step 5 on for one row's prompt), with the same logprobs and texts."""
+    from explab.interventions.decode import READ_EVERY
+
+    model = tiny()
+    eos = TOK.eos_token_id
+    fed = {"n": 0}
+
+    def plant(module, args, out):  # from the 5th forward on, EOS wins for row 0 (its prompt is PROMPTS[0])
+        fed["n"] += 1
+        if fed["n"] >= 5:
+            out = out.clone()
+            out[0, -1, eos] += 100.0
+        return out
+
+    params = [
+        SamplingParams(temperature=0, max_tokens=30, logprobs=True),
+        SamplingParams(temperature=1.0, max_tokens=23, n=2, seed=5, logprobs=True),
+        SamplingParams(temperature=1.0, max_tokens=40, seed=6, stop=["e", "a"]),
+    ]
+    got = {}
+    for every in (1, 3, 7):
+        monkeypatch.setitem(READ_EVERY, "cpu", every)
+        fed["n"] = 0
+        handle = model.lm_head.register_forward_hook(plant)
+        try:
+            got[every] = decode(model, TOK, PROMPTS, params)
+        finally:
+            handle.remove()
+    first = got[1][0].completions[0]
+    assert first.finish_reason == "stop" and first.token_ids[-1] == eos and len(first.token_ids) == 5
+    assert any(c.finish_reason == "stop" for c in got[1][2].completions)  # a stop string cut row 2
+    for every in (3, 7):
+        assert got[every] == got[1]

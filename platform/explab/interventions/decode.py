@@ -28,6 +28,10 @@ from explab.interventions.prefixes import PrefixCache, assemble, split
 from explab.interventions.specs import Capture, ProjectOut, Steer, batch_key, parse_interventions
 
 RESERVE = 256  # most positions a KV cache reserves ahead (then it doubles when full)
+# Without interventions, sampled tokens reach the host (for EOS and stop-string checks) every this many steps,
+# per device type (others: 8): on a GPU each read is a sync that stalls the queue of kernels, on a CPU it costs
+# nothing, while each read later than a row's end costs one forward pass more. The tokens are the same for any value.
+READ_EVERY: dict[str, int] = {"cpu": 1}
 
 
 @dataclass
@@ -58,8 +62,13 @@ def row_generator(
 
 def sample_token(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     """Pick a token from one row of raw logits (V,) under ``p`` (greedy when temperature is 0)."""
+    return int(_sample_row(logits, p, gen))
+
+
+def _sample_row(logits: Tensor, p: SamplingParams, gen: torch.Generator | None) -> Tensor:
+    """`sample_token`'s token as a 0-d tensor on ``logits``' device (no host sync)."""
     if p.temperature == 0.0:
-        return int(logits.argmax())
+        return logits.argmax()
     logits = logits.float()
     if 0 < p.top_k < logits.shape[-1]:  # keep the k most likely tokens (ties at the k-th kept)
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -70,7 +79,121 @@ def sample_token(logits: Tensor, p: SamplingParams, gen: torch.Generator | None)
         drop = (sp.cumsum(-1) - sp) >= p.top_p  # keep the smallest prefix reaching top_p
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, si, sp)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return torch.multinomial(probs, 1, generator=gen)[0]
+
+
+class _Steps:
+    """The decode loop's per-step state, kept on the device: sampled tokens and logprobs go into
+    buffers and reach the host once at the end, unless some row can stop early (at EOS or a stop
+    string, ``watch``), when the tokens of the last ``every`` steps are read in one transfer, or sooner
+    when a row reaches its ``max_tokens``. Finished rows are fed ``pad_id`` and sample nothing (their
+    generators are not advanced), as if they were not there; a row that ended between two reads runs on
+    until the read (its own tokens only: rows do not see each other), and what it made after its end is
+    dropped, so the tokens are the same for any ``every``."""
+
+    def __init__(
+        self,
+        plist: list[SamplingParams],
+        gens: list[torch.Generator | None],
+        eos: set[int],
+        pad_id: int,
+        device: torch.device,
+        every: int = 1,
+    ) -> None:
+        R, cap = len(plist), max(1, max(p.max_tokens for p in plist))
+        self.plist, self.gens, self.pad_id, self.device = plist, gens, pad_id, device
+        self.watch = any(p.stop for p in plist) or (bool(eos) and any(not p.ignore_eos for p in plist))
+        self.count = [0] * R
+        self.every = max(1, every)
+        self._read_to = 0  # steps before this one have been read
+        self._active = [True] * R
+        self._active_t: Tensor | None = None  # None: every row is active
+        self._stale = False  # _active_t and the row lists below are behind _active
+        self._rows: list[int] = []  # active rows that sample (temperature > 0)
+        self._lp_now: list[int] = []  # active rows that report logprobs
+        self._rows_t = self._lp_t = torch.zeros(0, dtype=torch.long)
+        self._sampled = [r for r, p in enumerate(plist) if p.temperature > 0]
+        self._lp_rows = [r for r, p in enumerate(plist) if p.logprobs]
+        self._toks = torch.full((R, cap), pad_id, dtype=torch.long, device=device)
+        self._lps = torch.zeros((R, cap), dtype=torch.float, device=device) if self._lp_rows else None
+        self._host: list[list[int]] = [[] for _ in range(R)]
+        self._mask: Tensor | None = None
+        self._t = 0
+
+    def active(self) -> list[int]:
+        return [r for r, a in enumerate(self._active) if a]
+
+    def sample(self, logits: Tensor) -> Tensor:
+        """(R,) the next token of every row (``pad_id`` for finished rows), from the float logits (R, V)."""
+        if self._stale or self._t == 0:  # the rows that sample, as host lists and device indices
+            self._rows = [r for r in self._sampled if self._active[r]]
+            self._lp_now = [r for r in self._lp_rows if self._active[r]]
+            self._rows_t, self._lp_t = (torch.tensor(x, dtype=torch.long, device=self.device)
+                                        for x in (self._rows, self._lp_now))
+            if self._stale:
+                self._active_t = torch.tensor(self._active, device=self.device)
+            self._stale = False
+        nxt = logits.argmax(-1)  # greedy rows (the others are overwritten)
+        if self._rows:
+            picked = torch.stack([_sample_row(logits[r], self.plist[r], self.gens[r]) for r in self._rows])
+            nxt[self._rows_t] = picked
+        if self._active_t is not None:
+            nxt = nxt.masked_fill(~self._active_t, self.pad_id)
+        t = self._t
+        self._toks[:, t] = nxt
+        if self._lp_now and self._lps is not None:
+            idx = self._lp_t
+            lp = torch.log_softmax(logits[idx], -1).gather(1, nxt[idx, None])[:, 0]
+            self._lps[idx, t] = lp
+        for r, a in enumerate(self._active):
+            if a:
+                self.count[r] += 1
+        self._t += 1
+        return nxt
+
+    def due(self) -> bool:
+        """Whether the tokens must be read now: ``every`` steps since the last read, or a row is at its end."""
+        if self._t - self._read_to >= self.every:
+            return True
+        return any(a and n >= p.max_tokens for a, n, p in zip(self._active, self.count, self.plist, strict=True))
+
+    def read(self) -> list[tuple[int, list[int]]]:
+        """(row, its tokens since the last read) of every active row, in one device-to-host transfer."""
+        window = self._toks[:, self._read_to : self._t].tolist()
+        self._read_to = self._t
+        return [(r, window[r]) for r in self.active()]
+
+    def tokens(self, r: int) -> list[int]:
+        """Row ``r``'s kept tokens (in ``watch`` mode: the caller appends what `read` gives)."""
+        return self._host[r]
+
+    def finish(self, r: int, kept: int | None = None) -> None:
+        """Row ``r`` is done, with its first ``kept`` tokens (default: all it sampled)."""
+        self._active[r] = False
+        if kept is not None:
+            self.count[r] = kept
+        self._stale = True
+
+    def mask(self, prompt_mask: Tensor) -> Tensor:
+        """The attention mask of the next step: the prompt's, then ones for every token fed so far."""
+        if self._mask is None:
+            R, cap = self._toks.shape
+            self._mask = torch.cat([prompt_mask, prompt_mask.new_ones((R, cap))], dim=1)
+        return self._mask[:, : prompt_mask.shape[1] + self._t]
+
+    def result(self) -> tuple[list[list[int]], list[list[float]]]:
+        """Per row: its tokens and (rows that asked) logprobs, in one transfer each."""
+        if self.watch:
+            ids = self._host
+        else:
+            toks = self._toks[:, : self._t].tolist()
+            ids = [row[: n] for row, n in zip(toks, self.count, strict=True)]
+        lps: list[list[float]] = [[] for _ in ids]
+        if self._lps is not None:
+            vals = self._lps[:, : self._t].tolist()
+            for r in self._lp_rows:
+                lps[r] = vals[r][: self.count[r]]
+        return ids, lps
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -168,8 +291,6 @@ def decode(
         mask[r, L - n :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     keep1 = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out_ids: list[list[int]] = [[] for _ in range(R)]
-    out_lp: list[list[float]] = [[] for _ in range(R)]
     texts = [""] * R
     finish: list[str | None] = [None] * R
     per_row = [own[i] for i, _ in rows] if own is not None else None
@@ -199,38 +320,47 @@ def decode(
         else:  # the hooks did not see the prefill (nothing of theirs acts on it): give them its layout
             session.track(input_ids=ids, attention_mask=mask)
             out = prefilled
+        # with interventions every step is read: a row's steps past its end would count in n_applied
+        every = 1 if any(row_specs) else READ_EVERY.get(device.type, 8)
+        step = _Steps(plist, gens, eos, pad_id, device, every)
         while True:
-            logits = out.logits[:, -1, :].float()
-            nxt = [pad_id] * R
-            for r in range(R):
-                if finish[r] is not None:
-                    continue
-                p = plist[r]
-                tok = sample_token(logits[r], p, gens[r])
-                nxt[r] = tok
-                out_ids[r].append(tok)
-                if p.logprobs:
-                    out_lp[r].append(float(torch.log_softmax(logits[r], -1)[tok]))
-                texts[r] = tokenizer.decode(out_ids[r], skip_special_tokens=True)
-                if tok in eos and not p.ignore_eos:
-                    finish[r] = "stop"
-                elif (k := _find_stop(texts[r], p.stop)) >= 0:
-                    texts[r], finish[r] = texts[r][:k], "stop"
-                elif len(out_ids[r]) >= p.max_tokens:
-                    finish[r] = "length"
+            nxt = step.sample(out.logits[:, -1, :].float())
+            if step.watch:  # a row may stop at EOS or a stop string: check its tokens at each read
+                for r, window in step.read() if step.due() else ():
+                    p, kept = plist[r], step.tokens(r)
+                    for tok in window:
+                        kept.append(tok)
+                        if p.stop:
+                            texts[r] = tokenizer.decode(kept, skip_special_tokens=True)
+                        if tok in eos and not p.ignore_eos:
+                            finish[r] = "stop"
+                        elif p.stop and (k := _find_stop(texts[r], p.stop)) >= 0:
+                            texts[r], finish[r] = texts[r][:k], "stop"
+                        elif len(kept) >= p.max_tokens:
+                            finish[r] = "length"
+                        if finish[r] is not None:
+                            step.finish(r, len(kept))
+                            break
+            else:  # rows end at max_tokens only: nothing to read before the end
+                for r in step.active():
+                    if step.count[r] >= plist[r].max_tokens:
+                        finish[r] = "length"
+                        step.finish(r)
             if all(f is not None for f in finish):
                 break
-            mask = torch.cat([mask, mask.new_ones((R, 1))], dim=1)
             pos = pos[:, -1:] + 1
-            step = torch.tensor(nxt, dtype=torch.long, device=device)[:, None]
             out = model(
-                input_ids=step,
-                attention_mask=mask,
+                input_ids=nxt[:, None],
+                attention_mask=step.mask(mask),
                 position_ids=pos,
                 past_key_values=out.past_key_values,
                 use_cache=True,
                 **keep1,
             )
+        out_ids, out_lp = step.result()
+        for r in range(R):
+            if not plist[r].stop:  # rows with stop strings have their (cut) text already
+                texts[r] = tokenizer.decode(out_ids[r], skip_special_tokens=True)
         caps, cpos = session.captures, session.capture_positions
     results = [DecodeOutput(list(prompts[i]), []) for i in range(len(prompts))]
     for r, (i, _) in enumerate(rows):

@@ -213,7 +213,7 @@ class Session:
         self.tokenizer = tokenizer
         self.prompt_lengths = list(prompt_lengths) if prompt_lengths is not None else None
         self.layout: Layout | None = None
-        self.generated_ids: list[list[int]] = []
+        self.generated_ids: list[list[int]] = []  # per row, its generated tokens (tracked for 'paragraph' sets)
         self._para: list[list[int]] = []
         self._n_rows = 0
         self._tower_rows: dict[str, int] = {}
@@ -518,7 +518,7 @@ class Session:
         lay.image = self._image_ordinals(ids, lay, None if new else self.layout)
         if new:
             self.vision_inputs.append({k: kwargs[k] for k in VISION_INPUTS if isinstance(kwargs.get(k), Tensor)})
-        if ids is not None:
+        if ids is not None and self._track_para:  # only paragraph positions read the generated tokens
             self._track_generated(ids, lay)
         self.layout = lay
 
