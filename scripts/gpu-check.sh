@@ -25,7 +25,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/platform:$PWD PYTHONUNBUFFERED
 # DeepSpeed's JIT op builder cannot parse arch names such as "9.0a" (Hopper's): name the plain capability
 cc=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST_OVERRIDE:-$cc}
-tests=${GPU_TESTS:-tests/test_gpu.py tests/test_train_gpu.py}
+tests=${GPU_TESTS:-tests/test_gpu.py tests/test_train_gpu.py tests/test_finer_openended.py}
 bench=${GPU_BENCH:---layers 16 --hidden 2048 --requests 256 --tokens 128 --new-tokens 64 --repeats 2}
 nvidia-smi -L
 python3 -c "import torch, transformers, ray; print('torch', torch.__version__, 'transformers', transformers.__version__,
