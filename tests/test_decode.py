@@ -376,3 +376,48 @@ def test_tokens_read_every_k_steps_equal_tokens_read_every_step(monkeypatch) -> 
     assert any(c.finish_reason == "stop" for c in got[1][2].completions)  # a stop string cut row 2
     for every in (3, 7):
         assert got[every] == got[1]
+
+
+def test_generation_with_images_equals_transformers_generate_on_llava_and_on_mrope_qwen2_5_vl() -> None:
+    """`decode` with a VLM's pixels in its prefill (`extra_inputs`, as the HookedModel passes them) gives the
+    tokens and the logprobs of transformers' own greedy ``generate`` on the same left-padded batch. For
+    Qwen2.5-VL (M-RoPE) the text after an image counts on from the end of the image's position grid, not from
+    the token count: the rotary positions of the prefill and of every step equal ``generate``'s."""
+    import numpy as np
+
+    from explab.models import ModelSpec, load_model
+
+    rng = np.random.default_rng(0)
+    images = [(rng.random((32, 32, 3)) * 255).astype("uint8") for _ in range(2)]
+    for name in ("tiny:llava", "tiny:qwen2_5_vl"):
+        loaded = load_model(ModelSpec(name=name, device="cpu"))
+        texts = [loaded.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True, tokenize=False) for q in ("What is it?", "Describe the picture briefly.")]
+        inputs = loaded.processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
+        rotary = loaded.model.model.language_model.rotary_emb if name == "tiny:qwen2_5_vl" else None
+        seen: list[torch.Tensor] = []
+        handle = rotary.register_forward_hook(lambda m, args, out, into=seen: into.append(args[1].clone())) \
+            if rotary else None
+        with torch.no_grad():
+            ref = loaded.model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                                        output_logits=True, return_dict_in_generate=True)
+        theirs = seen[:]
+        seen.clear()
+        prompts = [row[m.bool()].tolist() for row, m in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        out = decode(loaded.model, loaded.tokenizer, prompts,
+                     SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=True), extra_inputs=extra)
+        if handle is not None:
+            handle.remove()
+        tokens = ref.sequences[:, inputs["input_ids"].shape[1]:]
+        logprobs = torch.stack([torch.log_softmax(x.float(), -1) for x in ref.logits], 1)
+        for b, o in enumerate(out):
+            assert o.completions[0].token_ids == tokens[b].tolist(), name
+            want = logprobs[b].gather(-1, tokens[b][:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(o.completions[0].logprobs), want, atol=1e-5, rtol=0)
+        if name == "tiny:qwen2_5_vl":
+            assert len(seen) == len(theirs) == 6
+            for a, b in zip(theirs, seen, strict=True):
+                assert a.shape == b.shape and torch.equal(a, b)
+            assert int(theirs[0][0, 1, -1]) < inputs["input_ids"].shape[1] - 1  # the grid really shortens them

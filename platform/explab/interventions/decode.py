@@ -306,12 +306,13 @@ def decode(
     prefilled = None
     if extra_inputs is None and all(_inert_in_prompt(row) for row in row_specs):
         prefilled = _prefill_apart(model, [prompts[i] for i, _ in rows], ids, mask, pos, keep1, prefix_cache, reserve)
+    mrope = _mrope(model, ids, mask, extra_inputs)
     with intervene(model, specs, tokenizer=tokenizer, per_row=per_row) as session:
         if prefilled is None:
             out = model(
                 input_ids=ids,
                 attention_mask=mask,
-                position_ids=pos,
+                position_ids=pos if mrope is None else mrope[0],
                 use_cache=True,
                 **_cache(reserve),
                 **keep1,
@@ -352,7 +353,7 @@ def decode(
             out = model(
                 input_ids=nxt[:, None],
                 attention_mask=step.mask(mask),
-                position_ids=pos,
+                position_ids=pos if mrope is None else (pos + mrope[1]).expand(3, -1, -1),
                 past_key_values=out.past_key_values,
                 use_cache=True,
                 **keep1,
@@ -386,6 +387,24 @@ def decode(
         results[i].captures.append(row_caps)
         results[i].capture_positions.append(row_pos)
     return results
+
+
+def _mrope(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+           extra_inputs: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For an M-RoPE VLM (the Qwen2-VL family: its inner model's ``get_rope_index``) given images or videos:
+    the prefill's 3-D positions [3, R, L] and each row's offset [R, 1] of its text positions after the
+    prompt (image tokens take a grid of positions, so the text after them counts on from the grid's end,
+    not from the token count). None for every other model and for text-only prompts, whose positions are
+    the token counts."""
+    rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+    grids = ("image_grid_thw", "video_grid_thw")
+    if rope_index is None or not extra_inputs or not any(extra_inputs.get(k) is not None for k in grids):
+        return None
+    takes = inspect.signature(rope_index).parameters
+    kwargs = {k: v for k, v in extra_inputs.items()
+              if k in takes and k not in ("input_ids", "attention_mask") and v is not None}
+    positions, deltas = rope_index(ids, attention_mask=mask, **kwargs)
+    return positions, deltas.to(ids.device).reshape(-1, 1)
 
 
 def _cache(reserve: int | None) -> dict[str, Any]:
