@@ -168,6 +168,20 @@ def test_tiny_config_runs_end_to_end_through_explab_run(tmp_path, ray_local, cli
         assert (run_dir / "artifacts" / f"{v}_0_model" / "model.safetensors").is_file(), v
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["synthetic_eval=false"], "no multiple-choice set to evaluate"),
+    (["ablations=[{name: finer_tuned, method: sft}]"], "share a name"),
+])
+def test_configs_without_a_paired_set_or_with_twin_variant_names_are_one_line(overrides, needle):
+    from explab.config import load_config
+    from explab.job import get_job
+
+    job = get_job("finer")
+    with pytest.raises(ConfigError, match=needle) as info:
+        load_config(job.config, job.config_path("tiny"), overrides)
+    assert "\n" not in str(info.value)
+
+
 def test_sweep_spec_and_paper_config_resolve_against_the_config():
     from explab.config import load_config
     from explab.job import get_job

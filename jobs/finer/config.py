@@ -101,3 +101,13 @@ class Config(JobConfig):
     tuning: TuningConfig | None = Field(default_factory=TuningConfig)  # None: evaluate the base models only
     ablations: list[TuningConfig] = Field(default_factory=list)  # e.g. SFT, negatives-only
     server: dict[str, Any] = Field(default_factory=dict)  # HookedModel server options (num_gpus, max_batch, ...)
+
+    @model_validator(mode="after")
+    def _has_a_paired_set(self) -> Config:
+        names = [v.name for v in [self.tuning, *self.ablations] if v is not None]
+        if len(set(names)) < len(names):
+            raise ValueError(f"tuning and ablations share a name ({names}): give every variant its own `name`")
+        if not self.synthetic_eval and self.captions is None and all(b.open_ended for b in self.benchmarks):
+            raise ValueError("no multiple-choice set to evaluate (paired accuracy is the headline): keep "
+                             "synthetic_eval, add captions, or add a finer_mcq / pope / mcq_letter benchmark")
+        return self
