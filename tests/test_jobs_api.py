@@ -135,7 +135,10 @@ def test_status_and_logs(head_jobs, cli):
 def test_failing_run_is_a_failed_job(head_jobs):
     assert head_jobs.status["failing"] == "FAILED"
     logs = head_jobs.head.client().get_job_logs(head_jobs.ids["failing"])
-    assert "Cannot copy out of meta tensor" in logs  # the server's error, as the job's one line
+    # the server's error, as the job's one line: torch's words depend on which op meets the meta tensor first
+    # ("Cannot copy out of meta tensor", or "Tensor.item() cannot be called on meta tensors" since decode keeps
+    # its tokens on the device)
+    assert "meta tensor" in logs
     failed = [json.loads(p.read_text()) for p in (head_jobs.runs_dir / "quickstart").glob("*/manifest.json")]
     assert sorted(m["status"] for m in failed) == ["completed", "failed"]
 
