@@ -289,15 +289,8 @@ class HookedModel(ServerBase):
                 raise ExplabError("a request with `images` needs `text` holding the model's image token, "
                                   "or chat `messages`")
         images = [img for r in requests for img in (r.images or [])]
-        tok = getattr(processor, "tokenizer", None)
-        side = getattr(tok, "padding_side", None)
-        if padding_side is not None and tok is not None:
-            tok.padding_side = padding_side
-        try:
-            inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-        finally:
-            if padding_side is not None and tok is not None:
-                tok.padding_side = side
+        side = {"padding_side": padding_side} if padding_side is not None else {}  # else the tokenizer's own
+        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True, **side)
         mask = inputs["attention_mask"]
         if not hasattr(getattr(self.model, "model", None), "get_rope_index"):  # M-RoPE finds its own
             inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
