@@ -105,9 +105,7 @@ def _train_variants(ctx: RunContext, config: Config, spec: ModelSpec, variants: 
                                config.seed, metrics_prefix=f"{variant.name}_")
         return trainer, trained
 
-    if len(variants) < 2:
-        return {v.name: one(v) for v in variants}
-    with ThreadPoolExecutor(max_workers=len(variants), thread_name_prefix="finer-tuning") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, len(variants)), thread_name_prefix="finer-tuning") as pool:
         futures = {v.name: pool.submit(one, v) for v in variants}
         return {name: future.result() for name, future in futures.items()}
 
