@@ -4,14 +4,18 @@ after, against the same run with chosen and rejected swapped (a broken trainer),
 The world is the tests' `COLOUR_WORLD` / `COLOUR_BUILD` (tests/test_finer.py): one large square of one of
 five colours, `multi_attr` MC rows in vocabulary order, so the right letter of both rows of a pair is the
 image's colour index. Training pairs: both polarities, `format: letter`. The base is the random tiny
-LLaVA, or (``--perceive N``) that model after N SFT steps answering "What colour is the square?" with the
-colour word (a base that sees but has never seen the MC format). DPO is trl's ``DPOTrainer`` through
+LLaVA after ``--warm`` SFT steps on the training pairs' chosen letters (60 by default: the base of the test
+`test_dpo_raises_the_held_out_margin_and_greedy_paired_accuracy_of_an_sft_base_on_the_colour_world`; 0: the
+random model), and before that (``--perceive N``) N SFT steps answering "What colour is the square?" with
+the colour word (a base that sees but has never seen the MC format). Held-out accuracy is the letter with
+the highest first-token logit. DPO is trl's ``DPOTrainer`` through
 `explab.train.build_dpo_trainer` (full tuning, a frozen copy of the base as reference), in process;
 ``--method sft`` trains cross-entropy on the chosen letter instead (`explab.train.objectives`).
 
-    python benchmarks/finer_dpo_learning.py [--seed 0 --perceive 0 --steps 150 --lr 1e-3 --method dpo]
+    python benchmarks/finer_dpo_learning.py [--seed 0 --warm 60 --steps 100 --lr 1e-4 --beta 0.1 --method dpo]
 
-Prints one JSON line: held-out row/paired accuracy of the base, the tuned and the swapped model, DPO's last
+Prints one JSON line: held-out row/paired accuracy of the base, the tuned and the swapped (and, with
+``--blind``, the image-blind) model, DPO's last
 reward margins, and the seconds each training took. Measured numbers are in jobs/finer/README.md.
 """
 
@@ -75,10 +79,13 @@ def sft(loaded: Any, examples: list[dict], steps: int, lr: float, seed: int) -> 
         optimizer.step()
 
 
-def tune(base: Any, pairs: list[dict], args: argparse.Namespace, swap: bool) -> tuple[dict, float | None, float]:
-    """A copy of ``base`` tuned on ``pairs`` (chosen/rejected swapped if ``swap``): held-out scores, the
-    mean reward margin of the last 5 DPO steps (None for SFT), seconds."""
+def tune(base: Any, pairs: list[dict], args: argparse.Namespace, swap: bool,
+         blind: bool = False) -> tuple[dict, float | None, float]:
+    """A copy of ``base`` tuned on ``pairs`` (chosen/rejected swapped if ``swap``; every pair shown the first
+    pair's image if ``blind``): held-out scores, the mean reward margin of the last 5 DPO steps (None for SFT),
+    seconds."""
     rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if swap else r for r in pairs]
+    rows = [{**r, "images": pairs[0]["images"]} for r in rows] if blind else rows
     policy = dataclasses.replace(base, model=copy.deepcopy(base.model))
     start = time.time()
     margin = None
@@ -103,15 +110,17 @@ def tune(base: Any, pairs: list[dict], args: argparse.Namespace, swap: bool) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=40, help="training scenes (two pairs each)")
-    parser.add_argument("--test", type=int, default=20, help="held-out scenes (one MC pair each)")
+    parser.add_argument("--train", type=int, default=200, help="training scenes (two pairs each)")
+    parser.add_argument("--test", type=int, default=50, help="held-out scenes (one MC pair each)")
     parser.add_argument("--perceive", type=int, default=0, help="SFT steps on 'What colour is the square?' first")
-    parser.add_argument("--warm", type=int, default=0,
+    parser.add_argument("--warm", type=int, default=60,
                         help="SFT steps on the training pairs' chosen letters first (an SFT'd base, lr 1e-3)")
     parser.add_argument("--method", choices=["dpo", "sft"], default="dpo")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--blind", action="store_true",
+                        help="also tune with every pair shown one image (an image-blind broken trainer)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     data = synthetic(WORLD, BUILD, {"train": args.train, "test": args.test}, seed=args.seed)
@@ -130,8 +139,9 @@ def main() -> None:
         sft(base, [chat_example(base, r["prompt"] + r["chosen"], r["images"]) for r in pairs], args.warm, 1e-3,
             args.seed + 100)
     result: dict[str, Any] = {"base": held_out(base, base.model, args.test_rows, args.images)}
-    for name, swap in (("tuned", False), ("swapped", True)):
-        scores, margin, seconds = tune(base, pairs, args, swap)
+    runs = [("tuned", False, False), ("swapped", True, False)] + ([("image_blind", False, True)] if args.blind else [])
+    for name, swap, blind in runs:
+        scores, margin, seconds = tune(base, pairs, args, swap, blind)
         result[name] = {**scores, "margin": margin, "seconds": round(seconds, 1)}
     print(json.dumps({k: v for k, v in vars(args).items() if k not in ("test_rows", "images")} | result))
 
