@@ -13,7 +13,7 @@ cd "$REPO"
 
 bash scripts/install.sh
 "$VENV/bin/ruff" check platform jobs tests benchmarks
-"$VENV/bin/python" -m pytest -q -m "not vllm" tests "$@"
+"$VENV/bin/python" -m pytest -q -m "not vllm" --durations=25 tests "$@"  # the 25 slowest: where the suite's time goes
 
 if [ "${EXPLAB_SKIP_VLLM:-0}" != "1" ]; then
     bash .ci/vllm-env.sh "$VLLM_VENV"
