@@ -537,14 +537,14 @@ def test_dpo_raises_the_held_out_margin_and_greedy_paired_accuracy_of_an_sft_bas
     policy = dataclasses.replace(base, model=copy.deepcopy(base.model))
     reference = dataclasses.replace(base, model=copy.deepcopy(base.model))
     trainer = TrainerConfig(lr=1e-4, batch_size=8, steps=100, warmup_ratio=0.0, schedule="constant", grad_clip=None)
-    hf = build_dpo_trainer(policy, reference, _wire(train), trainer, DPOConfig(beta=0.1, max_length=512), tmp_path,
-                           seed=0)
+    dpo = DPOConfig(beta=0.1, max_length=512)
+    hf = build_dpo_trainer(policy, reference, _wire(train), trainer, dpo, tmp_path, seed=0)
     hf.args.save_strategy = "no"
     hf.train()
     policy.model.eval()
     before, after = paired_accuracy(base.model), paired_accuracy(policy.model)
-    margin = 0.1 * ((logps(policy.model, "chosen") - logps(base.model, "chosen"))
-                    - (logps(policy.model, "rejected") - logps(base.model, "rejected")))
+    margin = dpo.beta * ((logps(policy.model, "chosen") - logps(base.model, "chosen"))
+                         - (logps(policy.model, "rejected") - logps(base.model, "rejected")))
     print(f"held-out paired accuracy {before:.2f} -> {after:.2f}; reward margin {margin.mean():.2f}, "
           f"pairs won {(margin > 0).float().mean():.2f}")
     assert after >= before + 0.15
